@@ -1,0 +1,137 @@
+"""LR policies: pure, deterministic, exact against ``torch.optim.lr_scheduler``.
+
+    from lrpilot.policies import parse_policy
+    policy = parse_policy({"kind": "plateau", "metric": "val_loss"}).build([0.1])
+    lrs = policy.step({"val_loss": 0.3})
+
+Each kind lives in its own module, with its spec (pydantic, torch's field
+names and defaults) and its policy object (``step``, ``state_dict``,
+``load_state_dict``). See docs/policies.md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from .base import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError
+from .cosine import CosinePolicy, CosineSpec
+from .cosine_restarts import CosineRestartsPolicy, CosineRestartsSpec
+from .cyclic import CyclicPolicy, CyclicSpec
+from .exponential import ExponentialPolicy, ExponentialSpec
+from .linear import LinearPolicy, LinearSpec
+from .multistep import MultiStepPolicy, MultiStepSpec
+from .onecycle import OneCyclePolicy, OneCycleSpec
+from .plateau import PlateauPolicy, PlateauSpec
+from .sequential import SequentialPolicy, SequentialSpec
+from .step import StepPolicy, StepSpec
+
+__all__ = [
+    "KINDS",
+    "NO_METRICS",
+    "AnyPolicySpec",
+    "CosinePolicy",
+    "CosineRestartsPolicy",
+    "CosineRestartsSpec",
+    "CosineSpec",
+    "CyclicPolicy",
+    "CyclicSpec",
+    "ExponentialPolicy",
+    "ExponentialSpec",
+    "LinearPolicy",
+    "LinearSpec",
+    "MultiStepPolicy",
+    "MultiStepSpec",
+    "OneCyclePolicy",
+    "OneCycleSpec",
+    "PlateauPolicy",
+    "PlateauSpec",
+    "Policy",
+    "PolicySpec",
+    "ScheduleExhausted",
+    "SequentialPolicy",
+    "SequentialSpec",
+    "SpecError",
+    "StepPolicy",
+    "StepSpec",
+    "parse_policy",
+]
+
+_SPECS = (
+    PlateauSpec,
+    CyclicSpec,
+    CosineRestartsSpec,
+    CosineSpec,
+    StepSpec,
+    MultiStepSpec,
+    ExponentialSpec,
+    LinearSpec,
+    OneCycleSpec,
+    SequentialSpec,
+)
+KINDS: tuple[str, ...] = tuple(spec.model_fields["kind"].default for spec in _SPECS)
+
+AnyPolicySpec = Annotated[
+    PlateauSpec
+    | CyclicSpec
+    | CosineRestartsSpec
+    | CosineSpec
+    | StepSpec
+    | MultiStepSpec
+    | ExponentialSpec
+    | LinearSpec
+    | OneCycleSpec
+    | SequentialSpec,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyPolicySpec)
+
+
+def parse_policy(obj: Any) -> PolicySpec:
+    """Validate a policy spec (a dict, as from JSON) and return its model.
+
+    Raises :class:`SpecError` with one line naming each wrong field and rule.
+    """
+    if isinstance(obj, PolicySpec):
+        return obj
+    if not isinstance(obj, dict):
+        raise SpecError(f"policy: expected a JSON object with a 'kind', got {type(obj).__name__}")
+    try:
+        return _ADAPTER.validate_python(_lists(obj))
+    except ValidationError as exc:
+        raise SpecError(describe(exc)) from None
+
+
+def _lists(value: Any) -> Any:
+    """Tuples to lists, so Python callers may write milestones=(30, 60)."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def describe(exc: ValidationError) -> str:
+    """One line for a pydantic error: ``field: rule (got value)`` joined by ``; ``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        kind_tag = err["type"] in ("union_tag_invalid", "union_tag_not_found")
+        if kind_tag:
+            where = ".".join([*loc, "kind"]) if loc else "kind"
+            got = err.get("ctx", {}).get("tag")
+            rule = "missing" if got is None else f"unknown policy kind {got!r}"
+            parts.append(f"{where}: {rule} (expected one of {', '.join(KINDS)})")
+            continue
+        # loc starts with the union tag (the kind); keep it, it reads as kind.field.
+        where = ".".join(loc) or "policy"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,56 @@
+"""``cosine_restarts``: cosine annealing with warm restarts (SGDR; torch's
+``CosineAnnealingWarmRestarts``).
+
+    lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2
+
+``T_cur`` counts steps since the last restart; when it reaches ``T_i`` it wraps
+to 0 and the next period is ``T_i * T_mult`` long.
+
+    spec = CosineRestartsSpec(T_0=100, T_mult=2, eta_min=1e-5)
+    policy = spec.build([0.1])
+    policy.step()   # -> [0.09997...]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from .base import NO_METRICS, NonNegativeFloat, Policy, PolicySpec, PositiveInt, check_base_lrs
+
+
+class CosineRestartsSpec(PolicySpec):
+    kind: Literal["cosine_restarts"] = "cosine_restarts"
+    T_0: PositiveInt
+    T_mult: PositiveInt = 1
+    eta_min: NonNegativeFloat = 0.0
+
+    def build(self, base_lrs: Sequence[float]) -> CosineRestartsPolicy:
+        return CosineRestartsPolicy(self, base_lrs)
+
+
+class CosineRestartsPolicy(Policy):
+    STATE = ("lrs", "T_cur", "T_i", "restarts")
+
+    def __init__(self, spec: CosineRestartsSpec, base_lrs: Sequence[float]) -> None:
+        self.spec = spec
+        self.base_lrs = check_base_lrs(base_lrs)
+        self.T_cur = 0
+        self.T_i = spec.T_0
+        self.restarts = 0
+        self.lrs = self._lrs()
+
+    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+        self.T_cur += 1
+        if self.T_cur >= self.T_i:  # torch wraps on >=, so T_cur never equals T_i
+            self.T_cur = self.T_cur % self.T_i
+            self.T_i = self.T_i * self.spec.T_mult
+            self.restarts += 1
+        self.lrs = self._lrs()
+        return list(self.lrs)
+
+    def _lrs(self) -> list[float]:
+        eta_min = self.spec.eta_min
+        cosine = 1 + math.cos(math.pi * self.T_cur / self.T_i)
+        return [eta_min + (base_lr - eta_min) * cosine / 2 for base_lr in self.base_lrs]

@@ -1,0 +1,100 @@
+"""``plateau``: cut the LR when a watched metric stops improving
+(torch's ``ReduceLROnPlateau``).
+
+Per record that carries the metric ``m``: if ``m`` beats ``best`` (strictly;
+``best * (1 - threshold)`` in ``rel`` mode for ``min``, ``best - threshold`` in
+``abs``) it becomes ``best`` and the bad count resets, else the count grows;
+during cooldown the count stays 0; once the count exceeds ``patience`` every
+group is cut to ``max(lr * factor, min_lr)``, unless that changes it by ``eps``
+or less. A record without the metric changes nothing.
+
+    spec = PlateauSpec(metric="val_loss", patience=3, factor=0.5)
+    policy = spec.build([0.1])
+    policy.step({"val_loss": 0.42})   # -> [0.1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from .base import (
+    NO_METRICS,
+    NonNegativeFloat,
+    NonNegativeInt,
+    NonNegativePerGroup,
+    Policy,
+    PolicySpec,
+    check_base_lrs,
+    per_group,
+)
+
+
+class PlateauSpec(PolicySpec):
+    kind: Literal["plateau"] = "plateau"
+    metric: str = Field("loss", min_length=1)
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: NonNegativeInt = 10
+    threshold: NonNegativeFloat = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: NonNegativeInt = 0
+    min_lr: NonNegativePerGroup = 0.0
+    eps: NonNegativeFloat = 1e-8
+
+    def build(self, base_lrs: Sequence[float]) -> PlateauPolicy:
+        return PlateauPolicy(self, base_lrs)
+
+
+class PlateauPolicy(Policy):
+    STATE = ("lrs", "best", "num_bad_steps", "cooldown_counter")
+
+    def __init__(self, spec: PlateauSpec, base_lrs: Sequence[float]) -> None:
+        self.spec = spec
+        self.lrs = check_base_lrs(base_lrs)
+        self.min_lrs = per_group(spec, "min_lr", len(self.lrs))
+        self.best = math.inf if spec.mode == "min" else -math.inf
+        self.num_bad_steps = 0
+        self.cooldown_counter = 0
+
+    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+        value = metrics.get(self.spec.metric)
+        if value is None:
+            return list(self.lrs)
+        current = float(value)
+        # The order below is torch's: best and the bad count first, then the
+        # cooldown (which zeroes the count), then the cut.
+        if self.is_better(current):
+            self.best = current
+            self.num_bad_steps = 0
+        else:
+            self.num_bad_steps += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_steps = 0
+        if self.num_bad_steps > self.spec.patience:
+            self._reduce()
+            self.cooldown_counter = self.spec.cooldown
+            self.num_bad_steps = 0
+        return list(self.lrs)
+
+    def is_better(self, value: float) -> bool:
+        spec = self.spec
+        # torch's relative threshold is best * (1 -/+ threshold) even when best
+        # is negative, where it loosens instead of tightens; we match it.
+        if spec.mode == "min":
+            if spec.threshold_mode == "rel":
+                return value < self.best * (1.0 - spec.threshold)
+            return value < self.best - spec.threshold
+        if spec.threshold_mode == "rel":
+            return value > self.best * (spec.threshold + 1.0)
+        return value > self.best + spec.threshold
+
+    def _reduce(self) -> None:
+        for i, old in enumerate(self.lrs):
+            new = max(old * self.spec.factor, self.min_lrs[i])
+            if old - new > self.spec.eps:
+                self.lrs[i] = new

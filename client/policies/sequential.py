@@ -1,0 +1,131 @@
+"""``sequential``: run policies one after another, switching at milestone
+steps (torch's ``SequentialLR``); the usual "warmup, then a schedule".
+
+Stage ``i`` runs from ``milestones[i - 1]`` (or 0) until ``milestones[i]``.
+At milestone ``m`` the next stage starts from the original base LRs at its own
+step 0, so global step ``t`` is its local step ``t - m``; until then the
+earlier stage's last LRs hold.
+
+Beyond torch, a stage may be ``plateau`` (torch's SequentialLR refuses
+ReduceLROnPlateau): the plateau stage starts at its milestone from the
+original base LRs with a fresh state (no best value, no bad steps, no
+cooldown), and watches its metric from the record after the milestone on
+(the milestone record is its step 0, like every other stage's). A plateau
+stage that is not the last one is left at the next milestone like any stage.
+
+Where torch differs: a ``cyclic`` first stage or any ``onecycle`` stage
+overwrites torch's ``initial_lr``, so there other stages start from that LR
+rather than the original base LRs. lrpilot always uses the original base LRs.
+
+    spec = SequentialSpec(
+        policies=[{"kind": "linear", "start_factor": 0.01, "total_iters": 500},
+                  {"kind": "cosine", "T_max": 9500}],
+        milestones=[500])
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from .base import NO_METRICS, Policy, PolicySpec, PositiveInt, SpecError, check_base_lrs
+from .cosine import CosineSpec
+from .cosine_restarts import CosineRestartsSpec
+from .cyclic import CyclicSpec
+from .exponential import ExponentialSpec
+from .linear import LinearSpec
+from .multistep import MultiStepSpec
+from .onecycle import OneCycleSpec
+from .plateau import PlateauSpec
+from .step import StepSpec
+
+StageSpec = Annotated[
+    PlateauSpec
+    | CyclicSpec
+    | CosineRestartsSpec
+    | CosineSpec
+    | StepSpec
+    | MultiStepSpec
+    | ExponentialSpec
+    | LinearSpec
+    | OneCycleSpec,
+    Field(discriminator="kind"),
+]
+
+
+class SequentialSpec(PolicySpec):
+    kind: Literal["sequential"] = "sequential"
+    policies: list[StageSpec] = Field(min_length=1)
+    milestones: list[PositiveInt]
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> SequentialSpec:
+        if len(self.milestones) != len(self.policies) - 1:
+            raise ValueError(
+                f"milestones: expected {len(self.policies) - 1} (one fewer than policies), "
+                f"got {len(self.milestones)}"
+            )
+        for before, after in zip(self.milestones, self.milestones[1:]):
+            if after <= before:
+                raise ValueError(f"milestones must be strictly increasing, got {self.milestones}")
+        return self
+
+    def build(self, base_lrs: Sequence[float]) -> SequentialPolicy:
+        return SequentialPolicy(self, base_lrs)
+
+
+class SequentialPolicy(Policy):
+    def __init__(self, spec: SequentialSpec, base_lrs: Sequence[float]) -> None:
+        self.spec = spec
+        self.base_lrs = check_base_lrs(base_lrs)
+        # Building every stage now checks each against the group count up
+        # front, as torch does by constructing every scheduler.
+        stages = [stage.build(self.base_lrs) for stage in spec.policies]
+        self.last_epoch = 0
+        self.index = 0
+        self.stage = stages[0]
+        # Momentum, when a stage cycles it, holds between such stages. Before
+        # the first one runs, it is what torch leaves in the groups: the
+        # first stage's, else that of the last momentum stage constructed.
+        with_momenta = [s.momenta for s in stages if s.momenta is not None]
+        self.held_momenta = stages[0].momenta or (with_momenta[-1] if with_momenta else None)
+
+    @property
+    def lrs(self) -> list[float]:  # type: ignore[override]
+        return self.stage.lrs
+
+    @property
+    def momenta(self) -> list[float] | None:  # type: ignore[override]
+        return self.stage.momenta if self.stage.momenta is not None else self.held_momenta
+
+    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+        self.last_epoch += 1
+        index = bisect.bisect_right(self.spec.milestones, self.last_epoch)
+        if index != self.index:
+            self.held_momenta = self.momenta
+            self.index = index
+            self.stage = self.spec.policies[index].build(self.base_lrs)
+            return list(self.stage.lrs)
+        return self.stage.step(metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_epoch": self.last_epoch,
+            "index": self.index,
+            "held_momenta": None if self.held_momenta is None else list(self.held_momenta),
+            "stage": self.stage.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        try:
+            index = int(state["index"])
+            stage = self.spec.policies[index].build(self.base_lrs)
+            stage.load_state_dict(state["stage"])
+            self.last_epoch = int(state["last_epoch"])
+            self.held_momenta = state["held_momenta"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise SpecError(f"sequential state: {exc!r}") from None
+        self.index, self.stage = index, stage

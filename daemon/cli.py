@@ -1,0 +1,160 @@
+"""The ``lrpilot`` command line: flags map onto functions, nothing more.
+
+Exit status: 0 on success, 1 when the input is bad (one line on stderr naming
+the line or field), 2 when the command line itself is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from lrpilot import __version__
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we promise one line on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a learning rate must be a positive number, got {text}")
+    return value
+
+
+def load_policy_arg(text: str) -> dict:
+    """``--policy`` is a JSON file, or the JSON itself when it starts with ``{``."""
+    if text.lstrip().startswith("{"):
+        source, raw = "--policy", text
+    else:
+        source = f"--policy {text}"
+        try:
+            raw = Path(text).read_text()
+        except OSError as exc:
+            raise CommandError(f"{source}: cannot read: {exc.strerror}") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{source}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from lrpilot.policies import SpecError, parse_policy
+
+    from .simulate import ReplayError, run
+
+    try:
+        policy = parse_policy(load_policy_arg(args.policy)).build(args.base_lr)
+    except SpecError as exc:
+        raise CommandError(f"--policy: {exc}") from None
+    if args.input == "-":
+        stream, flush_each = sys.stdin, True
+    else:
+        try:
+            stream, flush_each = open(args.input), False  # noqa: SIM115
+        except OSError as exc:
+            raise CommandError(f"--input {args.input}: cannot read: {exc.strerror}") from None
+    with stream:
+        try:
+            run(policy, stream, sys.stdout, flush_each=flush_each)
+        except ReplayError as exc:
+            raise CommandError(str(exc)) from None
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"--input: not UTF-8 text: {exc.reason}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import main as demo_main
+
+    demo_main(steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="lrpilot",
+        description="Adaptive learning-rate control and telemetry for PyTorch training loops.",
+    )
+    parser.add_argument("--version", action="version", version=f"lrpilot {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    sim = commands.add_parser(
+        "simulate",
+        help="replay a metric stream through a policy and print the LRs it gives",
+        description=(
+            "Replay a metric stream through an LR policy, exactly as torch's scheduler would "
+            'step. Input: one JSON object a line, {"step": INT, "metrics": {NAME: FLOAT}}. '
+            'Output: one line per input line, {"step": INT, "lrs": [...]} (and "momenta" '
+            "for policies that cycle momentum). Kinds and fields: docs/policies.md."
+        ),
+        epilog=(
+            'example: lrpilot simulate --policy \'{"kind": "step", "step_size": 2}\' '
+            "--base-lr 0.1 --input metrics.jsonl"
+        ),
+    )
+    sim.add_argument(
+        "--policy",
+        required=True,
+        metavar="POLICY",
+        help='policy JSON file, or the JSON itself, e.g. \'{"kind": "cosine", "T_max": 100}\'',
+    )
+    sim.add_argument(
+        "--base-lr",
+        required=True,
+        action="append",
+        type=positive_float,
+        metavar="LR",
+        help="the LR a param group starts with; repeat once per group, in order",
+    )
+    sim.add_argument(
+        "--input",
+        default="-",
+        metavar="METRICS.jsonl",
+        help="metric stream to replay (default: standard input)",
+    )
+    sim.set_defaults(func=cmd_simulate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="show what lrpilot does, on a bundled metric stream",
+        description="Replay the bundled example metric stream through a few policies "
+        "and print the LR each gives, step by step.",
+    )
+    demo.add_argument("--steps", type=int, default=None, help="replay only the first N records")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CommandError as exc:
+        print(f"lrpilot {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `lrpilot simulate ... | head` closes our stdout early; not an error.
+        sys.stderr.close()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The distribution's shape: one namespace over two folders, a light import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
+    return done.stdout
+
+
+def test_import_lrpilot_loads_no_heavy_dependency():
+    """`import lrpilot` in a fresh interpreter must not pull torch or the daemon's libraries."""
+    out = run_python(
+        "import json, sys, lrpilot, lrpilot.policies\n"
+        "heavy = ['torch', 'prometheus_client', 'grafana_client', 'lrpilot.daemon']\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))"
+    )
+    assert json.loads(out) == []
+
+
+def test_editable_install_maps_client_and_daemon_folders():
+    """pyproject's package-dir maps client/ onto lrpilot and daemon/ onto lrpilot.daemon."""
+    out = run_python(
+        "import json, lrpilot, lrpilot.policies, lrpilot.daemon, lrpilot.daemon.cli\n"
+        "print(json.dumps([lrpilot.__file__, lrpilot.policies.__file__,"
+        " lrpilot.daemon.__file__]))"
+    )
+    client, policies, daemon = json.loads(out)
+    assert client == str(ROOT / "client" / "__init__.py")
+    assert policies == str(ROOT / "client" / "policies" / "__init__.py")
+    assert daemon == str(ROOT / "daemon" / "__init__.py")
+
+
+def test_bundled_example_stream_is_package_data():
+    out = run_python(
+        "from importlib import resources\n"
+        "p = resources.files('lrpilot') / 'data' / 'example_metrics.jsonl'\n"
+        "print(len(p.read_text().splitlines()))"
+    )
+    assert int(out) == 800
+
+
+def test_console_script_answers_version_and_help(lrpilot_exe):
+    import lrpilot
+
+    version = subprocess.run([lrpilot_exe, "--version"], capture_output=True, text=True)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"lrpilot {lrpilot.__version__}"
+    helped = subprocess.run([lrpilot_exe, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    for command in ("simulate", "demo"):
+        assert command in helped.stdout
+
+
+def test_no_command_is_a_one_line_usage_error(lrpilot_exe):
+    done = subprocess.run([lrpilot_exe], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "COMMAND" in done.stderr
