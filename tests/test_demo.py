@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -34,7 +35,7 @@ def test_demo_shows_plateau_cuts_that_simulate_agrees_with(lrpilot_exe):
     )
     lines = [json.loads(line) for line in sim.stdout.splitlines()]
     sim_cuts = [
-        now["step"] for before, now in zip(lines, lines[1:]) if now["lrs"][0] < before["lrs"][0]
+        now["step"] for before, now in itertools.pairwise(lines) if now["lrs"][0] < before["lrs"][0]
     ]
     assert [int(step) for step, _, _ in cuts] == sim_cuts
 

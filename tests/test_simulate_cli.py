@@ -158,7 +158,7 @@ def test_bad_line_stops_with_its_number_and_prints_nothing_for_it(lrpilot_exe, l
                 "--base-lr",
                 "0.1",
             ],
-            "cyclic.base_lr: expected 1 values (one per param group), got 2",
+            "cyclic.base_lr: expected 1 value(s), one per param group, got 2",
         ),
     ],
 )

@@ -70,7 +70,7 @@ from lrpilot.policies import KINDS, SpecError, parse_policy
                 "policies": [{"kind": "sequential", "policies": [], "milestones": []}],
                 "milestones": [],
             },
-            "unknown policy kind 'sequential'",
+            "a sequential stage cannot itself be sequential",
         ),
         ({"kind": "sequential", "policies": [], "milestones": []}, "sequential.policies"),
     ],
@@ -91,7 +91,7 @@ def test_not_an_object_is_refused():
 @pytest.mark.parametrize(
     ("spec", "n_groups", "expected"),
     [
-        ({"kind": "plateau", "min_lr": [0.0, 0.0]}, 3, "plateau.min_lr: expected 3 values"),
+        ({"kind": "plateau", "min_lr": [0.0, 0.0]}, 3, "plateau.min_lr: expected 3 value"),
         ({"kind": "cyclic", "base_lr": [0.01], "max_lr": 0.1}, 2, "cyclic.base_lr: expected 2"),
         ({"kind": "onecycle", "max_lr": [0.1, 0.2], "total_steps": 10}, 1, "onecycle.max_lr"),
     ],

@@ -121,6 +121,9 @@ def describe(exc: ValidationError) -> str:
         if kind_tag:
             where = ".".join([*loc, "kind"]) if loc else "kind"
             got = err.get("ctx", {}).get("tag")
+            if got == "sequential" and loc:
+                parts.append(f"{'.'.join(loc)}: a sequential stage cannot itself be sequential")
+                continue
             rule = "missing" if got is None else f"unknown policy kind {got!r}"
             parts.append(f"{where}: {rule} (expected one of {', '.join(KINDS)})")
             continue

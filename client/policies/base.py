@@ -60,7 +60,7 @@ def per_group(spec: PolicySpec, field: str, n_groups: int) -> list[float]:
         return [float(value)] * n_groups
     if len(value) != n_groups:
         raise SpecError(
-            f"{spec.kind}.{field}: expected {n_groups} values (one per param group), "
+            f"{spec.kind}.{field}: expected {n_groups} value(s), one per param group, "
             f"got {len(value)}"
         )
     return [float(v) for v in value]
@@ -108,9 +108,18 @@ class Policy:
     spec: PolicySpec
     lrs: list[float]
     momenta: list[float] | None = None
+    # Why the last step()/observe() changed the LRs because of a metric, or
+    # None. Only such decisions need the daemon; step-driven changes are
+    # reproduced by the training process itself.
+    decided: str | None = None
 
     def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
         raise NotImplementedError
+
+    def observe(self, metrics: Mapping[str, float]) -> list[float]:
+        """Metrics that are not a new step (a validation loss): step-driven
+        policies ignore them; metric-driven ones act as on a step's."""
+        return list(self.lrs)
 
     def state_dict(self) -> dict[str, Any]:
         return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}

@@ -33,9 +33,11 @@ class MultiStepPolicy(Policy):
 
     def __init__(self, spec: MultiStepSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
-        self.lrs = check_base_lrs(base_lrs)
-        self.last_epoch = 0
         self.milestone_counts = Counter(spec.milestones)
+        # torch's creation step is step 0: a milestone at 0 applies at once.
+        at_zero = spec.gamma ** self.milestone_counts[0] if 0 in self.milestone_counts else 1
+        self.lrs = [lr * at_zero for lr in check_base_lrs(base_lrs)]
+        self.last_epoch = 0
 
     def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
         self.last_epoch += 1

@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import (
     NO_METRICS,
@@ -45,6 +45,14 @@ class PlateauSpec(PolicySpec):
     min_lr: NonNegativePerGroup = 0.0
     eps: NonNegativeFloat = 1e-8
 
+    @model_validator(mode="after")
+    def _threshold_fits_mode(self) -> PlateauSpec:
+        # torch accepts it, but then best * (1 - threshold) <= 0 and nothing
+        # ever counts as an improvement: every patience + 1 reports, a cut.
+        if self.threshold_mode == "rel" and self.mode == "min" and self.threshold >= 1:
+            raise ValueError("threshold must be below 1 with threshold_mode 'rel' in mode 'min'")
+        return self
+
     def build(self, base_lrs: Sequence[float]) -> PlateauPolicy:
         return PlateauPolicy(self, base_lrs)
 
@@ -61,6 +69,7 @@ class PlateauPolicy(Policy):
         self.cooldown_counter = 0
 
     def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+        self.decided = None
         value = metrics.get(self.spec.metric)
         if value is None:
             return list(self.lrs)
@@ -81,6 +90,9 @@ class PlateauPolicy(Policy):
             self.num_bad_steps = 0
         return list(self.lrs)
 
+    # Plateau does not count steps: a reported metric is as good as a step's.
+    observe = step
+
     def is_better(self, value: float) -> bool:
         spec = self.spec
         # torch's relative threshold is best * (1 -/+ threshold) even when best
@@ -94,7 +106,14 @@ class PlateauPolicy(Policy):
         return value > self.best + spec.threshold
 
     def _reduce(self) -> None:
+        cut = False
         for i, old in enumerate(self.lrs):
             new = max(old * self.spec.factor, self.min_lrs[i])
             if old - new > self.spec.eps:
                 self.lrs[i] = new
+                cut = True
+        if cut:
+            self.decided = (
+                f"plateau: {self.spec.metric} has not improved on {self.best:.6g} "
+                f"for {self.spec.patience + 1} reports; LR x{self.spec.factor}"
+            )

@@ -98,6 +98,10 @@ class SequentialPolicy(Policy):
         return self.stage.lrs
 
     @property
+    def decided(self) -> str | None:  # type: ignore[override]
+        return self.stage.decided
+
+    @property
     def momenta(self) -> list[float] | None:  # type: ignore[override]
         return self.stage.momenta if self.stage.momenta is not None else self.held_momenta
 
@@ -110,6 +114,9 @@ class SequentialPolicy(Policy):
             self.stage = self.spec.policies[index].build(self.base_lrs)
             return list(self.stage.lrs)
         return self.stage.step(metrics)
+
+    def observe(self, metrics: Mapping[str, float]) -> list[float]:
+        return self.stage.observe(metrics)
 
     def state_dict(self) -> dict[str, Any]:
         return {
