@@ -78,6 +78,46 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError(f"--input: not UTF-8 text: {exc.reason}") from None
 
 
+def cmd_daemon(args: argparse.Namespace) -> None:
+    import logging
+
+    from pydantic import ValidationError
+
+    from lrpilot.policies import describe
+
+    from .config import DaemonConfig
+    from .server import Daemon, DaemonError
+
+    fields = DaemonConfig.model_fields
+    try:
+        config = DaemonConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    except ValidationError as exc:
+        raise CommandError(describe(exc)) from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        Daemon(config).run()
+    except DaemonError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per DaemonConfig field (--silence-timeout for silence_timeout),
+    with the field's type, default and description: the config is the source."""
+    from .config import DaemonConfig
+
+    for name, field in DaemonConfig.model_fields.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=field.annotation if field.annotation in (int, float) else str,
+            default=field.default,
+            help=f"{field.description} (default: {field.default})",
+        )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import main as demo_main
 
@@ -128,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="metric stream to replay (default: standard input)",
     )
     sim.set_defaults(func=cmd_simulate)
+
+    daemon = commands.add_parser(
+        "daemon",
+        help="run the daemon that training processes attach to",
+        description="Run the lrpilot daemon: training processes that call lrpilot.attach() "
+        "connect to it, stream their metrics, and get their LR decisions from it. "
+        "Stops cleanly on SIGINT/SIGTERM.",
+    )
+    add_config_flags(daemon)
+    daemon.set_defaults(func=cmd_daemon)
 
     demo = commands.add_parser(
         "demo",

@@ -1,0 +1,458 @@
+"""The training-side hook: ``lrpilot.attach(optimizer)`` returns a :class:`Pilot`.
+
+One ``pilot.step(**metrics)`` per optimizer step. The pilot evaluates the
+run's policy locally, step by step (so step-driven schedules are exact and go
+on while the daemon is away), queues the metrics for the daemon, and applies
+the daemon's versioned LR commands (metric-driven decisions, overrides) at the
+step they name. It never waits for the daemon unless ``sync=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from . import __version__
+from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError, parse_policy
+from .protocol import (
+    DAEMON_ENV,
+    DEFAULT_DAEMON,
+    PROTOCOL_VERSION,
+    REPORT,
+    STEP,
+    Ack,
+    BatchEncoder,
+    Bye,
+    ClientStats,
+    Error,
+    GroupInfo,
+    Hello,
+    LRCommand,
+    Processed,
+    ProtocolError,
+    Welcome,
+    decode,
+    encode,
+)
+from .transport import DaemonLink
+
+log = logging.getLogger("lrpilot")
+
+# Records per metrics message: big enough that a burst after the daemon comes
+# back drains in few messages, small enough that one stays well under 100 KiB.
+MAX_BATCH = 256
+# How often (seconds) an async pilot sends and looks for commands: at most
+# once a millisecond, so a 1 kHz loop hears a decision within a step or two.
+IO_INTERVAL = 0.001
+# Records held while the daemon is away (~100 s at 1 kHz); then the oldest go.
+MAX_QUEUE = 100_000
+
+ChangeCallback = Callable[[int, list[float], list[float], str, str], None]
+
+
+def attach(
+    optimizer: Any,
+    run: str | None = None,
+    policy: Mapping[str, Any] | PolicySpec | None = None,
+    daemon: str | None = None,
+    sync: bool = False,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    sync_timeout: float = 1.0,
+    max_queue: int = MAX_QUEUE,
+    on_change: ChangeCallback | None = None,
+) -> Pilot:
+    """Attach lrpilot to ``optimizer`` (anything with torch-style ``param_groups``).
+
+    - ``run``: the run id every rank shares; default ``$LRPILOT_RUN``, else
+      ``$TORCHELASTIC_RUN_ID`` under torchrun, else host-pid-time.
+    - ``policy``: a policy spec (dict or model, see docs/policies.md); ``None``
+      holds the LRs where they are until the daemon says otherwise.
+    - ``daemon``: ZeroMQ address; default ``$LRPILOT_DAEMON``, else
+      ``tcp://127.0.0.1:7311`` (what ``lrpilot daemon`` binds).
+    - ``sync``: lock-step; each ``step()``/``report()`` waits (up to
+      ``sync_timeout`` seconds) until the daemon has processed it, so the LRs
+      equal ``lrpilot simulate`` on the same metrics step for step.
+    - ``on_change(step, old_lrs, new_lrs, reason, actor)``: called when a
+      daemon command changes the LRs, before optimizer step ``step``.
+    """
+    return Pilot(
+        optimizer,
+        run=run or default_run_id(),
+        policy=policy,
+        daemon=daemon or os.environ.get(DAEMON_ENV) or DEFAULT_DAEMON,
+        sync=sync,
+        rank=int(os.environ.get("RANK", 0)) if rank is None else rank,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size,
+        sync_timeout=sync_timeout,
+        max_queue=max_queue,
+        on_change=on_change,
+    )
+
+
+def default_run_id() -> str:
+    env = os.environ.get("LRPILOT_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if env and env != "none":
+        return env
+    return f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Pilot:
+    """The hook on one optimizer (one rank). See :func:`attach`."""
+
+    def __init__(
+        self,
+        optimizer: Any,
+        *,
+        run: str,
+        policy: Mapping[str, Any] | PolicySpec | None,
+        daemon: str,
+        sync: bool,
+        rank: int,
+        world_size: int,
+        sync_timeout: float,
+        max_queue: int,
+        on_change: ChangeCallback | None,
+    ) -> None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, list) or not groups or not all("lr" in g for g in groups):
+            raise TypeError("lrpilot.attach: optimizer must have param_groups with an 'lr' each")
+        self.run, self.rank, self.world_size, self.sync = run, rank, world_size, sync
+        self.sync_timeout = sync_timeout
+        self.group_names = [str(g.get("name", i)) for i, g in enumerate(groups)]
+        self.base_lrs = [float(g["lr"]) for g in groups]
+        self.stats = ClientStats()
+        self.step_count = 0
+        self._groups = groups
+        self._tensor_lr = [hasattr(g["lr"], "fill_") for g in groups]
+        self._spec = parse_policy(policy) if policy is not None else None
+        self._policy: Policy | None = self._spec.build(self.base_lrs) if self._spec else None
+        self._exhausted = False
+        self._left = list(self.base_lrs)
+        self._on_change = on_change
+        self._warned: set[str] = set()
+        self._seq = 0
+        self._queue: deque = deque(maxlen=max(1, max_queue))
+        self._last_io = 0.0
+        self._pending: list[LRCommand] = []
+        self._applied_version = 0
+        self._processed_seq = 0
+        self._daemon_silent = False
+        self._closed = False
+        self._encoder = BatchEncoder(run, rank)
+        self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
+        if self._policy is not None:
+            self._write(self._policy)
+        self._send_hello()
+
+    # --- the hot path -----------------------------------------------------
+
+    def step(self, **metrics: Any) -> None:
+        """One optimizer step happened; ``metrics`` are its values (numbers,
+        numpy scalars or 0-d tensors). Leaves the next step's LRs in the groups."""
+        n = self.step_count = self.step_count + 1
+        left = self._left
+        for i, group in enumerate(self._groups):
+            if group["lr"] != left[i] and not self._tensor_lr[i]:
+                self._foreign_write(i, group["lr"])
+        policy = self._policy
+        if policy is not None and not self._exhausted:
+            try:
+                policy.step(NO_METRICS)
+            except ScheduleExhausted as exc:
+                self._exhausted = True
+                self._warn_once("exhausted", f"{exc}; holding the last LRs")
+        self._enqueue(n, STEP, metrics)
+        if self.sync:
+            self._exchange(wait_for=self._seq)
+        elif len(self._queue) >= MAX_BATCH or time.monotonic() - self._last_io >= IO_INTERVAL:
+            self._exchange()
+        if self._pending:
+            self._apply_due(n)
+        if policy is not None:
+            self._write(self._policy)
+
+    def report(self, **metrics: Any) -> None:
+        """Metrics that are not a new step (a validation loss, say): they belong
+        to the last step, and metric-driven policies act on them."""
+        self._enqueue(self.step_count, REPORT, metrics)
+        # Reports are rare and are what metric-driven policies wait for: send
+        # now rather than at the next I/O tick.
+        self._exchange(wait_for=self._seq if self.sync else 0)
+        if self.sync:
+            if self._pending:
+                self._apply_due(self.step_count)
+                if self._policy is not None:
+                    self._write(self._policy)
+
+    def _enqueue(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if type(value) is not float:
+                try:
+                    metrics[name] = float(value)
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}"
+                    ) from None
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            self.stats.records_dropped += 1
+            self._warn_once(
+                "dropped",
+                f"daemon away: queue of {queue.maxlen} records is full; "
+                "dropping the oldest (counted in pilot.stats.records_dropped)",
+            )
+        self._seq += 1
+        queue.append((self._seq, step, kind, metrics))
+
+    def _write(self, policy: Policy) -> None:
+        lrs = policy.lrs
+        for i, group in enumerate(self._groups):
+            if self._tensor_lr[i]:
+                group["lr"].fill_(lrs[i])
+            else:
+                group["lr"] = lrs[i]
+        self._left = list(lrs)
+        momenta = policy.momenta
+        if momenta is not None:
+            self._write_momenta(momenta)
+
+    def _write_momenta(self, momenta: list[float]) -> None:
+        # Where torch's CyclicLR/OneCycleLR write it: Adam's beta1, SGD's momentum.
+        for group, momentum in zip(self._groups, momenta):
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+            else:
+                self._warn_once(
+                    "momentum",
+                    "the optimizer has no momentum or betas; "
+                    "the policy's cycle_momentum has nothing to cycle",
+                )
+
+    # --- talking to the daemon --------------------------------------------
+
+    def _exchange(self, wait_for: int = 0) -> None:
+        """Send what is queued and handle what arrived; with ``wait_for``, wait
+        (up to sync_timeout) until the daemon has processed that record."""
+        self._last_io = time.monotonic()
+        while self._link.readable():
+            self._handle(self._link.receive())
+        self._flush()
+        if not wait_for or self._daemon_silent:
+            return
+        deadline = time.monotonic() + self.sync_timeout
+        while self._processed_seq < wait_for:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            frames = self._link.receive(timeout_ms=max(left_ms, 1)) if left_ms > 0 else None
+            if frames is None:
+                self.stats.sync_timeouts += 1
+                self._daemon_silent = True
+                self._warn_once(
+                    "sync",
+                    f"daemon at {self._link.address} did not answer within "
+                    f"{self.sync_timeout}s; going on without waiting until it does",
+                )
+                return
+            self._handle(frames)
+
+    def _flush(self) -> None:
+        queue, link = self._queue, self._link
+        while queue and link.writable():
+            records = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+            if not link.send(self._encoder.encode(records, asdict(self.stats))):
+                queue.extendleft(reversed(records))
+                return
+            self.stats.records_sent += len(records)
+
+    def _handle(self, frames: list[bytes] | None) -> None:
+        if frames is None:
+            return
+        self._daemon_silent = False
+        try:
+            message = decode(frames)
+        except ProtocolError as exc:
+            self.stats.daemon_errors += 1
+            self._warn_once("bad-frame", f"ignored a bad message from the daemon: {exc}")
+            return
+        if isinstance(message, Processed):
+            self._processed_seq = max(self._processed_seq, message.seq)
+        elif isinstance(message, LRCommand):
+            self._receive(message)
+        elif isinstance(message, Welcome):
+            if message.command is not None:
+                self._receive(message.command)
+        elif isinstance(message, Error):
+            if message.code == "unknown_session":
+                self._send_hello()  # the daemon restarted or forgot us: introduce again
+            else:
+                self.stats.daemon_errors += 1
+                self._warn_once(f"error-{message.code}", f"daemon: {message.message}")
+
+    def _receive(self, command: LRCommand) -> None:
+        if command.version <= self._applied_version:
+            return
+        if any(p.version == command.version for p in self._pending):
+            return
+        self._pending.append(command)
+        self._pending.sort(key=lambda c: (c.effective_step, c.version))
+
+    def _apply_due(self, n: int) -> None:
+        """Apply the commands due before optimizer step n + 1."""
+        while self._pending and self._pending[0].effective_step <= n + 1:
+            self._apply(self._pending.pop(0), n)
+
+    def _apply(self, command: LRCommand, n: int) -> None:
+        old = list(self._left)
+        policy = self._policy
+        try:
+            if command.policy is not None:
+                self._spec = parse_policy(command.policy)
+                policy = self._spec.build(self.base_lrs)
+            if policy is not None and command.policy_state is not None:
+                policy.load_state_dict(command.policy_state)
+                # The state is as of record state_step; this pilot is at n.
+                for _ in range(n - command.state_step):
+                    policy.step(NO_METRICS)
+        except (SpecError, ScheduleExhausted) as exc:
+            self.stats.daemon_errors += 1
+            self._warn_once("bad-command", f"could not apply command {command.version}: {exc}")
+            return
+        self._policy = policy
+        self._exhausted = False
+        self._applied_version = command.version
+        late = n + 1 > command.effective_step
+        self.stats.commands_applied += 1
+        self.stats.commands_late += late
+        if policy is not None:
+            self._write(policy)
+        else:
+            self._write_lrs(command.lrs)
+        self._send(
+            Ack(
+                run=self.run, rank=self.rank, version=command.version, applied_step=n + 1, late=late
+            )
+        )
+        if self._on_change is not None and self._left != old:
+            self._on_change(n + 1, old, list(self._left), command.reason, command.actor)
+
+    def _write_lrs(self, lrs: list[float]) -> None:
+        for group, lr in zip(self._groups, lrs):
+            group["lr"] = lr
+        self._left = list(lrs)
+
+    def _send_hello(self) -> None:
+        self._send(
+            Hello(
+                run=self.run,
+                rank=self.rank,
+                world_size=self.world_size,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                groups=[GroupInfo(name=n, lr=lr) for n, lr in zip(self.group_names, self.base_lrs)],
+                policy=self._spec.model_dump() if self._spec else None,
+                policy_state=self._policy.state_dict() if self._policy else None,
+                step=self.step_count,
+                applied_version=self._applied_version,
+                sync=self.sync,
+                client_version=f"{__version__}/p{PROTOCOL_VERSION}",
+            )
+        )
+
+    def _send(self, message: Any) -> None:
+        if not self._link.send([encode(message)]):
+            self._warn_once(
+                "pipe-full", "daemon away and its pipe is full: a control message was not sent"
+            )
+
+    def _foreign_write(self, index: int, found: Any) -> None:
+        self.stats.foreign_lr_writes += 1
+        self._warn_once(
+            "foreign",
+            f"param group {self.group_names[index]!r} has lr={found}, not the {self._left[index]} "
+            "lrpilot left: something else (a torch LR scheduler?) is setting the LR. lrpilot "
+            "overrides it; remove the other scheduler and give its settings to lrpilot's policy "
+            "(docs/hook.md)",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"lrpilot: {message}", RuntimeWarning, stacklevel=4)
+
+    # --- lifecycle and checkpoints ----------------------------------------
+
+    @property
+    def lrs(self) -> list[float]:
+        return list(self._left)
+
+    @property
+    def policy(self) -> PolicySpec | None:
+        return self._spec
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint needs to restore the LR state, daemon or not."""
+        return {
+            "format": 1,
+            "run": self.run,
+            "step": self.step_count,
+            "lrs": list(self._left),
+            "policy": self._spec.model_dump() if self._spec else None,
+            "policy_state": self._policy.state_dict() if self._policy else None,
+            "applied_version": self._applied_version,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        try:
+            spec = parse_policy(state["policy"]) if state.get("policy") else None
+            policy = spec.build(self.base_lrs) if spec else None
+            if policy is not None:
+                policy.load_state_dict(state["policy_state"])
+            step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"lrpilot: not a pilot state_dict: {exc}") from None
+        if len(lrs) != len(self._groups):
+            raise ValueError(
+                f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
+            )
+        self._spec, self._policy, self.step_count = spec, policy, step
+        self._applied_version = int(state.get("applied_version", 0))
+        self._pending.clear()
+        if policy is not None:
+            self._write(policy)
+        else:
+            self._write_lrs(lrs)
+        self._send_hello()
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Send what is queued, waiting up to ``timeout`` for the pipe; True if all went."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._exchange()
+            if not self._queue or time.monotonic() >= deadline:
+                return not self._queue
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout=0.5)
+        self._send(Bye(run=self.run, rank=self.rank, step=self.step_count, stats=self.stats))
+        self._link.close()
+
+    def __enter__(self) -> Pilot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

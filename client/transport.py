@@ -1,0 +1,61 @@
+"""The hook's ZeroMQ link to the daemon: a DEALER that never blocks on send.
+
+ZeroMQ reconnects by itself; messages sent while the daemon is away wait in
+the socket's pipe (up to ``SNDHWM`` messages), and the hook keeps the rest in
+its own bounded queue. The routing id is fixed per pilot so the daemon knows
+a session again after a reconnect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import zmq
+
+# 64 batches in the pipe; beyond that the hook's own queue (counted in
+# records) holds telemetry, so its bound is the one users set and see.
+PIPE_MESSAGES = 64
+RECONNECT_MS, RECONNECT_MAX_MS = 100, 2000
+# On close, give a queued bye this long to leave; the loop is ending anyway.
+LINGER_MS = 200
+
+
+class DaemonLink:
+    def __init__(self, address: str, identity: bytes) -> None:
+        self.address = address
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.connect(address)
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return bool(self._sock.get(zmq.EVENTS) & zmq.POLLOUT)
+
+    def send(self, frames: Sequence[bytes]) -> bool:
+        """Queue a message; False (nothing sent) when the pipe is full."""
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def receive(self, timeout_ms: int = 0) -> list[bytes] | None:
+        """One waiting message, or None if none arrives within ``timeout_ms``."""
+        if timeout_ms and not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        try:
+            return self._sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def readable(self) -> bool:
+        return bool(self._sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._context.term()

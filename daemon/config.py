@@ -1,0 +1,50 @@
+"""``DaemonConfig``: every option of the daemon, its default and its check.
+
+The command line maps its flags one to one onto these fields; tests build a
+config directly and run a :class:`~lrpilot.daemon.server.Daemon` with it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lrpilot.protocol import DEFAULT_DAEMON, MAX_MESSAGE_BYTES
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str = Field(DEFAULT_DAEMON, description="ZeroMQ address the data plane (ROUTER) binds")
+    silence_timeout: float = Field(
+        300.0, gt=0, description="seconds without a message after which a session ends"
+    )
+    max_message_bytes: int = Field(
+        MAX_MESSAGE_BYTES, ge=1024, description="larger messages are refused with an error"
+    )
+    max_pending_batches: int = Field(
+        1000,
+        ge=0,
+        description="metrics batches kept per unknown session until it says hello again "
+        "(after a daemon restart)",
+    )
+    command_lead_steps: int = Field(
+        0,
+        ge=0,
+        description="a metric-driven command takes effect this many steps after the record "
+        "that caused it (more gives every rank time to apply it at the same step)",
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("address")
+    @classmethod
+    def _zmq_address(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"expected a ZeroMQ address like tcp://127.0.0.1:7311, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+        return value.lower()
