@@ -188,11 +188,10 @@ class Pilot:
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick.
         self._exchange(wait_for=self._seq if self.sync else 0)
-        if self.sync:
-            if self._pending:
-                self._apply_due(self.step_count)
-                if self._policy is not None:
-                    self._write(self._policy)
+        if self._pending:
+            self._apply_due(self.step_count)
+            if self._policy is not None:
+                self._write(self._policy)
 
     def _enqueue(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
         for name, value in metrics.items():
