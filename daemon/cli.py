@@ -119,9 +119,27 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from lrpilot.policies import SpecError, parse_policy
+
     from .demo import main as demo_main
 
-    demo_main(steps=args.steps)
+    policy = load_policy_arg(args.policy) if args.policy else None
+    if policy is not None:
+        try:
+            parse_policy(policy)
+        except SpecError as exc:
+            raise CommandError(f"--policy: {exc}") from None
+    demo_main(steps=args.steps, policy=policy, sync=args.sync)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,11 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="show what lrpilot does, on a bundled metric stream",
-        description="Replay the bundled example metric stream through a few policies "
-        "and print the LR each gives, step by step.",
+        help="start a daemon and train a real model under its control",
+        description="Start an lrpilot daemon, train a small MLP on scikit-learn's digits "
+        "under its control (linear warmup, then reduce-on-plateau on the validation loss), "
+        "print each LR change as it lands with its reason, then compare with the same "
+        "training at a constant LR. Needs the demo extra (torch, scikit-learn).",
     )
-    demo.add_argument("--steps", type=int, default=None, help="replay only the first N records")
+    demo.add_argument(
+        "--steps", type=positive_int, default=None, help="optimizer steps to train (default: 1500)"
+    )
+    demo.add_argument(
+        "--policy",
+        default=None,
+        metavar="POLICY",
+        help="policy JSON file or inline JSON instead of warmup-then-plateau",
+    )
+    demo.add_argument(
+        "--sync", action="store_true", help="lock-step mode: every step waits for the daemon"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

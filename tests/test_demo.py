@@ -1,47 +1,42 @@
-"""`lrpilot demo` (the README's command 1) runs and shows the policies acting."""
+"""`lrpilot demo` (the README's command 1): a real daemon process and a real
+training under its control."""
 
 from __future__ import annotations
 
-import itertools
-import json
 import re
 import subprocess
 
-from conftest import ROOT
 
-
-def test_demo_shows_plateau_cuts_that_simulate_agrees_with(lrpilot_exe):
-    done = subprocess.run([lrpilot_exe, "demo"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    cuts = re.findall(r"step\s+(\d+)\s+plateau\(val_loss\)\s+([\d.]+) -> ([\d.]+)", done.stdout)
-    assert cuts, done.stdout
-    # The same stream through `lrpilot simulate` must cut at the same steps.
-    spec = {"kind": "plateau", "metric": "val_loss", "patience": 2, "factor": 0.5}
-    stream = ROOT / "client" / "data" / "example_metrics.jsonl"
-    sim = subprocess.run(
-        [
-            lrpilot_exe,
-            "simulate",
-            "--policy",
-            json.dumps(spec),
-            "--base-lr",
-            "0.05",
-            "--input",
-            str(stream),
-        ],
+def test_demo_trains_under_the_daemon_and_shows_its_decisions(lrpilot_exe):
+    done = subprocess.run(
+        [lrpilot_exe, "demo", "--steps", "700", "--sync"],
         capture_output=True,
         text=True,
-        check=True,
+        timeout=120,
     )
-    lines = [json.loads(line) for line in sim.stdout.splitlines()]
-    sim_cuts = [
-        now["step"] for before, now in itertools.pairwise(lines) if now["lrs"][0] < before["lrs"][0]
-    ]
-    assert [int(step) for step, _, _ in cuts] == sim_cuts
-
-
-def test_demo_steps_limits_the_replay(lrpilot_exe):
-    done = subprocess.run([lrpilot_exe, "demo", "--steps", "100"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in done.stdout.splitlines() if re.match(r"\s+\d+\s", line)]
-    assert [int(row.split()[0]) for row in rows] == [50, 100]
+    out = done.stdout
+    changes = re.findall(r">> step\s+(\d+)\s+LR ([\d.]+) -> ([\d.]+)\s+by policy: plateau:", out)
+    assert changes, out
+    assert all(float(new) < float(old) for _, old, new in changes)
+    # In sync mode a decision lands right after the report that caused it:
+    # reports come every 25 steps, so the step it lands on is 25k + 1.
+    assert all(int(step) % 25 == 1 for step, _, _ in changes), changes
+    summary = out[out.index("summary") :]
+    assert f"LR changes decided by the daemon: {len(changes)}" in summary
+    assert re.search(r"with lrpilot\s+[\d.]+\s+[\d.]+%", summary)
+    assert re.search(r"constant LR\s+[\d.]+\s+[\d.]+%", summary)
+    assert "telemetry records dropped: 0" in summary
+
+
+def test_demo_refuses_a_bad_policy_in_one_line(lrpilot_exe):
+    done = subprocess.run(
+        [lrpilot_exe, "demo", "--policy", '{"kind": "plateau", "factor": 3}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "lrpilot demo: --policy: plateau.factor: Input should be less than 1 (got 3)"
+    ]
