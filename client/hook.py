@@ -133,16 +133,20 @@ class Pilot:
         self.stats = ClientStats()
         self.step_count = 0
         self._groups = groups
-        self._tensor_lr = [hasattr(g["lr"], "fill_") for g in groups]
+        # Capturable optimizers keep the LR in a tensor: write it in place, and
+        # do not compare it (that would wait on the device every step).
+        self._tensor_lrs = any(hasattr(g["lr"], "fill_") for g in groups)
         self._spec = parse_policy(policy) if policy is not None else None
         self._policy: Policy | None = self._spec.build(self.base_lrs) if self._spec else None
         self._exhausted = False
-        self._left = list(self.base_lrs)
+        self._left: list[float] = list(self.base_lrs)
         self._on_change = on_change
         self._warned: set[str] = set()
         self._seq = 0
-        self._queue: deque = deque(maxlen=max(1, max_queue))
+        self._max_queue = max(1, max_queue)
+        self._queue: deque = deque(maxlen=self._max_queue)
         self._last_io = 0.0
+        self._io_seq = 0
         self._pending: list[LRCommand] = []
         self._applied_version = 0
         self._processed_seq = 0
@@ -160,10 +164,10 @@ class Pilot:
         """One optimizer step happened; ``metrics`` are its values (numbers,
         numpy scalars or 0-d tensors). Leaves the next step's LRs in the groups."""
         n = self.step_count = self.step_count + 1
-        left = self._left
-        for i, group in enumerate(self._groups):
-            if group["lr"] != left[i] and not self._tensor_lr[i]:
-                self._foreign_write(i, group["lr"])
+        if not self._tensor_lrs:
+            for group, lr in zip(self._groups, self._left):
+                if group["lr"] != lr:
+                    self._foreign_write(group, lr)
         policy = self._policy
         if policy is not None and not self._exhausted:
             try:
@@ -174,7 +178,11 @@ class Pilot:
         self._enqueue(n, STEP, metrics)
         if self.sync:
             self._exchange(wait_for=self._seq)
-        elif len(self._queue) >= MAX_BATCH or time.monotonic() - self._last_io >= IO_INTERVAL:
+        # New records since the last I/O, not the queue's length: with the
+        # daemon away the queue stays long, and I/O every step would cost.
+        elif (
+            self._seq - self._io_seq >= MAX_BATCH or time.monotonic() - self._last_io >= IO_INTERVAL
+        ):
             self._exchange()
         if self._pending:
             self._apply_due(n)
@@ -203,7 +211,7 @@ class Pilot:
                         f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}"
                     ) from None
         queue = self._queue
-        if len(queue) == queue.maxlen:
+        if len(queue) == self._max_queue:
             self.stats.records_dropped += 1
             self._warn_once(
                 "dropped",
@@ -215,12 +223,7 @@ class Pilot:
 
     def _write(self, policy: Policy) -> None:
         lrs = policy.lrs
-        for i, group in enumerate(self._groups):
-            if self._tensor_lr[i]:
-                group["lr"].fill_(lrs[i])
-            else:
-                group["lr"] = lrs[i]
-        self._left = list(lrs)
+        self._write_lrs(lrs)
         momenta = policy.momenta
         if momenta is not None:
             self._write_momenta(momenta)
@@ -245,6 +248,7 @@ class Pilot:
         """Send what is queued and handle what arrived; with ``wait_for``, wait
         (up to sync_timeout) until the daemon has processed that record."""
         self._last_io = time.monotonic()
+        self._io_seq = self._seq
         while self._link.readable():
             self._handle(self._link.receive())
         self._flush()
@@ -346,9 +350,18 @@ class Pilot:
             self._on_change(n + 1, old, list(self._left), command.reason, command.actor)
 
     def _write_lrs(self, lrs: list[float]) -> None:
-        for group, lr in zip(self._groups, lrs):
-            group["lr"] = lr
-        self._left = list(lrs)
+        if self._tensor_lrs:
+            for group, lr in zip(self._groups, lrs):
+                if hasattr(group["lr"], "fill_"):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+        else:
+            for group, lr in zip(self._groups, lrs):
+                group["lr"] = lr
+        # Policies replace their lrs list, never mutate it, so keeping the
+        # reference is safe and saves a copy per step.
+        self._left = lrs
 
     def _send_hello(self) -> None:
         self._send(
@@ -374,14 +387,14 @@ class Pilot:
                 "pipe-full", "daemon away and its pipe is full: a control message was not sent"
             )
 
-    def _foreign_write(self, index: int, found: Any) -> None:
+    def _foreign_write(self, group: dict[str, Any], left: float) -> None:
         self.stats.foreign_lr_writes += 1
+        name = self.group_names[self._groups.index(group)]
         self._warn_once(
             "foreign",
-            f"param group {self.group_names[index]!r} has lr={found}, not the {self._left[index]} "
-            "lrpilot left: something else (a torch LR scheduler?) is setting the LR. lrpilot "
-            "overrides it; remove the other scheduler and give its settings to lrpilot's policy "
-            "(docs/hook.md)",
+            f"param group {name!r} has lr={group['lr']}, not the {left} lrpilot left: something "
+            "else (a torch LR scheduler?) is setting the LR. lrpilot overrides it; remove the "
+            "other scheduler and give its settings to lrpilot's policy (docs/hook.md)",
         )
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -98,6 +98,9 @@ class Policy:
     is the momentum (or Adam's beta1) per group for policies that cycle it,
     else ``None``.
 
+    ``lrs`` is replaced by a new list when it changes, never mutated in
+    place, so a caller may keep the reference it got.
+
     State is the attributes named in ``STATE``: ``state_dict()`` copies them
     (JSON-serialisable), ``load_state_dict()`` writes them back, so a policy
     stopped, saved and loaded into a fresh one built from the same spec and

@@ -106,13 +106,13 @@ class PlateauPolicy(Policy):
         return value > self.best + spec.threshold
 
     def _reduce(self) -> None:
-        cut = False
-        for i, old in enumerate(self.lrs):
+        lrs = list(self.lrs)  # a new list: callers may hold the old one
+        for i, old in enumerate(lrs):
             new = max(old * self.spec.factor, self.min_lrs[i])
             if old - new > self.spec.eps:
-                self.lrs[i] = new
-                cut = True
-        if cut:
+                lrs[i] = new
+        if lrs != self.lrs:
+            self.lrs = lrs
             self.decided = (
                 f"plateau: {self.spec.metric} has not improved on {self.best:.6g} "
                 f"for {self.spec.patience + 1} reports; LR x{self.spec.factor}"
