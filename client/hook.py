@@ -99,6 +99,16 @@ def attach(
     )
 
 
+def as_float(name: str, value: Any) -> float:
+    """A metric value as a float: numbers, numpy scalars, 0-d tensors; not text."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}")
+
+
 def default_run_id() -> str:
     env = os.environ.get("LRPILOT_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
     if env and env != "none":
@@ -163,6 +173,9 @@ class Pilot:
     def step(self, **metrics: Any) -> None:
         """One optimizer step happened; ``metrics`` are its values (numbers,
         numpy scalars or 0-d tensors). Leaves the next step's LRs in the groups."""
+        for name, value in metrics.items():
+            if type(value) is not float:
+                metrics[name] = as_float(name, value)
         n = self.step_count = self.step_count + 1
         if not self._tensor_lrs:
             for group, lr in zip(self._groups, self._left):
@@ -192,6 +205,9 @@ class Pilot:
     def report(self, **metrics: Any) -> None:
         """Metrics that are not a new step (a validation loss, say): they belong
         to the last step, and metric-driven policies act on them."""
+        for name, value in metrics.items():
+            if type(value) is not float:
+                metrics[name] = as_float(name, value)
         self._enqueue(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick.
@@ -201,15 +217,7 @@ class Pilot:
             if self._policy is not None:
                 self._write(self._policy)
 
-    def _enqueue(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
-        for name, value in metrics.items():
-            if type(value) is not float:
-                try:
-                    metrics[name] = float(value)
-                except (TypeError, ValueError):
-                    raise TypeError(
-                        f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}"
-                    ) from None
+    def _enqueue(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         queue = self._queue
         if len(queue) == self._max_queue:
             self.stats.records_dropped += 1
@@ -381,11 +389,13 @@ class Pilot:
             )
         )
 
-    def _send(self, message: Any) -> None:
-        if not self._link.send([encode(message)]):
+    def _send(self, message: Any, warn: bool = True) -> bool:
+        sent = self._link.send([encode(message)])
+        if not sent and warn:
             self._warn_once(
                 "pipe-full", "daemon away and its pipe is full: a control message was not sent"
             )
+        return sent
 
     def _foreign_write(self, group: dict[str, Any], left: float) -> None:
         self.stats.foreign_lr_writes += 1
@@ -438,6 +448,7 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._spec, self._policy, self.step_count = spec, policy, step
+        self._exhausted = False
         self._applied_version = int(state.get("applied_version", 0))
         self._pending.clear()
         if policy is not None:
@@ -447,20 +458,26 @@ class Pilot:
         self._send_hello()
 
     def flush(self, timeout: float = 1.0) -> bool:
-        """Send what is queued, waiting up to ``timeout`` for the pipe; True if all went."""
+        """Send what is queued, waiting up to ``timeout`` while the daemon takes
+        it; returns at once when the daemon is away. True if all went."""
         deadline = time.monotonic() + timeout
         while True:
             self._exchange()
-            if not self._queue or time.monotonic() >= deadline:
+            if not self._queue or not self._link.writable() or time.monotonic() >= deadline:
                 return not self._queue
-            time.sleep(0.005)
+            time.sleep(0.001)
 
     def close(self) -> None:
+        """Send what the daemon will take and say bye. Records still queued
+        (the daemon is away) are dropped and counted."""
         if self._closed:
             return
         self._closed = True
         self.flush(timeout=0.5)
-        self._send(Bye(run=self.run, rank=self.rank, step=self.step_count, stats=self.stats))
+        self.stats.records_dropped += len(self._queue)
+        self._queue.clear()
+        bye = Bye(run=self.run, rank=self.rank, step=self.step_count, stats=self.stats)
+        self._send(bye, warn=False)  # a daemon that is away learns it by silence
         self._link.close()
 
     def __enter__(self) -> Pilot:

@@ -250,12 +250,11 @@ class BatchEncoder:
         return [json.dumps(header, separators=(",", ":")).encode(), b"".join(parts)]
 
 
-def decode_records(
+def record_layouts(
     header: MetricsHeader, body: bytes
-) -> Iterator[tuple[int, str, dict[str, float]]]:
-    """Yield (step, kind, metrics) from a batch; ProtocolError if the body does
-    not match the header. Non-finite values are yielded as they are: whether a
-    NaN is an error is the receiver's call."""
+) -> list[tuple[struct.Struct, str, list[str], int]]:
+    """Check that ``body`` is what ``header`` describes; the per-block layouts.
+    ProtocolError if not."""
     expected = 0
     layouts = []
     for shape, count in header.blocks:
@@ -267,6 +266,16 @@ def decode_records(
         expected += packer.size * count
     if expected != len(body):
         raise ProtocolError(f"metrics: body is {len(body)} bytes, the header describes {expected}")
+    return layouts
+
+
+def decode_records(
+    header: MetricsHeader, body: bytes
+) -> Iterator[tuple[int, str, dict[str, float]]]:
+    """Yield (step, kind, metrics) from a batch; ProtocolError (before the
+    first record) if the body does not match the header. Non-finite values are
+    yielded as they are: whether a NaN is an error is the receiver's call."""
+    layouts = record_layouts(header, body)
     offset = 0
     for packer, kind, names, count in layouts:
         end = offset + packer.size * count

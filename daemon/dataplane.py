@@ -6,7 +6,7 @@ so the server owns the socket and the tests can drive it without one.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from lrpilot.protocol import (
@@ -24,6 +24,7 @@ from lrpilot.protocol import (
     decode_records,
     encode,
     first_non_finite,
+    record_layouts,
 )
 
 from .config import DaemonConfig
@@ -32,6 +33,12 @@ from .registry import Run, RunRegistry, Session
 log = logging.getLogger("lrpilot.daemon")
 
 Outgoing = list[tuple[bytes, list[bytes]]]
+
+# Sessions whose batches the daemon parks while it waits for their hello: more
+# than a restarted daemon sees come back at once, few enough that a stranger
+# sending from many ids cannot fill memory (each id holds max_pending_batches).
+MAX_PARKED_SESSIONS = 256
+ASK_AGAIN_AFTER = 1.0  # seconds: re-send unknown_session in case the hello was lost
 
 
 def error(code: str, message: str) -> list[bytes]:
@@ -47,9 +54,8 @@ class DataPlane:
         self.commands_sent = 0
         # Batches from sessions the daemon does not know (it restarted): kept
         # until their hello comes, then replayed, so nothing queued is lost.
-        self._pending: defaultdict[bytes, deque] = defaultdict(
-            lambda: deque(maxlen=max(1, config.max_pending_batches))
-        )
+        # identity -> (parked batches, when we last asked for a hello)
+        self._parked: dict[bytes, tuple[deque, float]] = {}
 
     def handle(self, identity: bytes, frames: Sequence[bytes], now: float) -> Outgoing:
         size = sum(len(f) for f in frames)
@@ -110,25 +116,43 @@ class DataPlane:
             hello.pid,
             hello.step,
         )
-        out: Outgoing = []
-        for header, body in self._pending.pop(identity, ()):
-            out += self._metrics(identity, header, body, now)
         engine = run.engine
         behind = engine.version > hello.applied_version
         welcome = Welcome(
             run=run.run_id, version=engine.version, command=engine.current() if behind else None
         )
-        return [(identity, [encode(welcome)]), *out]
+        out: Outgoing = [(identity, [encode(welcome)])]
+        parked, _ = self._parked.pop(identity, ((), 0.0))
+        for header, body in parked:
+            out += self._metrics(identity, header, body, now)
+        return out
+
+    def _park(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
+        """Keep a batch from a session the daemon does not know until its hello."""
+        try:
+            record_layouts(header, body)
+        except ProtocolError as exc:
+            self.rejected["malformed"] += 1
+            return [(identity, error("malformed", str(exc)))]
+        self.rejected["unknown_session"] += 1
+        entry = self._parked.get(identity)
+        if entry is None:
+            if len(self._parked) >= MAX_PARKED_SESSIONS:
+                oldest = min(self._parked, key=lambda i: self._parked[i][1])
+                del self._parked[oldest]
+            entry = (deque(maxlen=max(1, self.config.max_pending_batches)), -ASK_AGAIN_AFTER)
+        batches, asked = entry
+        batches.append((header, body))
+        if now - asked < ASK_AGAIN_AFTER:
+            self._parked[identity] = (batches, asked)
+            return []
+        self._parked[identity] = (batches, now)
+        return [(identity, error("unknown_session", "say hello first"))]
 
     def _metrics(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
         known = self.registry.session(identity)
         if known is None:
-            pending = self._pending[identity]
-            asked = bool(pending)
-            pending.append((header, body))
-            self.rejected["unknown_session"] += 1
-            # Ask once; the batches wait for the hello.
-            return [] if asked else [(identity, error("unknown_session", "say hello first"))]
+            return self._park(identity, header, body, now)
         run, session = known
         session.last_seen = now
         if header.stats is not None:
@@ -145,30 +169,19 @@ class DataPlane:
                     bad.append(f"step {step}: {name}={metrics[name]}")
                     continue
                 self.records_ingested += 1
-                if kind != REPORT:
+                if kind == REPORT:
+                    command = engine.on_report(step, metrics) if drives else None
+                else:
                     session.step = step
-                if drives:
-                    command = (
-                        engine.on_report(metrics)
-                        if kind == REPORT
-                        else engine.on_step(step, metrics)
-                    )
-                    if command is not None:
-                        out += self._broadcast(run, command)
+                    command = engine.on_step(step, metrics) if drives else None
+                if command is not None:
+                    out += self._broadcast(run, command)
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             out.append((identity, error("malformed", str(exc))))
         if bad:
-            out.append(
-                (
-                    identity,
-                    error(
-                        "non_finite",
-                        f"{len(bad)} record(s) with a non-finite "
-                        f"metric were dropped, first {bad[0]}",
-                    ),
-                )
-            )
+            message = f"{len(bad)} record(s) with a non-finite metric were dropped, first {bad[0]}"
+            out.append((identity, error("non_finite", message)))
         if session.sync:
             count = sum(c for _, c in header.blocks)
             seq = header.first_seq + count - 1
@@ -190,7 +203,11 @@ class DataPlane:
         return [(s.identity, frames) for s in run.sessions.values()]
 
     def sweep(self, now: float) -> None:
-        """End sessions silent for longer than the timeout."""
+        """End sessions silent for longer than the timeout; forget batches
+        parked for a hello that never came."""
+        timeout = self.config.silence_timeout
+        for identity in [i for i, (_, asked) in self._parked.items() if now - asked > timeout]:
+            del self._parked[identity]
         for identity in self.registry.silent(now, self.config.silence_timeout):
             run = self.registry.end_session(identity, now)
             if run is not None:

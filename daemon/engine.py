@@ -76,8 +76,10 @@ class PolicyEngine:
         self.lrs = list(policy.lrs)
         return self._decision()
 
-    def on_report(self, metrics: Mapping[str, float]) -> LRCommand | None:
-        if self.policy is None:
+    def on_report(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
+        """A report belongs after record ``step``; one from before the engine's
+        step is old news (replayed after a restart) and must not act again."""
+        if self.policy is None or step < self.step:
             return None
         self.policy.observe(metrics)
         self.lrs = list(self.policy.lrs)

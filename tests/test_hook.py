@@ -332,10 +332,6 @@ def test_non_number_metric_raises_type_error_naming_it(bad):
         pilot.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Pilot._enqueue converts with float(), so the string '0.5' is taken as a number",
-)
 def test_numeric_string_metric_is_not_a_number():
     pilot = lrpilot.attach(two_groups(), run="string-metric", daemon=nobody_listening())
     try:
@@ -345,11 +341,6 @@ def test_numeric_string_metric_is_not_a_number():
         pilot.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Pilot.step counts the step and steps the policy before checking the "
-    "metrics, so a step() that raised TypeError still advanced the schedule by one",
-)
 def test_a_step_refused_for_a_bad_metric_does_not_advance_the_schedule():
     optimizer = two_groups()
     spec = {"kind": "step", "step_size": 1, "gamma": 0.5}

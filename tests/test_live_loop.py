@@ -533,11 +533,6 @@ def test_malformed_frames_get_an_error_and_the_daemon_keeps_serving(shared_daemo
         assert pilot.stats.daemon_errors == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DataPlane._metrics parks a batch from a session it does not know before "
-    "checking its body, answers unknown_session and keeps the bad batch",
-)
 def test_malformed_batch_before_hello_is_malformed(shared_daemon):
     with raw_dealer(shared_daemon.address) as sock:
         header, body = BatchEncoder("never-said-hello", 0).encode([(1, 1, "s", {"loss": 1.0})], {})
@@ -602,12 +597,6 @@ WARMUP_PLATEAU = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a report() at a sequential milestone step reaches the plateau stage "
-    "(PolicyEngine.on_report -> SequentialPolicy.observe), while simulate's record for "
-    "that step starts the stage and ignores its metrics",
-)
 def test_sync_warmup_then_plateau_equals_simulate_with_a_report_at_the_milestone(
     shared_daemon, lrpilot_exe
 ):

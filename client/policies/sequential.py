@@ -116,6 +116,10 @@ class SequentialPolicy(Policy):
         return self.stage.step(metrics)
 
     def observe(self, metrics: Mapping[str, float]) -> list[float]:
+        # A report belongs to the record of its step. At a milestone that
+        # record is the new stage's step 0, which sees no metrics.
+        if self.index and self.spec.milestones[self.index - 1] == self.last_epoch:
+            return list(self.stage.lrs)
         return self.stage.observe(metrics)
 
     def state_dict(self) -> dict[str, Any]:
