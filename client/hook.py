@@ -36,6 +36,7 @@ from .protocol import (
     GroupInfo,
     Hello,
     LRCommand,
+    Persisted,
     Processed,
     ProtocolError,
     Welcome,
@@ -148,6 +149,8 @@ class Pilot:
         self._tensor_lrs = any(hasattr(g["lr"], "fill_") for g in groups)
         self._spec = parse_policy(policy) if policy is not None else None
         self._policy: Policy | None = self._spec.build(self.base_lrs) if self._spec else None
+        self._policy_base = list(self.base_lrs)  # an operator's switch rebases the policy
+        self._held: list[float] | None = None  # LRs an operator holds (set-lr, pause)
         self._exhausted = False
         self._left: list[float] = list(self.base_lrs)
         self._on_change = on_change
@@ -155,6 +158,8 @@ class Pilot:
         self._seq = 0
         self._max_queue = max(1, max_queue)
         self._queue: deque = deque(maxlen=self._max_queue)
+        # Sent, not yet persisted by the daemon: sent again after a restart.
+        self._unacked: deque = deque(maxlen=self._max_queue)
         self._last_io = 0.0
         self._io_seq = 0
         self._pending: list[LRCommand] = []
@@ -199,8 +204,7 @@ class Pilot:
             self._exchange()
         if self._pending:
             self._apply_due(n)
-        if policy is not None:
-            self._write(self._policy)
+        self._write_current()
 
     def report(self, **metrics: Any) -> None:
         """Metrics that are not a new step (a validation loss, say): they belong
@@ -214,8 +218,7 @@ class Pilot:
         self._exchange(wait_for=self._seq if self.sync else 0)
         if self._pending:
             self._apply_due(self.step_count)
-            if self._policy is not None:
-                self._write(self._policy)
+            self._write_current()
 
     def _enqueue(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         queue = self._queue
@@ -228,6 +231,12 @@ class Pilot:
             )
         self._seq += 1
         queue.append((self._seq, step, kind, metrics))
+
+    def _write_current(self) -> None:
+        if self._held is not None:
+            self._write_lrs(self._held)
+        elif self._policy is not None:
+            self._write(self._policy)
 
     def _write(self, policy: Policy) -> None:
         lrs = policy.lrs
@@ -284,6 +293,7 @@ class Pilot:
             if not link.send(self._encoder.encode(records, asdict(self.stats))):
                 queue.extendleft(reversed(records))
                 return
+            self._unacked.extend(records)
             self.stats.records_sent += len(records)
 
     def _handle(self, frames: list[bytes] | None) -> None:
@@ -298,6 +308,10 @@ class Pilot:
             return
         if isinstance(message, Processed):
             self._processed_seq = max(self._processed_seq, message.seq)
+        elif isinstance(message, Persisted):
+            unacked = self._unacked
+            while unacked and unacked[0][0] <= message.seq:
+                unacked.popleft()
         elif isinstance(message, LRCommand):
             self._receive(message)
         elif isinstance(message, Welcome):
@@ -305,10 +319,22 @@ class Pilot:
                 self._receive(message.command)
         elif isinstance(message, Error):
             if message.code == "unknown_session":
-                self._send_hello()  # the daemon restarted or forgot us: introduce again
+                self._reintroduce()
             else:
                 self.stats.daemon_errors += 1
                 self._warn_once(f"error-{message.code}", f"daemon: {message.message}")
+
+    def _reintroduce(self) -> None:
+        """The daemon restarted (or ended our session): say hello again, then
+        send again what it had not persisted, ahead of what is queued."""
+        self._send_hello()
+        if self._unacked:
+            records = [*self._unacked, *self._queue]
+            self._unacked.clear()
+            overflow = len(records) - self._max_queue
+            if overflow > 0:
+                self.stats.records_dropped += overflow
+            self._queue = deque(records, maxlen=self._max_queue)
 
     def _receive(self, command: LRCommand) -> None:
         if command.version <= self._applied_version:
@@ -316,7 +342,7 @@ class Pilot:
         if any(p.version == command.version for p in self._pending):
             return
         self._pending.append(command)
-        self._pending.sort(key=lambda c: (c.effective_step, c.version))
+        self._pending.sort(key=lambda c: c.version)  # in order, each when it is due
 
     def _apply_due(self, n: int) -> None:
         """Apply the commands due before optimizer step n + 1."""
@@ -325,11 +351,12 @@ class Pilot:
 
     def _apply(self, command: LRCommand, n: int) -> None:
         old = list(self._left)
-        policy = self._policy
+        policy, spec, base = self._policy, self._spec, self._policy_base
         try:
             if command.policy is not None:
-                self._spec = parse_policy(command.policy)
-                policy = self._spec.build(self.base_lrs)
+                spec = parse_policy(command.policy)
+                base = command.base_lrs or self.base_lrs
+                policy = spec.build(base)
             if policy is not None and command.policy_state is not None:
                 policy.load_state_dict(command.policy_state)
                 # The state is as of record state_step; this pilot is at n.
@@ -339,16 +366,16 @@ class Pilot:
             self.stats.daemon_errors += 1
             self._warn_once("bad-command", f"could not apply command {command.version}: {exc}")
             return
-        self._policy = policy
+        self._policy, self._spec, self._policy_base = policy, spec, base
+        self._held = list(command.lrs) if command.hold else None
         self._exhausted = False
         self._applied_version = command.version
         late = n + 1 > command.effective_step
         self.stats.commands_applied += 1
         self.stats.commands_late += late
-        if policy is not None:
-            self._write(policy)
-        else:
-            self._write_lrs(command.lrs)
+        if policy is None and self._held is None:
+            self._write_lrs(list(command.lrs))
+        self._write_current()
         self._send(
             Ack(
                 run=self.run, rank=self.rank, version=command.version, applied_step=n + 1, late=late
@@ -381,6 +408,7 @@ class Pilot:
                 pid=os.getpid(),
                 groups=[GroupInfo(name=n, lr=lr) for n, lr in zip(self.group_names, self.base_lrs)],
                 policy=self._spec.model_dump() if self._spec else None,
+                policy_base_lrs=self._policy_base,
                 policy_state=self._policy.state_dict() if self._policy else None,
                 step=self.step_count,
                 applied_version=self._applied_version,
@@ -430,14 +458,18 @@ class Pilot:
             "step": self.step_count,
             "lrs": list(self._left),
             "policy": self._spec.model_dump() if self._spec else None,
+            "policy_base_lrs": list(self._policy_base),
             "policy_state": self._policy.state_dict() if self._policy else None,
+            "held": self._held,
             "applied_version": self._applied_version,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         try:
             spec = parse_policy(state["policy"]) if state.get("policy") else None
-            policy = spec.build(self.base_lrs) if spec else None
+            base = [float(lr) for lr in state.get("policy_base_lrs") or self.base_lrs]
+            policy = spec.build(base) if spec else None
+            held = state.get("held")
             if policy is not None:
                 policy.load_state_dict(state["policy_state"])
             step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]
@@ -448,13 +480,13 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._spec, self._policy, self.step_count = spec, policy, step
+        self._policy_base, self._held = base, held
         self._exhausted = False
         self._applied_version = int(state.get("applied_version", 0))
         self._pending.clear()
-        if policy is not None:
-            self._write(policy)
-        else:
+        if policy is None and held is None:
             self._write_lrs(lrs)
+        self._write_current()
         self._send_hello()
 
     def flush(self, timeout: float = 1.0) -> bool:

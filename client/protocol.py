@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 PROTOCOL_VERSION = 1
 DEFAULT_DAEMON = "tcp://127.0.0.1:7311"
 DAEMON_ENV = "LRPILOT_DAEMON"
+DEFAULT_CONTROL = "tcp://127.0.0.1:7313"
+CONTROL_ENV = "LRPILOT_CONTROL"
 # A batch of 4096 records of 8 metrics packs to ~300 KiB; 4 MiB leaves room
 # for the largest hello (policy state of a long sequential) with a margin.
 MAX_MESSAGE_BYTES = 4 << 20
@@ -84,6 +86,7 @@ class Hello(Message):
     pid: int = 0
     groups: list[GroupInfo] = Field(min_length=1)
     policy: dict[str, Any] | None = None
+    policy_base_lrs: list[float] | None = None  # when an operator's switch rebased it
     policy_state: dict[str, Any] | None = None
     step: int = Field(0, ge=0)
     applied_version: int = Field(0, ge=0)
@@ -103,7 +106,13 @@ class LRCommand(Message):
     state_step: int = Field(ge=0)
     lrs: list[float]
     policy: dict[str, Any] | None = None
+    # The LRs ``policy`` is built from (an operator's switch starts the new
+    # policy from the LRs in effect, not the run's first ones).
+    base_lrs: list[float] | None = None
     policy_state: dict[str, Any] | None = None
+    # An operator holds the LRs at ``lrs`` (set-lr, pause): the client keeps
+    # stepping its policy but writes ``lrs`` until a command without hold.
+    hold: bool = False
     reason: str = ""
     actor: str = "policy"
 
@@ -122,6 +131,15 @@ class Processed(Message):
     """Daemon → a sync-mode client: every record up to ``seq`` is processed."""
 
     t: Literal["processed"] = "processed"
+    run: str
+    seq: int
+
+
+class Persisted(Message):
+    """Daemon → client: records up to ``seq`` are in the daemon's store; the
+    client keeps later ones to send again if the daemon restarts."""
+
+    t: Literal["persisted"] = "persisted"
     run: str
     seq: int
 
@@ -167,7 +185,7 @@ class MetricsHeader(Message):
 
 
 ControlMessage = Annotated[
-    Hello | Welcome | LRCommand | Processed | Ack | Bye | Error | MetricsHeader,
+    Hello | Welcome | LRCommand | Processed | Persisted | Ack | Bye | Error | MetricsHeader,
     Field(discriminator="t"),
 ]
 _CONTROL: TypeAdapter[Any] = TypeAdapter(ControlMessage)

@@ -37,12 +37,15 @@ def positive_float(text: str) -> float:
     return value
 
 
-def load_policy_arg(text: str) -> dict:
-    """``--policy`` is a JSON file, or the JSON itself when it starts with ``{``."""
+def load_policy_arg(text: str, source: str = "--policy") -> dict:
+    """A policy is a JSON file, ``-`` for standard input, or the JSON itself
+    when it starts with ``{``."""
     if text.lstrip().startswith("{"):
-        source, raw = "--policy", text
+        raw = text
+    elif text == "-":
+        raw = sys.stdin.read()
     else:
-        source = f"--policy {text}"
+        source = f"{source} {text}"
         try:
             raw = Path(text).read_text()
         except OSError as exc:
@@ -58,8 +61,20 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     from .simulate import ReplayError, run
 
+    spec = load_policy_arg(args.policy)
+    if args.from_run:
+        if args.input != "-":
+            raise CommandError("--input and --from-run are two sources; give one")
+        from .operations import replay_run
+
+        for line in replay_run(args, spec, args.base_lr):
+            if line["step"]:
+                print(json.dumps(line))
+        return
+    if not args.base_lr:
+        raise CommandError("--base-lr is required (one per param group) unless --from-run")
     try:
-        policy = parse_policy(load_policy_arg(args.policy)).build(args.base_lr)
+        policy = parse_policy(spec).build(args.base_lr)
     except SpecError as exc:
         raise CommandError(f"--policy: {exc}") from None
     if args.input == "-":
@@ -89,8 +104,9 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     from .server import Daemon, DaemonError
 
     fields = DaemonConfig.model_fields
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     try:
-        config = DaemonConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        config = DaemonConfig(**given)
     except ValidationError as exc:
         raise CommandError(describe(exc)) from None
     logging.basicConfig(
@@ -109,13 +125,45 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import DaemonConfig
 
     for name, field in DaemonConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        kind = field.annotation if field.annotation in (int, float) else str
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type=field.annotation if field.annotation in (int, float) else str,
-            default=field.default,
-            help=f"{field.description} (default: {field.default})",
+            type=kind,
+            default=None,
+            help=f"{field.description} (default: {default})",
         )
+
+
+def add_control_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument(
+        "--control",
+        default=None,
+        metavar="ADDR",
+        help="the daemon's control address (default: $LRPILOT_CONTROL, else tcp://127.0.0.1:7313)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default: 5)"
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def cmd_operation(args: argparse.Namespace) -> None:
+    from . import operations
+
+    if args.command == "policy":
+        policy = None if args.requested else load_policy_arg(args.file, "policy")
+        operations.cmd_policy(args, policy)
+        return
+    getattr(operations, "cmd_" + args.command.replace("-", "_"))(args)
+
+
+def cmd_top(args: argparse.Namespace) -> None:
+    from .top import main as top_main
+
+    top_main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -173,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--base-lr",
-        required=True,
         action="append",
         type=positive_float,
         metavar="LR",
@@ -185,7 +232,86 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METRICS.jsonl",
         help="metric stream to replay (default: standard input)",
     )
+    sim.add_argument(
+        "--from-run",
+        default=None,
+        metavar="RUN",
+        help="replay a run's recorded metric stream (from the daemon's store) instead of "
+        "--input; --base-lr defaults to the run's",
+    )
+    sim.add_argument(
+        "--state-dir",
+        default=None,
+        help="with --from-run: read this store directly, no daemon needed",
+    )
+    add_control_flags(sim, json_flag=False)
     sim.set_defaults(func=cmd_simulate)
+
+    ops = {
+        "runs": ("list the runs the daemon knows", []),
+        "show": ("show one run: LRs, policy, state, ranks, recent changes", ["run"]),
+        "set-lr": (
+            "hold a run's LR at a value (all groups, or --group) until resume",
+            ["run", "lr"],
+        ),
+        "policy": (
+            "switch a run's policy (validated first); --preview replays it instead",
+            ["run", "file"],
+        ),
+        "pause": ("hold a run's LRs where they are until resume", ["run"]),
+        "resume": ("give the LRs back to the run's policy", ["run"]),
+        "history": ("the journal of a run's LR changes", ["run"]),
+    }
+    for name, (text, positional) in ops.items():
+        op = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        for arg in positional:
+            if arg == "lr":
+                op.add_argument("lr", type=positive_float, metavar="LR", help="the new LR")
+            elif arg == "file":
+                op.add_argument(
+                    "file",
+                    nargs="?",
+                    default=None,
+                    metavar="FILE|-",
+                    help="policy JSON file, - for standard input, or inline JSON",
+                )
+            else:
+                op.add_argument(arg, metavar=arg.upper(), help="the run id")
+        add_control_flags(op)
+        op.set_defaults(func=cmd_operation)
+        if name == "set-lr":
+            op.add_argument(
+                "--group", default=None, help="only this param group (by name or index)"
+            )
+        if name == "history":
+            op.add_argument(
+                "--limit", type=positive_int, default=None, help="only the last N changes"
+            )
+        if name == "policy":
+            op.add_argument(
+                "--preview",
+                action="store_true",
+                help="replay the run's recorded stream through the policy and print "
+                "the LR curve it would have given; changes nothing",
+            )
+            op.add_argument(
+                "--requested",
+                action="store_true",
+                help="give back the policy the training script asked for",
+            )
+            op.add_argument(
+                "--state-dir", default=None, help="with --preview: read this store directly"
+            )
+
+    top = commands.add_parser(
+        "top",
+        help="a live terminal view of every run",
+        description="A live view of every run: step, steps/s, loss (sparkline), LR per group, "
+        "policy, last change and its reason, ranks, lag. q or Ctrl-C quits.",
+    )
+    add_control_flags(top, json_flag=False)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.set_defaults(func=cmd_top)
 
     daemon = commands.add_parser(
         "daemon",
@@ -224,9 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .control_client import ControlClientError
+    from .store import StoreError
+
+    if getattr(args, "command", None) == "policy" and not args.requested and args.file is None:
+        parser.error("policy: give a FILE (or -), or --requested")
     try:
         args.func(args)
-    except CommandError as exc:
+    except (CommandError, ControlClientError, StoreError, ValueError) as exc:
         print(f"lrpilot {args.command}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

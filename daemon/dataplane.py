@@ -1,12 +1,22 @@
 """The data plane: what the daemon does with each message from a training
-process. Pure logic over (identity, frames) in and (identity, frames) out,
-so the server owns the socket and the tests can drive it without one.
+process. Logic over (identity, frames) in and (identity, frames) out, so the
+server owns the socket and tests can drive it without one.
+
+Durability: a command is journaled (on disk) before it is returned for
+sending. Records and run state go to the store's writer once per ``tick()``;
+when a tick's batch is committed, the clients that sent its records are told
+(``persisted``) and forget them. A client keeps what is not yet persisted and
+sends it again after a daemon restart, so the restarted daemon, which resumes
+from the store, sees every record exactly once (it skips by sequence number
+what it already had).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections import Counter, deque
+import time
+from collections import Counter
 from collections.abc import Sequence
 
 from lrpilot.protocol import (
@@ -17,6 +27,7 @@ from lrpilot.protocol import (
     Hello,
     LRCommand,
     MetricsHeader,
+    Persisted,
     Processed,
     ProtocolError,
     Welcome,
@@ -29,16 +40,12 @@ from lrpilot.protocol import (
 
 from .config import DaemonConfig
 from .registry import Run, RunRegistry, Session
+from .store import Store
 
 log = logging.getLogger("lrpilot.daemon")
 
 Outgoing = list[tuple[bytes, list[bytes]]]
-
-# Sessions whose batches the daemon parks while it waits for their hello: more
-# than a restarted daemon sees come back at once, few enough that a stranger
-# sending from many ids cannot fill memory (each id holds max_pending_batches).
-MAX_PARKED_SESSIONS = 256
-ASK_AGAIN_AFTER = 1.0  # seconds: re-send unknown_session in case the hello was lost
+ASK_AGAIN_AFTER = 1.0  # seconds between unknown_session answers to one sender
 
 
 def error(code: str, message: str) -> list[bytes]:
@@ -46,16 +53,21 @@ def error(code: str, message: str) -> list[bytes]:
 
 
 class DataPlane:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, store: Store | None = None) -> None:
         self.config = config
+        self.store = store or Store(config.state_dir, config.durability)
         self.registry = RunRegistry(lead_steps=config.command_lead_steps)
         self.records_ingested = 0
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
-        # Batches from sessions the daemon does not know (it restarted): kept
-        # until their hello comes, then replayed, so nothing queued is lost.
-        # identity -> (parked batches, when we last asked for a hello)
-        self._parked: dict[bytes, tuple[deque, float]] = {}
+        self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
+        self._rows: list[tuple] = []  # records for the next tick's batch
+        self._dirty: set[str] = set()  # runs whose state changed since the last tick
+        self._to_ack: dict[bytes, tuple[str, int]] = {}  # sender -> (run, last seq)
+        for row in self.store.load_runs():
+            self.registry.add(Run.from_row(row, config.command_lead_steps))
+
+    # --- messages ---------------------------------------------------------
 
     def handle(self, identity: bytes, frames: Sequence[bytes], now: float) -> Outgoing:
         size = sum(len(f) for f in frames)
@@ -82,7 +94,7 @@ class DataPlane:
             return self._hello(identity, message, now)
         known = self.registry.session(identity)
         if known is None:
-            if isinstance(message, Bye):
+            if isinstance(message, (Bye, Ack)):
                 return []
             self.rejected["unknown_session"] += 1
             return [(identity, error("unknown_session", "say hello first"))]
@@ -92,21 +104,45 @@ class DataPlane:
             session.applied_version = max(session.applied_version, message.version)
             session.applied_step = message.applied_step
             session.late_acks += message.late
+            last = run.engine.last_change
+            if last is not None and last.version == message.version:
+                session.late_by = max(0, message.applied_step - last.effective_step)
+            if session is run.driver:
+                self.store.submit(
+                    [("applied", (run.run_id, message.version, message.applied_step, message.late))]
+                )
             return []
         if isinstance(message, Bye):
             session.stats = message.stats
             self.registry.end_session(identity, now)
+            self._dirty.add(run.run_id)
             log.info("run %s rank %d said bye at step %d", run.run_id, session.rank, message.step)
             return []
         self.rejected["unexpected"] += 1
         return [(identity, error("unexpected", f"a client does not send {message.t!r}"))]
 
     def _hello(self, identity: bytes, hello: Hello, now: float) -> Outgoing:
+        self._asked.pop(identity, None)
+        run = self.registry.runs.get(hello.run)
         try:
-            run = self.registry.hello(identity, hello, now)
+            if run is None:
+                run = self.registry.new_run(hello)
+                self.store.save_run(run.row(time.time()))
+            elif len(hello.groups) != len(run.group_names):
+                log.warning(
+                    "run %s came back with %d param groups, not %d: taking its state",
+                    hello.run,
+                    len(hello.groups),
+                    len(run.group_names),
+                )
+                run.engine = self.registry.engine_from(hello)
+            elif hello.step < run.engine.step:
+                self._rewind(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
             return [(identity, error("bad_hello", str(exc)))]
+        self.registry.join(identity, run, hello, now)
+        self._dirty.add(run.run_id)
         log.info(
             "run %s rank %d/%d hello from %s pid %d at step %d",
             hello.run,
@@ -117,78 +153,112 @@ class DataPlane:
             hello.step,
         )
         engine = run.engine
-        behind = engine.version > hello.applied_version
+        behind = engine.version > hello.applied_version or engine.held is not None
         welcome = Welcome(
             run=run.run_id, version=engine.version, command=engine.current() if behind else None
         )
-        out: Outgoing = [(identity, [encode(welcome)])]
-        parked, _ = self._parked.pop(identity, ((), 0.0))
-        for header, body in parked:
-            out += self._metrics(identity, header, body, now)
-        return out
+        return [(identity, [encode(welcome)])]
 
-    def _park(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
-        """Keep a batch from a session the daemon does not know until its hello."""
-        try:
-            record_layouts(header, body)
-        except ProtocolError as exc:
-            self.rejected["malformed"] += 1
-            return [(identity, error("malformed", str(exc)))]
-        self.rejected["unknown_session"] += 1
-        entry = self._parked.get(identity)
-        if entry is None:
-            if len(self._parked) >= MAX_PARKED_SESSIONS:
-                oldest = min(self._parked, key=lambda i: self._parked[i][1])
-                del self._parked[oldest]
-            entry = (deque(maxlen=max(1, self.config.max_pending_batches)), -ASK_AGAIN_AFTER)
-        batches, asked = entry
-        batches.append((header, body))
-        if now - asked < ASK_AGAIN_AFTER:
-            self._parked[identity] = (batches, asked)
-            return []
-        self._parked[identity] = (batches, now)
-        return [(identity, error("unknown_session", "say hello first"))]
+    def _rewind(self, run: Run, hello: Hello) -> None:
+        """A client came back at an earlier step (restarted from a checkpoint):
+        rebuild the run's state at that step from the newest snapshot before
+        it and the recorded stream. If an operator switched the policy since,
+        the current policy keeps its state (a switch is not undone)."""
+        step = hello.step
+        self.flush()  # the snapshot and records up to now must be readable
+        snapshot = self.store.snapshot_at(run.run_id, step)
+        current = run.engine.spec.model_dump() if run.engine.spec else None
+        if snapshot is None or snapshot["policy"] != current:
+            log.info(
+                "run %s resumes at step %d under the current policy and state", run.run_id, step
+            )
+            run.engine.step = step
+            return
+        engine = type(run.engine).from_row(run.run_id, snapshot, run.engine.lead_steps)
+        engine.replay(self.store.records(run.run_id, after=snapshot["step"], until=step))
+        engine.version, engine.held = run.engine.version, run.engine.held
+        engine.last_change = run.engine.last_change
+        run.engine = engine
+        self.store.submit([("truncate", (run.run_id, step))])
+        log.info(
+            "run %s resumed from a checkpoint at step %d: state rebuilt from step %d "
+            "and %d recorded steps",
+            run.run_id,
+            step,
+            snapshot["step"],
+            step - snapshot["step"],
+        )
 
     def _metrics(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
         known = self.registry.session(identity)
         if known is None:
-            return self._park(identity, header, body, now)
+            return self._unknown(identity, header, body, now)
         run, session = known
         session.last_seen = now
         if header.stats is not None:
             session.stats = header.stats
         out: Outgoing = []
-        drives = run.driver is session
         engine = run.engine
+        drives = run.driver is session
+        me = identity.hex()
+        if drives and engine.driver != me:
+            engine.driver, engine.seq = me, 0  # a new client drives: its own seq numbers
         bad: list[str] = []
+        seq = header.first_seq - 1
         try:
             for step, kind, metrics in decode_records(header, body):
+                seq += 1
                 name = first_non_finite(metrics)
                 if name is not None:
                     self.rejected["non_finite"] += 1
                     bad.append(f"step {step}: {name}={metrics[name]}")
                     continue
                 self.records_ingested += 1
+                if kind != REPORT:
+                    session.saw_step(step, now)
+                if not drives or seq <= engine.seq:
+                    continue  # telemetry only, or already folded in before a restart
+                engine.seq = seq
+                run.last_metrics = metrics
+                self._rows.append((run.run_id, step, kind, json.dumps(metrics)))
                 if kind == REPORT:
-                    command = engine.on_report(step, metrics) if drives else None
+                    command = engine.on_report(step, metrics)
                 else:
-                    session.step = step
-                    command = engine.on_step(step, metrics) if drives else None
+                    command = engine.on_step(step, metrics)
                 if command is not None:
-                    out += self._broadcast(run, command)
+                    out += self.send_command(run, command)
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             out.append((identity, error("malformed", str(exc))))
+        if drives:
+            self._dirty.add(run.run_id)
+        self._to_ack[identity] = (run.run_id, seq)
         if bad:
             message = f"{len(bad)} record(s) with a non-finite metric were dropped, first {bad[0]}"
             out.append((identity, error("non_finite", message)))
         if session.sync:
-            count = sum(c for _, c in header.blocks)
-            seq = header.first_seq + count - 1
             out.append((identity, [encode(Processed(run=run.run_id, seq=seq))]))
         return out
 
-    def _broadcast(self, run: Run, command: LRCommand) -> Outgoing:
+    def _unknown(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
+        """A batch from a session this daemon does not know (it restarted, or
+        ended the session for silence). The client keeps what it sent until
+        it is persisted, and sends it again after its hello: drop this one."""
+        try:
+            record_layouts(header, body)
+        except ProtocolError as exc:
+            self.rejected["malformed"] += 1
+            return [(identity, error("malformed", str(exc)))]
+        self.rejected["unknown_session"] += 1
+        if now - self._asked.get(identity, -ASK_AGAIN_AFTER) < ASK_AGAIN_AFTER:
+            return []
+        self._asked[identity] = now
+        return [(identity, error("unknown_session", "say hello first"))]
+
+    def send_command(self, run: Run, command: LRCommand) -> Outgoing:
+        """Journal the command (on disk), then address it to every rank."""
+        self.store.journal(run.run_id, command, run.engine.old_lrs)
+        self._dirty.add(run.run_id)
         log.info(
             "run %s v%d from step %d: lrs %s (%s, %s)",
             run.run_id,
@@ -202,21 +272,55 @@ class DataPlane:
         self.commands_sent += len(run.sessions)
         return [(s.identity, frames) for s in run.sessions.values()]
 
+    # --- periodic work ----------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Hand the store what changed since the last tick (one transaction)."""
+        wall = time.time()
+        ops: list = []
+        if self._rows:
+            ops.append(("records", self._rows))
+            self._rows = []
+        for run_id in self._dirty:
+            run = self.registry.runs.get(run_id)
+            if run is not None:
+                ops.append(("run", run.row(wall)))
+        self._dirty.clear()
+        if ops or self._to_ack:
+            self.store.submit(ops, notice=self._to_ack)
+            self._to_ack = {}
+
+    def flush(self) -> None:
+        """Tick and wait until the store has committed it."""
+        self.tick(time.monotonic())
+        self.store.wait()
+
+    def persisted(self) -> Outgoing:
+        """`persisted` messages for every batch the store has committed."""
+        out: Outgoing = []
+        while not self.store.committed.empty():
+            for identity, (run_id, seq) in self.store.committed.get().items():
+                out.append((identity, [encode(Persisted(run=run_id, seq=seq))]))
+        return out
+
     def sweep(self, now: float) -> None:
-        """End sessions silent for longer than the timeout; forget batches
-        parked for a hello that never came."""
+        """Once a second: sample each run's loss; end sessions silent for
+        longer than the timeout."""
+        for run in self.registry.runs.values():
+            run.sample_loss()
         timeout = self.config.silence_timeout
-        for identity in [i for i, (_, asked) in self._parked.items() if now - asked > timeout]:
-            del self._parked[identity]
-        for identity in self.registry.silent(now, self.config.silence_timeout):
+        for identity in self.registry.silent(now, timeout):
             run = self.registry.end_session(identity, now)
             if run is not None:
-                log.info(
-                    "run %s: a session was silent for %.0fs; ended it",
-                    run.run_id,
-                    self.config.silence_timeout,
-                )
+                self._dirty.add(run.run_id)
+                log.info("run %s: a session was silent for %.0fs; ended it", run.run_id, timeout)
+        for identity in [i for i, t in self._asked.items() if now - t > timeout]:
+            del self._asked[identity]
 
     def sessions_of(self, run_id: str) -> list[Session]:
         run = self.registry.runs.get(run_id)
         return list(run.sessions.values()) if run else []
+
+    def close(self) -> None:
+        self.flush()
+        self.store.close()

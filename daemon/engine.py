@@ -1,58 +1,59 @@
 """The policy engine: one run's policy in the daemon.
 
 It feeds the policy the run's record stream (steps and reports, in order) and
-turns each metric-driven decision into a versioned :class:`LRCommand`. The
-training process runs the same policy without metrics, so step-driven changes
-need no command; a command carries the policy's whole state, which the
-client loads and fast-forwards to the step it is at.
+turns each metric-driven decision, and each operator action, into a versioned
+:class:`LRCommand`. The training process runs the same policy without
+metrics, so step-driven changes need no command; a command carries the
+policy's whole state, which the client loads and fast-forwards to the step it
+is at.
+
+An operator can hold the LRs (``set-lr``, ``pause``): the policy goes on
+taking the run's records (its clock and counters keep running) but its LRs are
+not applied, and its decisions are not sent, until ``release`` gives the
+policy back, at the LRs it has reached by then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lrpilot.policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, parse_policy
-from lrpilot.protocol import LRCommand
+from lrpilot.protocol import REPORT, LRCommand
 
 
 class PolicyEngine:
     def __init__(
-        self,
-        run: str,
-        spec: PolicySpec | None,
-        base_lrs: Sequence[float],
-        lead_steps: int = 0,
+        self, run: str, spec: PolicySpec | None, base_lrs: Sequence[float], lead_steps: int = 0
     ) -> None:
         self.run = run
         self.spec = spec
-        self.base_lrs = list(base_lrs)
+        self.base_lrs = list(base_lrs)  # what the policy was built from
         self.policy: Policy | None = spec.build(self.base_lrs) if spec else None
-        self.lrs = list(self.policy.lrs) if self.policy else list(self.base_lrs)
+        self._fallback_lrs = list(base_lrs)  # the LRs when there is no policy
         self.step = 0  # the last record step the policy has taken
+        self.seq = 0  # the driving client's last record folded in
+        self.driver = ""  # that client's routing id, hex
         self.version = 0
+        self.held: list[float] | None = None
         self.lead_steps = lead_steps
         self.exhausted = False
         self.last_change: LRCommand | None = None
+        self.old_lrs: list[float] = self.lrs  # before the last command, for the journal
+        self._before: list[float] = self.old_lrs
 
-    @classmethod
-    def from_client(
-        cls,
-        run: str,
-        policy: dict[str, Any] | None,
-        state: dict[str, Any] | None,
-        base_lrs: Sequence[float],
-        step: int,
-        version: int,
-        lead_steps: int = 0,
-    ) -> PolicyEngine:
-        """An engine that takes over where a client says it is (no daemon state)."""
-        engine = cls(run, parse_policy(policy) if policy else None, base_lrs, lead_steps)
-        if engine.policy is not None and state is not None:
-            engine.policy.load_state_dict(state)
-            engine.lrs = list(engine.policy.lrs)
-        engine.step, engine.version = step, version
-        return engine
+    @property
+    def lrs(self) -> list[float]:
+        """The LRs in effect: an operator's held ones, else the policy's."""
+        if self.held is not None:
+            return list(self.held)
+        return list(self.policy.lrs) if self.policy else list(self._fallback_lrs)
+
+    def load(self, state: Mapping[str, Any] | None) -> None:
+        if self.policy is not None and state is not None:
+            self.policy.load_state_dict(state)
+
+    # --- the record stream ------------------------------------------------
 
     def on_step(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
         """Record ``step`` (1-based optimizer step count). Records at or before
@@ -65,6 +66,7 @@ class PolicyEngine:
         if policy is None or self.exhausted:
             self.step = step
             return None
+        self._before = policy.lrs  # policies replace, never mutate, their lrs
         try:
             while self.step < step - 1:
                 policy.step(NO_METRICS)
@@ -73,7 +75,6 @@ class PolicyEngine:
         except ScheduleExhausted:
             self.exhausted = True
         self.step = step
-        self.lrs = list(policy.lrs)
         return self._decision()
 
     def on_report(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
@@ -81,44 +82,126 @@ class PolicyEngine:
         step is old news (replayed after a restart) and must not act again."""
         if self.policy is None or step < self.step:
             return None
+        self._before = self.policy.lrs
         self.policy.observe(metrics)
-        self.lrs = list(self.policy.lrs)
         return self._decision()
+
+    def replay(self, records: Iterable[tuple[int, str, Mapping[str, float]]]) -> None:
+        for step, kind, metrics in records:
+            if kind == REPORT:
+                self.on_report(step, metrics)
+            else:
+                self.on_step(step, metrics)
 
     def _decision(self) -> LRCommand | None:
         reason = self.policy.decided if self.policy else None
-        if reason is None:
+        if reason is None or self.held is not None:
             return None
+        self.old_lrs = list(self._before)
         return self.command(reason, actor="policy")
 
-    def command(self, reason: str, actor: str, policy_changed: bool = False) -> LRCommand:
-        """Snapshot the policy into the next versioned command."""
+    # --- operator actions -------------------------------------------------
+
+    def hold(self, lrs: Sequence[float], reason: str, actor: str, lead: int) -> LRCommand:
+        self.old_lrs = self.lrs
+        self.held = [float(lr) for lr in lrs]
+        return self.command(reason, actor, lead=lead)
+
+    def release(self, actor: str, lead: int) -> LRCommand:
+        self.old_lrs = self.lrs
+        self.held = None
+        return self.command("resume: the policy has the LRs again", actor, lead=lead)
+
+    def switch(self, spec: PolicySpec | None, reason: str, actor: str, lead: int) -> LRCommand:
+        """Replace the policy; the new one starts, at its step 0, from the LRs
+        in effect now. The operator's hold, if any, ends."""
+        base = self.lrs
+        policy = spec.build(base) if spec else None  # may raise SpecError: nothing changed yet
+        self.old_lrs = base
+        self.spec, self.policy, self.base_lrs = spec, policy, base
+        self._fallback_lrs = base
+        self.held, self.exhausted = None, False
+        return self.command(reason, actor, lead=lead, policy_changed=True)
+
+    # --- commands ---------------------------------------------------------
+
+    def command(
+        self, reason: str, actor: str, lead: int | None = None, policy_changed: bool = False
+    ) -> LRCommand:
+        """Snapshot the run into the next versioned command."""
         self.version += 1
-        command = LRCommand(
-            run=self.run,
-            version=self.version,
-            effective_step=self.step + 1 + self.lead_steps,
-            state_step=self.step,
-            lrs=list(self.lrs),
-            policy=self.spec.model_dump() if (policy_changed and self.spec) else None,
-            policy_state=self.policy.state_dict() if self.policy else None,
-            reason=reason,
-            actor=actor,
-        )
+        lead = self.lead_steps if lead is None else lead
+        effective = self.step + 1 + lead
+        if self.last_change is not None:
+            # Clients apply commands in version order: never schedule a newer
+            # one before an older one.
+            effective = max(effective, self.last_change.effective_step)
+        command = self._snapshot(self.version, effective, reason, actor, policy_changed)
         self.last_change = command
         return command
 
     def current(self) -> LRCommand:
-        """The run's state as a command, at the current version: for a client
-        that comes back having missed a command."""
+        """The run's whole state as a command at the current version: for a
+        client that comes back having missed commands."""
+        return self._snapshot(
+            self.version, self.step + 1, "the daemon's state of the run", "daemon", True
+        )
+
+    def _snapshot(
+        self, version: int, effective: int, reason: str, actor: str, with_policy: bool
+    ) -> LRCommand:
         return LRCommand(
             run=self.run,
-            version=self.version,
-            effective_step=self.step + 1,
+            version=version,
+            effective_step=effective,
             state_step=self.step,
-            lrs=list(self.lrs),
-            policy=self.spec.model_dump() if self.spec else None,
+            lrs=self.lrs,
+            policy=self.spec.model_dump() if (with_policy and self.spec) else None,
+            base_lrs=list(self.base_lrs) if with_policy else None,
             policy_state=self.policy.state_dict() if self.policy else None,
-            reason="the daemon's state of the run",
-            actor="daemon",
+            hold=self.held is not None,
+            reason=reason,
+            actor=actor,
         )
+
+    # --- the store ----------------------------------------------------------
+
+    def state_row(self) -> dict[str, Any]:
+        return {
+            "policy": self.spec.model_dump() if self.spec else None,
+            "policy_base_lrs": list(self.base_lrs),
+            "policy_state": self.policy.state_dict() if self.policy else None,
+            "step": self.step,
+            "seq": self.seq,
+            "driver": self.driver,
+            "version": self.version,
+            "lrs": self.lrs,
+            "held": self.held,
+        }
+
+    @classmethod
+    def from_row(cls, run: str, row: Mapping[str, Any], lead_steps: int = 0) -> PolicyEngine:
+        spec = parse_policy(row["policy"]) if row.get("policy") else None
+        engine = cls(run, spec, row["policy_base_lrs"], lead_steps)
+        engine.load(row.get("policy_state"))
+        engine.step, engine.version = int(row["step"]), int(row["version"])
+        engine.seq, engine.driver = int(row.get("seq") or 0), row.get("driver") or ""
+        engine.held = row.get("held")
+        return engine
+
+    @classmethod
+    def from_client(
+        cls,
+        run: str,
+        policy: Mapping[str, Any] | None,
+        state: Mapping[str, Any] | None,
+        base_lrs: Sequence[float],
+        step: int,
+        version: int,
+        lead_steps: int = 0,
+    ) -> PolicyEngine:
+        """An engine that takes over where a client says it is (no daemon state)."""
+        engine = cls(run, parse_policy(dict(policy)) if policy else None, base_lrs, lead_steps)
+        engine.load(state)
+        engine.step, engine.version = step, version
+        return engine

@@ -3,11 +3,17 @@ rank) belong to each, and what each session last said."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from lrpilot.protocol import ClientStats, Hello
 
 from .engine import PolicyEngine
+
+# Steps-per-second smoothing: each batch moves the estimate this far.
+RATE_WEIGHT = 0.2
 
 
 @dataclass
@@ -20,27 +26,85 @@ class Session:
     sync: bool
     last_seen: float
     step: int = 0
+    steps_per_s: float = 0.0
     stats: ClientStats = field(default_factory=ClientStats)
     applied_version: int = 0
     applied_step: int = 0
+    late_by: int = 0  # steps the last command landed after its effective step
     late_acks: int = 0
+    _rate_at: tuple[float, int] = (0.0, 0)
+
+    def saw_step(self, step: int, now: float) -> None:
+        then, before = self._rate_at
+        if then and now > then and step > before:
+            rate = (step - before) / (now - then)
+            self.steps_per_s += RATE_WEIGHT * (rate - self.steps_per_s)
+        if not then or now - then >= 0.05:  # measure over >= 50 ms
+            self._rate_at = (now, step)
+        self.step = step
 
 
 @dataclass
 class Run:
     run_id: str
     group_names: list[str]
+    base_lrs: list[float]
     world_size: int
     engine: PolicyEngine
-    started: float
+    created: float
+    requested_policy: dict[str, Any] | None = None
     sessions: dict[int, Session] = field(default_factory=dict)  # by rank
-    ended: float | None = None
+    ended: float | None = None  # wall clock, like created
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the driver's last record
+    # The loss, sampled once a second (the last minute), for `lrpilot top`.
+    loss_history: deque = field(default_factory=lambda: deque(maxlen=60))
+
+    def sample_loss(self) -> None:
+        if self.sessions and self.last_metrics:
+            value = self.last_metrics.get("loss", next(iter(self.last_metrics.values())))
+            self.loss_history.append(value)
 
     @property
     def driver(self) -> Session | None:
         """The session whose metrics drive the policy: the lowest rank
         connected (rank 0 under torchrun), so every rank gets one decision."""
         return self.sessions[min(self.sessions)] if self.sessions else None
+
+    @property
+    def step(self) -> int:
+        return max((s.step for s in self.sessions.values()), default=self.engine.step)
+
+    def lead_steps(self, seconds: float) -> int:
+        """Steps the run makes in ``seconds``, at least 1: how far ahead an
+        operator's command is scheduled so every rank gets it in time."""
+        rate = max((s.steps_per_s for s in self.sessions.values()), default=0.0)
+        return max(1, round(rate * seconds))
+
+    def row(self, now: float) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "created": self.created,
+            "updated": now,
+            "ended": self.ended,
+            "group_names": self.group_names,
+            "base_lrs": self.base_lrs,
+            "world_size": self.world_size,
+            "requested_policy": self.requested_policy,
+            **self.engine.state_row(),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], lead_steps: int = 0) -> Run:
+        return cls(
+            run_id=row["run_id"],
+            group_names=row["group_names"],
+            base_lrs=row["base_lrs"],
+            world_size=row["world_size"],
+            engine=PolicyEngine.from_row(row["run_id"], row, lead_steps),
+            created=row["created"],
+            requested_policy=row["requested_policy"],
+            ended=row["ended"] or time.time(),
+        )
 
 
 class RunRegistry:
@@ -49,24 +113,36 @@ class RunRegistry:
         self.sessions: dict[bytes, Session] = {}
         self.lead_steps = lead_steps
 
-    def hello(self, identity: bytes, hello: Hello, now: float) -> Run:
-        """Open (or take back) the session; create the run or join it."""
-        run = self.runs.get(hello.run)
-        base_lrs = [g.lr for g in hello.groups]
-        if run is None or self._client_state_wins(run, hello):
-            engine = PolicyEngine.from_client(
-                hello.run,
-                hello.policy,
-                hello.policy_state,
-                base_lrs,
-                hello.step,
-                hello.applied_version,
-                self.lead_steps,
-            )
-            if run is None:
-                run = Run(hello.run, [g.name for g in hello.groups], hello.world_size, engine, now)
-                self.runs[hello.run] = run
-            run.engine = engine
+    def add(self, run: Run) -> None:
+        self.runs[run.run_id] = run
+
+    def new_run(self, hello: Hello) -> Run:
+        run = Run(
+            run_id=hello.run,
+            group_names=[g.name for g in hello.groups],
+            base_lrs=[g.lr for g in hello.groups],
+            world_size=hello.world_size,
+            engine=self.engine_from(hello),
+            created=time.time(),
+            requested_policy=hello.policy,
+        )
+        self.runs[hello.run] = run
+        return run
+
+    def engine_from(self, hello: Hello) -> PolicyEngine:
+        """An engine that takes over where the client says it is."""
+        base = hello.policy_base_lrs or [g.lr for g in hello.groups]
+        return PolicyEngine.from_client(
+            hello.run,
+            hello.policy,
+            hello.policy_state,
+            base,
+            hello.step,
+            hello.applied_version,
+            self.lead_steps,
+        )
+
+    def join(self, identity: bytes, run: Run, hello: Hello, now: float) -> Session:
         run.ended = None
         old = run.sessions.get(hello.rank)
         if old is not None and old.identity != identity:
@@ -84,14 +160,7 @@ class RunRegistry:
         )
         run.sessions[hello.rank] = session
         self.sessions[identity] = session
-        return run
-
-    @staticmethod
-    def _client_state_wins(run: Run, hello: Hello) -> bool:
-        """A client behind the daemon's run restarted from a checkpoint: the
-        training will redo those steps, so its state is the truth. So is a
-        client whose optimizer no longer matches the run's groups."""
-        return hello.step < run.engine.step or len(hello.groups) != len(run.group_names)
+        return session
 
     def session(self, identity: bytes) -> tuple[Run, Session] | None:
         session = self.sessions.get(identity)
@@ -107,7 +176,7 @@ class RunRegistry:
         if run.sessions.get(session.rank) is session:
             del run.sessions[session.rank]
         if not run.sessions:
-            run.ended = now
+            run.ended = time.time()
         return run
 
     def silent(self, now: float, timeout: float) -> list[bytes]:

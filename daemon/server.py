@@ -1,12 +1,15 @@
 """``Daemon``: the lifecycle of the service: bind, serve, shut down cleanly.
 
-One thread, one ROUTER socket: the data plane's work per message is a few
-microseconds, so a single loop keeps every run's records in order without
-locks. SIGINT/SIGTERM end the loop at the next poll (within 100 ms).
+One loop, two ROUTER sockets (the data plane for training processes, the
+control plane for operators): the work per message is a few microseconds, so
+a single thread keeps every run's records in order without locks. The store's
+writer thread commits in the background. SIGINT/SIGTERM end the loop at the
+next poll (within 100 ms); the store is flushed before the daemon exits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -15,11 +18,14 @@ import time
 import zmq
 
 from .config import DaemonConfig
+from .control import ControlPlane
 from .dataplane import DataPlane
+from .store import StoreError
 
 log = logging.getLogger("lrpilot.daemon")
 
-POLL_MS = 100
+POLL_MS = 20
+TICK_EVERY = 0.1  # seconds between store batches (and persisted acks)
 SWEEP_EVERY = 1.0  # seconds between looks for silent sessions
 # libzmq drops a peer that sends more than this; below it the data plane
 # answers an oversized message with an error instead.
@@ -33,68 +39,129 @@ class DaemonError(RuntimeError):
 class Daemon:
     def __init__(self, config: DaemonConfig | None = None) -> None:
         self.config = config or DaemonConfig()
-        self.plane = DataPlane(self.config)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._context: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self._control_sock: zmq.Socket | None = None
+        self.plane: DataPlane | None = None
+        self.control: ControlPlane | None = None
         self.bound_address = ""
+        self.bound_control_address = ""
 
     def start(self) -> None:
+        """Open the store (restoring its runs) and bind both sockets."""
+        try:
+            self.plane = DataPlane(self.config)
+        except StoreError as exc:
+            raise DaemonError(str(exc)) from None
+        self.control = ControlPlane(self.plane)
         self._context = zmq.Context()
+        try:
+            self._sock = self._bind(self.config.address)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_LIMIT_FACTOR)
+            self._control_sock = self._bind(self.config.control_address)
+        except DaemonError:
+            self.close()
+            raise
+        self.bound_address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bound_control_address = self._control_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info(
+            "lrpilot daemon listening on %s (control %s, store %s, %d runs restored)",
+            self.bound_address,
+            self.bound_control_address,
+            self.plane.store.path,
+            len(self.plane.registry.runs),
+        )
+
+    def _bind(self, address: str) -> zmq.Socket:
+        assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_LIMIT_FACTOR)
-        # Replies to a client whose pipe is full are dropped, never block the loop.
+        # Replies to a peer whose pipe is full are dropped, never block the loop.
         sock.setsockopt(zmq.SNDHWM, 10_000)
         try:
-            sock.bind(self.config.address)
+            sock.bind(address)
         except zmq.ZMQError as exc:
             sock.close()
-            self._context.term()
-            raise DaemonError(f"cannot bind {self.config.address}: {exc}") from None
-        self.bound_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sock = sock
-        log.info("lrpilot daemon listening on %s", self.bound_address)
+            raise DaemonError(f"cannot bind {address}: {exc}") from None
+        return sock
 
     def serve(self) -> None:
         """Run the loop until stop() or a signal."""
-        assert self._sock is not None, "start() first"
-        sock, plane = self._sock, self.plane
-        next_sweep = time.monotonic() + SWEEP_EVERY
+        assert self._sock is not None and self.plane is not None, "start() first"
+        data, control, plane = self._sock, self._control_sock, self.plane
+        poller = zmq.Poller()
+        poller.register(data, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        next_tick = next_sweep = time.monotonic()
         self.ready.set()
         while not self._stop.is_set():
-            if sock.poll(POLL_MS, zmq.POLLIN):
-                now = time.monotonic()
-                # Drain what is there before looking at the clock again.
-                while True:
-                    try:
-                        identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                    except zmq.Again:
-                        break
-                    try:
-                        replies = plane.handle(identity, frames, now)
-                    except Exception:  # a bug must not take every run down with it
-                        log.exception("internal error handling a message; it was dropped")
-                        plane.rejected["internal_error"] += 1
-                        continue
-                    for to, out in replies:
-                        try:
-                            sock.send_multipart([to, *out], zmq.NOBLOCK)
-                        except zmq.ZMQError:
-                            plane.rejected["reply_dropped"] += 1
+            ready = dict(poller.poll(POLL_MS))
+            if data in ready:
+                self._drain_data(time.monotonic())
+            if control in ready:
+                self._drain_control()
             now = time.monotonic()
+            if now >= next_tick:
+                plane.tick(now)
+                next_tick = now + TICK_EVERY
+            self._send(plane.persisted())
             if now >= next_sweep:
                 plane.sweep(now)
                 next_sweep = now + SWEEP_EVERY
+
+    def _drain_data(self, now: float) -> None:
+        """Handle what is waiting, before looking at the clock again."""
+        sock, plane = self._sock, self.plane
+        while True:
+            try:
+                identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                replies = plane.handle(identity, frames, now)
+            except Exception:  # a bug must not take every run down with it
+                log.exception("internal error handling a message; it was dropped")
+                plane.rejected["internal_error"] += 1
+                continue
+            self._send(replies)
+
+    def _drain_control(self) -> None:
+        sock = self._control_sock
+        while True:
+            try:
+                identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # A REQ client puts an empty delimiter frame before its request.
+            envelope, raw = frames[:-1], frames[-1] if frames else b""
+            try:
+                answer, outgoing = self.control.handle(raw)
+            except Exception:
+                log.exception("internal error handling a control request")
+                answer, outgoing = {"ok": False, "error": "internal error; see the daemon log"}, []
+            sock.send_multipart([identity, *envelope, json.dumps(answer).encode()])
+            self._send(outgoing)
+
+    def _send(self, replies: list) -> None:
+        for to, out in replies:
+            try:
+                self._sock.send_multipart([to, *out], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.plane.rejected["reply_dropped"] += 1
 
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._control_sock):
+            if sock is not None:
+                sock.close()
+        self._sock = self._control_sock = None
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -115,9 +182,26 @@ class Daemon:
             log.info("lrpilot daemon stopped")
 
     def serve_in_thread(self) -> threading.Thread:
-        """Start and serve in a daemon thread (the demo's embedded daemon, tests)."""
-        self.start()
-        thread = threading.Thread(target=self.serve, name="lrpilot-daemon", daemon=True)
+        """Start and serve in a daemon thread (the store's connection belongs
+        to the thread that opens it, so start() runs there too). Raises what
+        start() raised."""
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self.start()
+            except BaseException as exc:
+                failure.append(exc)
+                self.ready.set()
+                return
+            try:
+                self.serve()
+            finally:
+                self.close()
+
+        thread = threading.Thread(target=target, name="lrpilot-daemon", daemon=True)
         thread.start()
-        self.ready.wait(5)
+        self.ready.wait(30)
+        if failure:
+            raise failure[0]
         return thread

@@ -1,0 +1,237 @@
+"""The operator's commands (``lrpilot runs``, ``show``, ``set-lr``, ``policy``,
+``pause``, ``resume``, ``history``) and how their answers read on a terminal.
+Each takes the parsed arguments, asks the control plane, and prints either a
+table for people or, with ``--json``, the answer for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import itertools
+import json
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from lrpilot.policies import SpecError, parse_policy
+
+from .control_client import control_address, request
+from .simulate import MetricRecord, replay
+from .store import DB_NAME, open_readonly, read_records
+
+PREVIEW_ROWS = 20  # rows of the human-readable preview; --json prints every step
+
+
+def actor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
+    return request(
+        control_address(args.control), {"op": op, "actor": actor(), **fields}, timeout=args.timeout
+    )
+
+
+def lrs_text(lrs: Sequence[float] | None) -> str:
+    return "-" if lrs is None else ", ".join(f"{lr:.4g}" for lr in lrs)
+
+
+def when(seconds: float | None) -> str:
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells
+    )
+
+
+def emit(args: argparse.Namespace, answer: Any, text: str) -> None:
+    print(json.dumps(answer, indent=2) if args.json else text)
+
+
+# --- reads -----------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    runs = ask(args, "runs")["runs"]
+    rows = [
+        (
+            r["run"],
+            r["status"],
+            r["step"],
+            f"{r['steps_per_s']:.1f}",
+            lrs_text(r["lrs"]),
+            r["policy_kind"] or "-",
+            "held" if r["held"] else "",
+            "-"
+            if r["last_change"] is None
+            else f"v{r['last_change']['version']} @{r['last_change']['step']}: "
+            f"{r['last_change']['reason'][:50]}",
+        )
+        for r in runs
+    ]
+    text = table(("RUN", "STATUS", "STEP", "STEPS/S", "LR", "POLICY", "", "LAST CHANGE"), rows)
+    emit(args, runs, text if runs else "no runs yet")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    run = ask(args, "show", run=args.run)["run"]
+    lines = [
+        f"run        {run['run']} ({run['status']}, ranks {run['ranks'] or '-'} "
+        f"of {run['world_size']})",
+        f"step       {run['step']} ({run['steps_per_s']:.1f} steps/s)",
+        f"groups     {', '.join(run['groups'])}",
+        f"lrs        {lrs_text(run['lrs'])}" + ("   HELD by an operator" if run["held"] else ""),
+        f"policy     {json.dumps(run['policy'])}",
+        f"requested  {json.dumps(run['requested_policy'])}",
+        f"version    {run['version']}",
+        f"metrics    {json.dumps(run['last_metrics'])}",
+        f"started    {when(run['created'])}",
+    ]
+    if run["sessions"]:
+        lines += [
+            "",
+            table(
+                ("RANK", "HOST", "PID", "MODE", "STEP", "STEPS/S", "APPLIED", "LATE BY", "DROPPED"),
+                [
+                    (
+                        s["rank"],
+                        s["host"],
+                        s["pid"],
+                        "sync" if s["sync"] else "async",
+                        s["step"],
+                        f"{s['steps_per_s']:.1f}",
+                        f"v{s['applied_version']}",
+                        s["late_by"],
+                        s["stats"]["records_dropped"],
+                    )
+                    for s in run["sessions"]
+                ],
+            ),
+        ]
+    if run["history"]:
+        lines += ["", "recent changes:", history_table(run["history"])]
+    emit(args, run, "\n".join(lines))
+
+
+def history_table(entries: Sequence[dict[str, Any]]) -> str:
+    return table(
+        ("VER", "FROM STEP", "APPLIED", "TIME", "OLD -> NEW", "ACTOR", "REASON"),
+        [
+            (
+                f"v{e['version']}",
+                e["effective_step"],
+                "-" if e["applied_step"] is None else e["applied_step"],
+                when(e["time"]),
+                f"{lrs_text(e['old_lrs'])} -> {lrs_text(e['new_lrs'])}",
+                e["actor"],
+                e["reason"],
+            )
+            for e in entries
+        ],
+    )
+
+
+def cmd_history(args: argparse.Namespace) -> None:
+    entries = ask(args, "history", run=args.run, limit=args.limit)["history"]
+    emit(args, entries, history_table(entries) if entries else f"no LR changes for {args.run}")
+
+
+# --- changes -----------------------------------------------------------------
+
+
+def report_change(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    c = answer["command"]
+    emit(
+        args,
+        c,
+        f"run {c['run']}: v{c['version']} from step {c['effective_step']}: "
+        f"lrs {lrs_text(c['lrs'])} ({c['reason']})",
+    )
+
+
+def cmd_set_lr(args: argparse.Namespace) -> None:
+    report_change(args, ask(args, "set_lr", run=args.run, lr=args.lr, group=args.group))
+
+
+def cmd_pause(args: argparse.Namespace) -> None:
+    report_change(args, ask(args, "pause", run=args.run))
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    report_change(args, ask(args, "resume", run=args.run))
+
+
+def cmd_policy(args: argparse.Namespace, policy: dict[str, Any] | None) -> None:
+    if args.preview:
+        preview(args, policy)
+        return
+    report_change(args, ask(args, "policy", run=args.run, policy=policy))
+
+
+# --- what-if ------------------------------------------------------------------
+
+
+def recorded_stream(db: Any, run_id: str) -> Iterator[MetricRecord]:
+    """A run's recorded metrics as `lrpilot simulate` records: one per step,
+    with the step's reports folded in (reports before step 1 are left out)."""
+    step, metrics = 0, {}
+    for record_step, kind, values in read_records(db, run_id):
+        if kind == "s" and record_step != step:
+            if step:
+                yield MetricRecord(step, metrics)
+            step, metrics = record_step, dict(values)
+        elif record_step == step:
+            metrics.update(values)
+    if step:
+        yield MetricRecord(step, metrics)
+
+
+def open_run_store(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The run's store, read-only, and its first base LRs: from --state-dir
+    directly (no daemon needed), else where the daemon says its store is."""
+    if args.state_dir:
+        db = open_readonly(Path(args.state_dir) / DB_NAME)
+        row = db.execute("SELECT base_lrs FROM runs WHERE run_id = ?", (args.run,)).fetchone()
+        if row is None:
+            raise ValueError(f"unknown run {args.run!r} in {args.state_dir}")
+        return db, {"base_lrs": json.loads(row[0])}
+    path = ask(args, "store")["path"]  # also makes the daemon commit what it has
+    run = ask(args, "show", run=args.run)["run"]
+    return open_readonly(Path(path)), run
+
+
+def replay_run(
+    args: argparse.Namespace, spec: dict[str, Any], base_lrs: Sequence[float] | None = None
+) -> Iterator[dict[str, Any]]:
+    db, run = open_run_store(args)
+    try:
+        policy = parse_policy(spec).build(base_lrs or run["base_lrs"])
+    except SpecError as exc:
+        raise ValueError(f"policy: {exc}") from None
+    yield {"step": 0, "lrs": list(policy.lrs)}
+    yield from replay(policy, recorded_stream(db, args.run))
+
+
+def preview(args: argparse.Namespace, spec: dict[str, Any] | None) -> None:
+    if spec is None:
+        raise ValueError("--preview needs a policy to try (FILE or -)")
+    lines = list(replay_run(args, spec))
+    if args.json:
+        for line in lines:
+            print(json.dumps(line))
+        return
+    every = max(1, (len(lines) - 1) // PREVIEW_ROWS)
+    changed = [b for a, b in itertools.pairwise(lines) if a["lrs"] != b["lrs"]]
+    shown = [line for i, line in enumerate(lines) if i % every == 0 or i == len(lines) - 1]
+    print(
+        f"preview: {spec.get('kind')} replayed on the {len(lines) - 1} recorded steps of "
+        f"{args.run} (nothing changed)"
+    )
+    print(table(("STEP", "LRS"), [(line["step"], lrs_text(line["lrs"])) for line in shown]))
+    print(f"{len(changed)} steps change the LR; final lrs {lrs_text(lines[-1]['lrs'])}")

@@ -1,0 +1,381 @@
+"""The store: the daemon's runs, policy state, LR journal and recorded metric
+streams, in SQLite (WAL) under the state directory.
+
+Two connections. The daemon's loop owns one for what must be on disk before
+anything is sent (journal entries, operator changes) and for reads. A writer
+thread owns the other and commits the high-volume rest (records, run state
+snapshots) in batches handed to it once per tick, so the loop never waits on
+the disk for telemetry. Each batch says which client records it made durable;
+the loop tells those clients (``persisted``) so they can forget them.
+
+The schema has a version; ``MIGRATIONS[i]`` takes a store from version i to
+i + 1, and opening a store applies whatever it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "lrpilot.sqlite3"
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first release.
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        ended REAL,
+        group_names TEXT NOT NULL,
+        base_lrs TEXT NOT NULL,
+        world_size INTEGER NOT NULL,
+        requested_policy TEXT,
+        policy TEXT,
+        policy_base_lrs TEXT NOT NULL,
+        policy_state TEXT,
+        step INTEGER NOT NULL,
+        driver TEXT,
+        seq INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        lrs TEXT NOT NULL,
+        held TEXT
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        effective_step INTEGER NOT NULL,
+        state_step INTEGER NOT NULL,
+        old_lrs TEXT NOT NULL,
+        new_lrs TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        time REAL NOT NULL,
+        policy TEXT,
+        hold INTEGER NOT NULL,
+        applied_step INTEGER,
+        late INTEGER
+    );
+    CREATE INDEX journal_by_run ON journal (run_id, version);
+    CREATE TABLE records (
+        run_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        metrics TEXT NOT NULL
+    );
+    CREATE INDEX records_by_run ON records (run_id, step);
+    CREATE TABLE snapshots (
+        run_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        policy TEXT,
+        policy_base_lrs TEXT NOT NULL,
+        policy_state TEXT,
+        lrs TEXT NOT NULL,
+        held TEXT
+    );
+    CREATE INDEX snapshots_by_run ON snapshots (run_id, step);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+RUN_COLUMNS = (
+    "run_id",
+    "created",
+    "updated",
+    "ended",
+    "group_names",
+    "base_lrs",
+    "world_size",
+    "requested_policy",
+    "policy",
+    "policy_base_lrs",
+    "policy_state",
+    "step",
+    "driver",
+    "seq",
+    "version",
+    "lrs",
+    "held",
+)
+JSON_COLUMNS = {
+    "group_names",
+    "base_lrs",
+    "requested_policy",
+    "policy",
+    "policy_base_lrs",
+    "policy_state",
+    "lrs",
+    "held",
+    "old_lrs",
+    "new_lrs",
+}
+SNAPSHOT_COLUMNS = (
+    "run_id",
+    "step",
+    "seq",
+    "version",
+    "policy",
+    "policy_base_lrs",
+    "policy_state",
+    "lrs",
+    "held",
+)
+# Snapshots a run keeps: the newest ones, for resuming from a recent
+# checkpoint, and one every SNAPSHOT_SPACING steps for older ones.
+SNAPSHOTS_KEPT, SNAPSHOT_SPACING = 200, 1000
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened (bad path, newer schema, not a store)."""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("LRPILOT_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "lrpilot"
+
+
+def dumps(value: Any) -> str | None:
+    # Python's json writes inf as Infinity (plateau's best before any value).
+    return None if value is None else json.dumps(value)
+
+
+def connect(path: Path, durability: str = "normal") -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
+    db.execute("PRAGMA journal_mode=WAL")
+    # normal: a commit survives the daemon being killed (it is in the WAL
+    # file); full: it also survives power loss, at an fsync per commit.
+    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store has schema version {version}; this lrpilot knows up to {SCHEMA_VERSION}"
+        )
+    for target in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={target + 1}")
+            db.execute("COMMIT")
+        except Exception:
+            db.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def decode_row(row: sqlite3.Row) -> dict[str, Any]:
+    names = row.keys()  # iterating a sqlite3.Row gives its values, not its names
+    return {
+        k: (json.loads(row[k]) if k in JSON_COLUMNS and row[k] is not None else row[k])
+        for k in names
+    }
+
+
+class Store:
+    def __init__(self, state_dir: Path, durability: str = "normal") -> None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self.path = state_dir / DB_NAME
+            self._db = connect(self.path, durability)
+            migrate(self._db)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store in {state_dir}: {exc}") from None
+        self._durability = durability
+        self._batches: queue.SimpleQueue = queue.SimpleQueue()
+        self.committed: queue.SimpleQueue = queue.SimpleQueue()  # notices for the loop
+        self.write_errors = 0
+        self._writer = threading.Thread(target=self._write_loop, name="lrpilot-store", daemon=True)
+        self._writer.start()
+
+    # --- the loop's connection: small writes that must land before a send --
+
+    def journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
+        self._db.execute(
+            "INSERT INTO journal (run_id, version, effective_step, state_step, old_lrs, new_lrs,"
+            " reason, actor, time, policy, hold) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                run_id,
+                command.version,
+                command.effective_step,
+                command.state_step,
+                dumps(list(old_lrs)),
+                dumps(command.lrs),
+                command.reason,
+                command.actor,
+                time.time(),
+                dumps(command.policy),
+                int(command.hold),
+            ),
+        )
+
+    def save_run(self, row: dict[str, Any]) -> None:
+        """Write a run's whole state now (operator changes, a new run)."""
+        self._db.execute(*upsert_run(row))
+
+    def load_runs(self) -> list[dict[str, Any]]:
+        return [decode_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created")]
+
+    def history(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM (SELECT * FROM journal WHERE run_id = ? ORDER BY version DESC LIMIT ?)"
+            " ORDER BY version",
+            (run_id, -1 if limit is None else limit),
+        )
+        return [decode_row(r) for r in rows]
+
+    def snapshot_at(self, run_id: str, step: int) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT * FROM snapshots WHERE run_id = ? AND step <= ? ORDER BY step DESC, rowid DESC"
+            " LIMIT 1",
+            (run_id, step),
+        ).fetchone()
+        return decode_row(row) if row else None
+
+    def records(self, run_id: str, after: int = 0, until: int | None = None) -> Iterator[tuple]:
+        return read_records(self._db, run_id, after, until)
+
+    # --- the writer thread: batches of records and snapshots --------------
+
+    def submit(self, ops: list[tuple[str, Any]], notice: Any = None) -> None:
+        """Queue ops for one transaction; ``notice`` comes back on ``committed``."""
+        self._batches.put((ops, notice))
+
+    def _write_loop(self) -> None:
+        db = connect(self.path, self._durability)
+        while True:
+            item = self._batches.get()
+            if item is None:
+                break
+            batches = [item]
+            while not self._batches.empty():  # one transaction for all that waits
+                more = self._batches.get()
+                if more is None:
+                    self._commit(db, batches)
+                    db.close()
+                    return
+                batches.append(more)
+            self._commit(db, batches)
+        db.close()
+
+    def _commit(self, db: sqlite3.Connection, batches: list) -> None:
+        try:
+            db.execute("BEGIN")
+            for ops, _ in batches:
+                for op, arg in ops:
+                    WRITERS[op](db, arg)
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            self.write_errors += 1
+            db.execute("ROLLBACK")
+            return
+        for _, notice in batches:
+            if isinstance(notice, threading.Event):
+                notice.set()
+            elif notice is not None:
+                self.committed.put(notice)
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Block until everything submitted so far is committed."""
+        done = threading.Event()
+        self._batches.put(([], done))
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        self._batches.put(None)
+        self._writer.join(timeout=30)
+        self._db.close()
+
+
+def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
+    values = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in RUN_COLUMNS)
+    sql = (
+        f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
+    )
+    return sql, values
+
+
+def _write_records(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    db.executemany("INSERT INTO records (run_id, step, kind, metrics) VALUES (?,?,?,?)", rows)
+
+
+def _write_run(db: sqlite3.Connection, row: dict[str, Any]) -> None:
+    db.execute(*upsert_run(row))
+    snap = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in SNAPSHOT_COLUMNS)
+    db.execute(
+        f"INSERT INTO snapshots ({', '.join(SNAPSHOT_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(SNAPSHOT_COLUMNS))})",
+        snap,
+    )
+    db.execute(
+        "DELETE FROM snapshots WHERE run_id = ? AND step % ? != 0 AND rowid NOT IN"
+        " (SELECT rowid FROM snapshots WHERE run_id = ? ORDER BY rowid DESC LIMIT ?)",
+        (row["run_id"], SNAPSHOT_SPACING, row["run_id"], SNAPSHOTS_KEPT),
+    )
+
+
+def _write_applied(db: sqlite3.Connection, arg: tuple[str, int, int, bool]) -> None:
+    run_id, version, applied_step, late = arg
+    db.execute(
+        "UPDATE journal SET applied_step = ?, late = ? WHERE run_id = ? AND version = ?"
+        " AND applied_step IS NULL",
+        (applied_step, int(late), run_id, version),
+    )
+
+
+def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
+    """A run resumed from a checkpoint at ``step``: its later records and
+    snapshots belong to a timeline that no longer is."""
+    run_id, step = arg
+    db.execute("DELETE FROM records WHERE run_id = ? AND step > ?", (run_id, step))
+    db.execute("DELETE FROM snapshots WHERE run_id = ? AND step > ?", (run_id, step))
+
+
+WRITERS = {
+    "records": _write_records,
+    "run": _write_run,
+    "applied": _write_applied,
+    "truncate": _truncate,
+}
+
+
+def read_records(
+    db: sqlite3.Connection, run_id: str, after: int = 0, until: int | None = None
+) -> Iterator[tuple[int, str, dict[str, float]]]:
+    """(step, kind, metrics) of a run's recorded stream, in arrival order."""
+    rows = db.execute(
+        "SELECT step, kind, metrics FROM records WHERE run_id = ? AND step > ? AND step <= ?"
+        " ORDER BY rowid",
+        (run_id, after, until if until is not None else 2**62),
+    )
+    for step, kind, metrics in rows:
+        yield step, kind, json.loads(metrics)
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """For the command line: read a daemon's store while it runs."""
+    if not path.exists():
+        raise StoreError(f"no lrpilot store at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db.row_factory = sqlite3.Row
+    return db
