@@ -67,7 +67,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CommandError("--input and --from-run are two sources; give one")
         from .operations import replay_run
 
-        for line in replay_run(args, spec, args.base_lr):
+        for line in replay_run(args, args.from_run, spec, args.base_lr):
             if line["step"]:
                 print(json.dumps(line))
         return

@@ -192,36 +192,40 @@ def recorded_stream(db: Any, run_id: str) -> Iterator[MetricRecord]:
         yield MetricRecord(step, metrics)
 
 
-def open_run_store(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def open_run_store(args: argparse.Namespace, run_id: str) -> tuple[Any, dict[str, Any]]:
     """The run's store, read-only, and its first base LRs: from --state-dir
     directly (no daemon needed), else where the daemon says its store is."""
     if args.state_dir:
         db = open_readonly(Path(args.state_dir) / DB_NAME)
-        row = db.execute("SELECT base_lrs FROM runs WHERE run_id = ?", (args.run,)).fetchone()
+        row = db.execute("SELECT base_lrs FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
-            raise ValueError(f"unknown run {args.run!r} in {args.state_dir}")
+            raise ValueError(f"unknown run {run_id!r} in {args.state_dir}")
         return db, {"base_lrs": json.loads(row[0])}
     path = ask(args, "store")["path"]  # also makes the daemon commit what it has
-    run = ask(args, "show", run=args.run)["run"]
+    run = ask(args, "show", run=run_id)["run"]
     return open_readonly(Path(path)), run
 
 
 def replay_run(
-    args: argparse.Namespace, spec: dict[str, Any], base_lrs: Sequence[float] | None = None
+    args: argparse.Namespace,
+    run_id: str,
+    spec: dict[str, Any],
+    base_lrs: Sequence[float] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    db, run = open_run_store(args)
+    """What ``spec`` gives on the run's recorded stream, from its step 0."""
+    db, run = open_run_store(args, run_id)
     try:
         policy = parse_policy(spec).build(base_lrs or run["base_lrs"])
     except SpecError as exc:
         raise ValueError(f"policy: {exc}") from None
     yield {"step": 0, "lrs": list(policy.lrs)}
-    yield from replay(policy, recorded_stream(db, args.run))
+    yield from replay(policy, recorded_stream(db, run_id))
 
 
 def preview(args: argparse.Namespace, spec: dict[str, Any] | None) -> None:
     if spec is None:
         raise ValueError("--preview needs a policy to try (FILE or -)")
-    lines = list(replay_run(args, spec))
+    lines = list(replay_run(args, args.run, spec))
     if args.json:
         for line in lines:
             print(json.dumps(line))
