@@ -17,7 +17,6 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Any
 
 from . import __version__
@@ -43,7 +42,7 @@ from .protocol import (
     decode,
     encode,
 )
-from .transport import DaemonLink
+from .transport import POLLIN, POLLOUT, DaemonLink
 
 log = logging.getLogger("lrpilot")
 
@@ -162,6 +161,7 @@ class Pilot:
         self._unacked: deque = deque(maxlen=self._max_queue)
         self._last_io = 0.0
         self._io_seq = 0
+        self._awaiting_decision = False
         self._pending: list[LRCommand] = []
         self._applied_version = 0
         self._processed_seq = 0
@@ -199,7 +199,9 @@ class Pilot:
         # New records since the last I/O, not the queue's length: with the
         # daemon away the queue stays long, and I/O every step would cost.
         elif (
-            self._seq - self._io_seq >= MAX_BATCH or time.monotonic() - self._last_io >= IO_INTERVAL
+            self._seq - self._io_seq >= MAX_BATCH
+            or time.monotonic() - self._last_io >= IO_INTERVAL
+            or self._awaiting_decision
         ):
             self._exchange()
         if self._pending:
@@ -214,8 +216,11 @@ class Pilot:
                 metrics[name] = as_float(name, value)
         self._enqueue(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
-        # now rather than at the next I/O tick.
+        # now rather than at the next I/O tick, and look for the answer at
+        # every step until it comes (a decision, or the daemon's persisted
+        # ack, within ~100 ms) so a decision lands at the next step.
         self._exchange(wait_for=self._seq if self.sync else 0)
+        self._awaiting_decision = not self.sync
         if self._pending:
             self._apply_due(self.step_count)
             self._write_current()
@@ -266,9 +271,13 @@ class Pilot:
         (up to sync_timeout) until the daemon has processed that record."""
         self._last_io = time.monotonic()
         self._io_seq = self._seq
-        while self._link.readable():
-            self._handle(self._link.receive())
-        self._flush()
+        link = self._link
+        events = link.events()
+        while events & POLLIN:
+            self._handle(link.receive())
+            events = link.events()
+        if events & POLLOUT:
+            self._flush()
         if not wait_for or self._daemon_silent:
             return
         deadline = time.monotonic() + self.sync_timeout
@@ -287,10 +296,11 @@ class Pilot:
             self._handle(frames)
 
     def _flush(self) -> None:
+        """Send the queue in batches while the pipe takes them."""
         queue, link = self._queue, self._link
-        while queue and link.writable():
+        while queue:
             records = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-            if not link.send(self._encoder.encode(records, asdict(self.stats))):
+            if not link.send(self._encoder.encode(records, self.stats)):
                 queue.extendleft(reversed(records))
                 return
             self._unacked.extend(records)
@@ -300,6 +310,7 @@ class Pilot:
         if frames is None:
             return
         self._daemon_silent = False
+        self._awaiting_decision = False
         try:
             message = decode(frames)
         except ProtocolError as exc:

@@ -74,6 +74,15 @@ class ClientStats:
     daemon_errors: int = 0
 
 
+STAT_FIELDS = tuple(ClientStats.__dataclass_fields__)
+
+
+def stats_json(stats: ClientStats | Mapping[str, int]) -> str:
+    if isinstance(stats, Mapping):
+        return json.dumps(dict(stats))
+    return "{" + ",".join(f'"{k}":{getattr(stats, k)}' for k in STAT_FIELDS) + "}"
+
+
 class Hello(Message):
     """Client → daemon, first message of a session (and again after the daemon
     says it does not know the session, e.g. it was restarted)."""
@@ -228,15 +237,21 @@ Record = tuple[int, int, str, Mapping[str, Any]]
 
 class BatchEncoder:
     """Packs records into (header, body) frames for the hook. The header is
-    built as a plain dict (pydantic would cost ~15 µs a batch here); the
-    daemon validates it with :class:`MetricsHeader`. Struct packers are
-    cached across batches: a loop reports the same metric names every step."""
+    written by hand from pre-rendered parts: ``json.dumps`` of the header was
+    ~50 µs of every send at 1 kHz, pydantic more. The daemon validates it with
+    :class:`MetricsHeader`. Struct packers and shape lists are cached across
+    batches: a loop reports the same metric names every step."""
 
     def __init__(self, run: str, rank: int) -> None:
-        self._run, self._rank = run, rank
+        self._prefix = (
+            f'{{"v":{PROTOCOL_VERSION},"t":"metrics","run":{json.dumps(run)},"rank":{rank},'
+        )
         self._packers: dict[int, struct.Struct] = {}
+        self._shapes_json: dict[tuple, str] = {}
 
-    def encode(self, records: Sequence[Record], stats: Mapping[str, int]) -> list[bytes]:
+    def encode(
+        self, records: Sequence[Record], stats: ClientStats | Mapping[str, int]
+    ) -> list[bytes]:
         shapes: dict[tuple[str, tuple[str, ...]], int] = {}
         blocks: list[list[int]] = []
         parts: list[bytes] = []
@@ -255,17 +270,17 @@ class BatchEncoder:
             if packer is None:
                 packer = self._packers[len(metrics)] = struct.Struct(f"<q{len(metrics)}d")
             parts.append(packer.pack(step, *metrics.values()))  # floats: the hook made sure
-        header = {
-            "v": PROTOCOL_VERSION,
-            "t": "metrics",
-            "run": self._run,
-            "rank": self._rank,
-            "first_seq": records[0][0],
-            "shapes": [[kind, list(names)] for kind, names in shapes],
-            "blocks": blocks,
-            "stats": stats,
-        }
-        return [json.dumps(header, separators=(",", ":")).encode(), b"".join(parts)]
+        shape_key = tuple(shapes)
+        shapes_json = self._shapes_json.get(shape_key)
+        if shapes_json is None:
+            shapes_json = json.dumps([[kind, list(names)] for kind, names in shape_key])
+            self._shapes_json[shape_key] = shapes_json
+        header = (
+            f'{self._prefix}"first_seq":{records[0][0]},"shapes":{shapes_json},'
+            f'"blocks":[{",".join(f"[{s},{c}]" for s, c in blocks)}],'
+            f'"stats":{stats_json(stats)}}}'
+        )
+        return [header.encode(), b"".join(parts)]
 
 
 def record_layouts(

@@ -35,6 +35,10 @@ class DaemonLink:
         sock.connect(address)
         self._sock = sock
 
+    def events(self) -> int:
+        """POLLIN | POLLOUT as they stand: one call, for both questions."""
+        return self._sock.getsockopt(EVENTS)
+
     def writable(self) -> bool:
         return bool(self._sock.getsockopt(EVENTS) & POLLOUT)
 

@@ -13,7 +13,6 @@ what it already had).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -89,7 +88,7 @@ class DataPlane:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", str(exc)))]
         if isinstance(message, MetricsHeader):
-            return self._metrics(identity, message, frames[1], now)
+            return self._metrics(identity, message, frames[1], now, frames[0])
         if isinstance(message, Hello):
             return self._hello(identity, message, now)
         known = self.registry.session(identity)
@@ -141,7 +140,12 @@ class DataPlane:
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
             return [(identity, error("bad_hello", str(exc)))]
-        self.registry.join(identity, run, hello, now)
+        session = self.registry.join(identity, run, hello, now)
+        if run.driver is session:
+            # An async client has already set the LRs of its next step when a
+            # decision reaches it; scheduling one step later lets it apply the
+            # decision on time (and say so) instead of always one step late.
+            run.engine.lead_steps = self.config.command_lead_steps + (0 if hello.sync else 1)
         self._dirty.add(run.run_id)
         log.info(
             "run %s rank %d/%d hello from %s pid %d at step %d",
@@ -189,7 +193,9 @@ class DataPlane:
             step - snapshot["step"],
         )
 
-    def _metrics(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
+    def _metrics(
+        self, identity: bytes, header: MetricsHeader, body: bytes, now: float, raw: bytes = b""
+    ) -> Outgoing:
         known = self.registry.session(identity)
         if known is None:
             return self._unknown(identity, header, body, now)
@@ -205,6 +211,7 @@ class DataPlane:
             engine.driver, engine.seq = me, 0  # a new client drives: its own seq numbers
         bad: list[str] = []
         seq = header.first_seq - 1
+        fresh = first_step = step = 0
         try:
             for step, kind, metrics in decode_records(header, body):
                 seq += 1
@@ -218,9 +225,10 @@ class DataPlane:
                     session.saw_step(step, now)
                 if not drives or seq <= engine.seq:
                     continue  # telemetry only, or already folded in before a restart
+                if not fresh:
+                    fresh, first_step = seq, step
                 engine.seq = seq
                 run.last_metrics = metrics
-                self._rows.append((run.run_id, step, kind, json.dumps(metrics)))
                 if kind == REPORT:
                     command = engine.on_report(step, metrics)
                 else:
@@ -230,8 +238,18 @@ class DataPlane:
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             out.append((identity, error("malformed", str(exc))))
-        if drives:
+        if fresh:
             self._dirty.add(run.run_id)
+            self._rows.append(
+                (
+                    run.run_id,
+                    first_step,
+                    step,
+                    raw or encode(header),
+                    body,
+                    fresh - header.first_seq,
+                )
+            )
         self._to_ack[identity] = (run.run_id, seq)
         if bad:
             message = f"{len(bad)} record(s) with a non-finite metric were dropped, first {bad[0]}"
@@ -279,7 +297,7 @@ class DataPlane:
         wall = time.time()
         ops: list = []
         if self._rows:
-            ops.append(("records", self._rows))
+            ops.append(("batches", self._rows))
             self._rows = []
         for run_id in self._dirty:
             run = self.registry.runs.get(run_id)

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lrpilot.protocol import MetricsHeader, decode_records, first_non_finite
+
 DB_NAME = "lrpilot.sqlite3"
 
 MIGRATIONS: list[str] = [
@@ -65,13 +67,16 @@ MIGRATIONS: list[str] = [
         late INTEGER
     );
     CREATE INDEX journal_by_run ON journal (run_id, version);
-    CREATE TABLE records (
+    CREATE TABLE batches (
         run_id TEXT NOT NULL,
-        step INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        metrics TEXT NOT NULL
+        first_step INTEGER NOT NULL,
+        last_step INTEGER NOT NULL,
+        header TEXT NOT NULL,
+        body BLOB NOT NULL,
+        skip INTEGER NOT NULL,
+        valid_until INTEGER
     );
-    CREATE INDEX records_by_run ON records (run_id, step);
+    CREATE INDEX batches_by_run ON batches (run_id, last_step);
     CREATE TABLE snapshots (
         run_id TEXT NOT NULL,
         step INTEGER NOT NULL,
@@ -315,8 +320,12 @@ def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
     return sql, values
 
 
-def _write_records(db: sqlite3.Connection, rows: list[tuple]) -> None:
-    db.executemany("INSERT INTO records (run_id, step, kind, metrics) VALUES (?,?,?,?)", rows)
+def _write_batches(db: sqlite3.Connection, rows: list[tuple]) -> None:
+    db.executemany(
+        "INSERT INTO batches (run_id, first_step, last_step, header, body, skip)"
+        " VALUES (?,?,?,?,?,?)",
+        rows,
+    )
 
 
 def _write_run(db: sqlite3.Connection, row: dict[str, Any]) -> None:
@@ -347,12 +356,16 @@ def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
     """A run resumed from a checkpoint at ``step``: its later records and
     snapshots belong to a timeline that no longer is."""
     run_id, step = arg
-    db.execute("DELETE FROM records WHERE run_id = ? AND step > ?", (run_id, step))
+    db.execute("DELETE FROM batches WHERE run_id = ? AND first_step > ?", (run_id, step))
+    db.execute(
+        "UPDATE batches SET valid_until = ? WHERE run_id = ? AND last_step > ?",
+        (step, run_id, step),
+    )
     db.execute("DELETE FROM snapshots WHERE run_id = ? AND step > ?", (run_id, step))
 
 
 WRITERS = {
-    "records": _write_records,
+    "batches": _write_batches,
     "run": _write_run,
     "applied": _write_applied,
     "truncate": _truncate,
@@ -362,14 +375,24 @@ WRITERS = {
 def read_records(
     db: sqlite3.Connection, run_id: str, after: int = 0, until: int | None = None
 ) -> Iterator[tuple[int, str, dict[str, float]]]:
-    """(step, kind, metrics) of a run's recorded stream, in arrival order."""
+    """(step, kind, metrics) of a run's recorded stream, in arrival order.
+
+    The stream is kept as the metrics batches came off the wire (decoding
+    them to rows in the daemon's loop cost more than all the rest of ingest);
+    records a batch repeated (``skip``) and non-finite ones are left out."""
+    until = until if until is not None else 2**62
     rows = db.execute(
-        "SELECT step, kind, metrics FROM records WHERE run_id = ? AND step > ? AND step <= ?"
-        " ORDER BY rowid",
-        (run_id, after, until if until is not None else 2**62),
+        "SELECT header, body, skip, valid_until FROM batches WHERE run_id = ? AND last_step > ?"
+        " AND first_step <= ? ORDER BY rowid",
+        (run_id, after, until),
     )
-    for step, kind, metrics in rows:
-        yield step, kind, json.loads(metrics)
+    for header, body, skip, valid_until in rows:
+        last = min(until, valid_until if valid_until is not None else until)
+        parsed = MetricsHeader.model_validate_json(header)
+        for i, (step, kind, metrics) in enumerate(decode_records(parsed, body)):
+            if i < skip or not after < step <= last or first_non_finite(metrics):
+                continue
+            yield step, kind, metrics
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:

@@ -1,0 +1,326 @@
+"""``lrpilot top``: a live terminal view of every run the daemon knows.
+
+Every ``--interval`` seconds the view asks the control plane for ``runs`` and
+redraws in place (rich's alternate screen): step, steps/s, the loss with a
+sparkline of its last samples, the LR of each param group, the policy (and
+HELD while an operator holds the LRs), the last change with its reason and
+who made it, ranks connected out of the world size, and how many steps late
+the last command landed. ``q`` or Ctrl-C quits (exit 0, terminal restored).
+When the daemon does not answer within ``--timeout``, the view says so and
+keeps asking.
+
+The drawing is one pure function, :func:`render`, so it is tested without a
+terminal; :func:`main` only asks, reads keys and hands ``render`` the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import zmq
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .control_client import control_address
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 24  # loss samples shown (the daemon samples once a second)
+REASON_WIDTH = 60  # characters of a change's reason before it is cut
+MAX_GROUPS_SHOWN = 4  # LR column: groups named before "+N more"
+QUIT_KEYS = b"qQ"
+
+
+# --- drawing -----------------------------------------------------------------
+
+
+def sparkline(values: Sequence[float], width: int = SPARK_WIDTH) -> str:
+    """The last ``width`` values as block characters, lowest ▁ to highest █
+    (a flat series is all ▄); a value that is not a finite number is a space."""
+    tail = list(values)[-width:]
+    finite = [v for v in tail if _finite(v)]
+    if not finite:
+        return " " * len(tail)
+    lo, hi = min(finite), max(finite)
+    top = len(BLOCKS) - 1
+    out = []
+    for v in tail:
+        if not _finite(v):
+            out.append(" ")
+        elif hi == lo:
+            out.append(BLOCKS[top // 2])
+        else:
+            out.append(BLOCKS[round((v - lo) / (hi - lo) * top)])
+    return "".join(out)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: Any, spec: str = ".4g") -> str:
+    return format(value, spec) if _finite(value) else "-"
+
+
+def lrs_cell(groups: Sequence[Any] | None, lrs: Sequence[Any] | None) -> str:
+    """``body=0.1 head=0.01``; a single group shows its value alone."""
+    lrs = list(lrs or [])
+    names = [str(g) for g in (groups or [])]
+    if not lrs:
+        return "-"
+    if len(lrs) == 1:
+        return _num(lrs[0])
+    names += [str(i) for i in range(len(names), len(lrs))]
+    shown = [f"{n}={_num(lr)}" for n, lr in zip(names, lrs)][:MAX_GROUPS_SHOWN]
+    more = len(lrs) - len(shown)
+    return " ".join(shown) + (f" +{more} more" if more > 0 else "")
+
+
+def change_cell(change: dict[str, Any] | None) -> str:
+    """``v3 @120 policy: plateau ...``: version, step, actor, reason."""
+    if not change:
+        return "-"
+    reason = str(change.get("reason") or "")
+    if len(reason) > REASON_WIDTH:
+        reason = reason[: REASON_WIDTH - 1] + "…"
+    version, step, actor = (change.get(k, "?") for k in ("version", "step", "actor"))
+    return f"v{version} @{step} {actor}: {reason}"
+
+
+def loss_cell(history: Sequence[Any] | None) -> Text:
+    history = list(history or [])
+    if not history:
+        return Text("-", style="dim")
+    return Text.assemble((sparkline(history), "cyan"), " ", _num(history[-1]))
+
+
+def run_row(run: dict[str, Any]) -> list[RenderableType]:
+    status = str(run.get("status", "?"))
+    policy = Text(str(run.get("policy_kind") or "-"))
+    if run.get("held"):
+        policy.append(" HELD", style="bold yellow")
+    ranks = run.get("ranks") or []
+    return [
+        Text(str(run.get("run", "?")), style="bold"),
+        Text(status, style="green" if status == "active" else "dim"),
+        str(run.get("step", "-")),
+        _num(run.get("steps_per_s"), ".1f"),
+        loss_cell(run.get("loss_history")),
+        lrs_cell(run.get("groups"), run.get("lrs")),
+        policy,
+        Text(change_cell(run.get("last_change")), no_wrap=True, overflow="ellipsis"),
+        f"{len(ranks)}/{run.get('world_size', '?')}",
+        str(run.get("lag_steps", "-")),
+    ]
+
+
+def render(
+    runs: list[dict[str, Any]], address: str, error: str | None, now: float
+) -> RenderableType:
+    """The whole view for one moment: header, the error line (when the daemon
+    did not answer), one row per run (or "no runs"), footer. ``runs`` are the
+    control plane's ``runs`` summaries; ``now`` is wall-clock seconds."""
+    count = f"{len(runs)} run" + ("" if len(runs) == 1 else "s")
+    clock = time.strftime("%H:%M:%S", time.localtime(now))
+    parts: list[RenderableType] = [
+        Text.assemble(("lrpilot top", "bold"), f"  daemon {address}  {clock}  {count}")
+    ]
+    if error:
+        parts.append(Text(error, style="bold red"))
+    if runs:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
+        for name, justify in [
+            ("RUN", "left"),
+            ("STATUS", "left"),
+            ("STEP", "right"),
+            ("STEPS/S", "right"),
+            ("LOSS", "left"),
+            ("LR", "left"),
+            ("POLICY", "left"),
+            ("LAST CHANGE", "left"),
+            ("RANKS", "right"),
+            ("LAG", "right"),
+        ]:
+            # One line per run. When the terminal is too narrow, LAST CHANGE
+            # (the only column rich may shrink first) ends in "…".
+            last = name == "LAST CHANGE"
+            table.add_column(name, justify=justify, no_wrap=not last, overflow="ellipsis")  # type: ignore[arg-type]
+        for run in runs:
+            table.add_row(*run_row(run))
+        parts.append(table)
+    elif not error:
+        parts.append(Text("no runs (none has attached to this daemon yet)", style="dim"))
+    parts.append(Text("q quit", style="dim"))
+    return Group(*parts)
+
+
+# --- asking the daemon ---------------------------------------------------------
+
+
+class Asker:
+    """One ``runs`` request at a time over a REQ socket, without blocking:
+    :meth:`send`, then poll :attr:`socket`, then :meth:`receive`. A request
+    that got no answer is dropped with its socket (:meth:`reset`), since a REQ
+    socket cannot send again before it hears back."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.context = zmq.Context()
+        self.socket: zmq.Socket | None = None
+
+    def send(self) -> None:
+        if self.socket is None:
+            self.socket = self.context.socket(zmq.REQ)
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.connect(self.address)
+        self.socket.send(json.dumps({"op": "runs"}).encode())
+
+    def receive(self) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The runs, or the reason there are none."""
+        assert self.socket is not None
+        raw = self.socket.recv()
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            return None, f"daemon at {self.address} answered something not JSON — retrying"
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            why = answer.get("error") if isinstance(answer, dict) else None
+            return None, f"daemon at {self.address} refused: {why or 'no reason'} — retrying"
+        return list(answer.get("runs") or []), None
+
+    def reset(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def close(self) -> None:
+        self.reset()
+        self.context.term()
+
+
+# --- the terminal ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def keys_mode(stdin: Any) -> Iterator[int | None]:
+    """Cbreak mode on a terminal (keys arrive one by one, unechoed; Ctrl-C
+    still interrupts), restored on the way out. Yields the fd to read keys
+    from, or None when stdin is not a terminal (then only Ctrl-C quits)."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield None
+        return
+    if not os.isatty(fd):
+        yield None
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd, termios.TCSANOW)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def interrupt_pipe() -> Iterator[int]:
+    """SIGINT wakes the loop through a pipe instead of raising anywhere: the
+    loop sees the pipe readable and ends the normal way, so the terminal is
+    always put back (and a second Ctrl-C changes nothing)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
+    previous_fd = signal.set_wakeup_fd(write_end)
+    try:
+        yield read_end
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous_handler)
+        os.close(read_end)
+        os.close(write_end)
+
+
+def run_view(
+    console: Console,
+    address: str,
+    interval: float,
+    timeout: float,
+    key_fd: int | None,
+    wake_fd: int,
+) -> None:
+    asker = Asker(address)
+    runs: list[dict[str, Any]] = []
+    error: str | None = None
+    sent_at: float | None = None  # monotonic time of the request in flight
+    next_ask = time.monotonic()
+    try:
+        with Live(
+            render(runs, address, error, time.time()),
+            console=console,
+            screen=True,
+            auto_refresh=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        ) as live:
+            while True:
+                now = time.monotonic()
+                if sent_at is None and now >= next_ask:
+                    asker.send()
+                    sent_at = now
+                wait = (sent_at + timeout if sent_at is not None else next_ask) - now
+                poller = zmq.Poller()
+                poller.register(wake_fd, zmq.POLLIN)
+                if key_fd is not None:
+                    poller.register(key_fd, zmq.POLLIN)
+                if sent_at is not None and asker.socket is not None:
+                    poller.register(asker.socket, zmq.POLLIN)
+                # Wake at least once a second so the clock in the header moves.
+                ready = dict(poller.poll(max(0, min(wait, 1.0)) * 1000))
+                if wake_fd in ready:
+                    return  # Ctrl-C
+                if key_fd is not None and key_fd in ready:
+                    typed = os.read(key_fd, 1024)
+                    if not typed:
+                        key_fd = None  # end of input: Ctrl-C still quits
+                    elif any(k in QUIT_KEYS for k in typed):
+                        return
+                now = time.monotonic()
+                if asker.socket is not None and asker.socket in ready:
+                    got, error = asker.receive()
+                    if got is not None:
+                        runs = got
+                    next_ask = sent_at + interval
+                    sent_at = None
+                elif sent_at is not None and now >= sent_at + timeout:
+                    error = f"no answer from daemon at {address} — retrying"
+                    asker.reset()
+                    sent_at, next_ask = None, now + min(interval, 1.0)
+                live.update(render(runs, address, error, time.time()), refresh=True)
+    finally:
+        asker.close()
+
+
+def main(args: argparse.Namespace) -> None:
+    """``lrpilot top``: runs until q or Ctrl-C, then returns (exit 0)."""
+    address = control_address(args.control)
+    interval = max(0.05, float(args.interval))
+    timeout = max(0.05, float(args.timeout))
+    try:
+        with interrupt_pipe() as wake_fd, keys_mode(sys.stdin) as key_fd:
+            run_view(Console(), address, interval, timeout, key_fd, wake_fd)
+    except KeyboardInterrupt:  # Ctrl-C before the pipe was in place
+        pass
