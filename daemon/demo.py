@@ -10,9 +10,11 @@ a constant LR and compares the two.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(address: str) -> subprocess.Popen:
+def start_daemon(address: str, state_dir: str) -> subprocess.Popen:
+    """The demo's own daemon: free ports and a throwaway store, so it never
+    meets a daemon the user runs."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -46,6 +50,10 @@ def start_daemon(address: str) -> subprocess.Popen:
             "daemon",
             "--address",
             address,
+            "--control-address",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--state-dir",
+            state_dir,
             "--log-level",
             "warning",
         ],
@@ -125,7 +133,8 @@ def main(
     policy = policy or DEFAULT_POLICY
     parse_policy(policy)  # a bad --policy fails here, before anything starts
     address = f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(address)
+    state_dir = tempfile.mkdtemp(prefix="lrpilot-demo-")
+    daemon = start_daemon(address, state_dir)
     changes: list[tuple[int, float, float, str]] = []
 
     def on_change(step: int, old: list[float], new: list[float], reason: str, actor: str) -> None:
@@ -159,6 +168,7 @@ def main(
     finally:
         daemon.terminate()
         daemon.wait(10)
+        shutil.rmtree(state_dir, ignore_errors=True)
     print(f"\nthe same training with a constant LR of {BASE_LR}, for comparison ...")
     constant = train(data, steps, None, quiet=True)
 
