@@ -11,7 +11,7 @@ names and defaults) and its policy object (``step``, ``state_dict``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -24,7 +24,7 @@ from .linear import LinearPolicy, LinearSpec
 from .multistep import MultiStepPolicy, MultiStepSpec
 from .onecycle import OneCyclePolicy, OneCycleSpec
 from .plateau import PlateauPolicy, PlateauSpec
-from .sequential import SequentialPolicy, SequentialSpec
+from .sequential import STAGE_SPECS, SequentialPolicy, SequentialSpec
 from .step import StepPolicy, StepSpec
 
 __all__ = [
@@ -58,33 +58,9 @@ __all__ = [
     "parse_policy",
 ]
 
-_SPECS = (
-    PlateauSpec,
-    CyclicSpec,
-    CosineRestartsSpec,
-    CosineSpec,
-    StepSpec,
-    MultiStepSpec,
-    ExponentialSpec,
-    LinearSpec,
-    OneCycleSpec,
-    SequentialSpec,
-)
+_SPECS = (*STAGE_SPECS, SequentialSpec)
 KINDS: tuple[str, ...] = tuple(spec.model_fields["kind"].default for spec in _SPECS)
-
-AnyPolicySpec = Annotated[
-    PlateauSpec
-    | CyclicSpec
-    | CosineRestartsSpec
-    | CosineSpec
-    | StepSpec
-    | MultiStepSpec
-    | ExponentialSpec
-    | LinearSpec
-    | OneCycleSpec
-    | SequentialSpec,
-    Field(discriminator="kind"),
-]
+AnyPolicySpec = Annotated[Union[_SPECS], Field(discriminator="kind")]  # noqa: UP007
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyPolicySpec)
 
 

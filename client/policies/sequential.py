@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -42,18 +42,19 @@ from .onecycle import OneCycleSpec
 from .plateau import PlateauSpec
 from .step import StepSpec
 
-StageSpec = Annotated[
-    PlateauSpec
-    | CyclicSpec
-    | CosineRestartsSpec
-    | CosineSpec
-    | StepSpec
-    | MultiStepSpec
-    | ExponentialSpec
-    | LinearSpec
-    | OneCycleSpec,
-    Field(discriminator="kind"),
-]
+# Every kind but sequential itself, in the order docs and errors list them.
+STAGE_SPECS: tuple[type[PolicySpec], ...] = (
+    PlateauSpec,
+    CyclicSpec,
+    CosineRestartsSpec,
+    CosineSpec,
+    StepSpec,
+    MultiStepSpec,
+    ExponentialSpec,
+    LinearSpec,
+    OneCycleSpec,
+)
+StageSpec = Annotated[Union[STAGE_SPECS], Field(discriminator="kind")]  # noqa: UP007
 
 
 class SequentialSpec(PolicySpec):
