@@ -38,8 +38,21 @@ from .control_client import control_address
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 24  # loss samples shown (the daemon samples once a second)
 REASON_WIDTH = 60  # characters of a change's reason before it is cut
+COLUMNS = (
+    "RUN",
+    "STATUS",
+    "STEP",
+    "STEPS/S",
+    "LOSS",
+    "LR",
+    "POLICY",
+    "LAST CHANGE",
+    "RANKS",
+    "LAG",
+)
 MAX_GROUPS_SHOWN = 4  # LR column: groups named before "+N more"
 QUIT_KEYS = b"qQ"
+QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # --- drawing -----------------------------------------------------------------
@@ -140,22 +153,16 @@ def render(
         parts.append(Text(error, style="bold red"))
     if runs:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
-        for name, justify in [
-            ("RUN", "left"),
-            ("STATUS", "left"),
-            ("STEP", "right"),
-            ("STEPS/S", "right"),
-            ("LOSS", "left"),
-            ("LR", "left"),
-            ("POLICY", "left"),
-            ("LAST CHANGE", "left"),
-            ("RANKS", "right"),
-            ("LAG", "right"),
-        ]:
+        right = {"STEP", "STEPS/S", "RANKS", "LAG"}
+        for name in COLUMNS:
             # One line per run. When the terminal is too narrow, LAST CHANGE
             # (the only column rich may shrink first) ends in "…".
-            last = name == "LAST CHANGE"
-            table.add_column(name, justify=justify, no_wrap=not last, overflow="ellipsis")  # type: ignore[arg-type]
+            table.add_column(
+                name,
+                justify="right" if name in right else "left",
+                no_wrap=name != "LAST CHANGE",
+                overflow="ellipsis",
+            )
         for run in runs:
             table.add_row(*run_row(run))
         parts.append(table)
@@ -238,18 +245,20 @@ def keys_mode(stdin: Any) -> Iterator[int | None]:
 
 @contextlib.contextmanager
 def interrupt_pipe() -> Iterator[int]:
-    """SIGINT wakes the loop through a pipe instead of raising anywhere: the
-    loop sees the pipe readable and ends the normal way, so the terminal is
-    always put back (and a second Ctrl-C changes nothing)."""
+    """SIGINT (Ctrl-C) and SIGTERM wake the loop through a pipe instead of
+    raising anywhere: the loop reads the signal's number from the pipe and
+    ends the normal way, so the terminal is always put back (and a second
+    Ctrl-C changes nothing)."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in QUIT_SIGNALS}
     previous_fd = signal.set_wakeup_fd(write_end)
     try:
         yield read_end
     finally:
         signal.set_wakeup_fd(previous_fd)
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         os.close(read_end)
         os.close(write_end)
 
@@ -290,8 +299,8 @@ def run_view(
                     poller.register(asker.socket, zmq.POLLIN)
                 # Wake at least once a second so the clock in the header moves.
                 ready = dict(poller.poll(max(0, min(wait, 1.0)) * 1000))
-                if wake_fd in ready:
-                    return  # Ctrl-C
+                if wake_fd in ready and any(n in QUIT_SIGNALS for n in os.read(wake_fd, 64)):
+                    return  # Ctrl-C or SIGTERM
                 if key_fd is not None and key_fd in ready:
                     typed = os.read(key_fd, 1024)
                     if not typed:
