@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "top",
         help="a live terminal view of every run",
         description="A live view of every run: step, steps/s, loss (sparkline), LR per group, "
-        "policy, last change and its reason, ranks, lag. q or Ctrl-C quits.",
+        "policy, last change and its reason, ranks, lag. q or Ctrl-C quits. When standard output "
+        "is not a terminal it prints one frame and exits.",
     )
     add_control_flags(top, json_flag=False)
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")

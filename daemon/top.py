@@ -328,6 +328,13 @@ def main(args: argparse.Namespace) -> None:
     address = control_address(args.control)
     interval = max(0.05, float(args.interval))
     timeout = max(0.05, float(args.timeout))
+    if not sys.stdout.isatty():
+        # Piped (`lrpilot top | less`, a cron job): one frame, no live view.
+        from .control_client import request
+
+        answer = request(address, {"op": "runs"}, timeout=timeout)
+        Console(width=160).print(render(answer["runs"], address, None, time.time()))
+        return
     try:
         with interrupt_pipe() as wake_fd, keys_mode(sys.stdin) as key_fd:
             run_view(Console(), address, interval, timeout, key_fd, wake_fd)

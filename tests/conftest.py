@@ -1,14 +1,43 @@
-"""Shared fixtures: how tests find the checkout and the installed `lrpilot` command."""
+"""Shared fixtures: how tests find the checkout and the installed `lrpilot`
+command, and a safety net that keeps every test away from the user's store
+and from a daemon the user may be running."""
 
 from __future__ import annotations
 
 import shutil
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _unused_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory) -> Iterator[Path]:
+    """A safety net, not the isolation itself: each test that starts a daemon
+    or a DataPlane gives it its own state dir and free ports. This makes sure
+    a test that forgets never writes ~/.local/state/lrpilot (a later daemon
+    would restore its runs) and never reaches a daemon on the default ports.
+    Set in os.environ so that subprocesses inherit it."""
+    state = tmp_path_factory.mktemp("lrpilot-state-fallback")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LRPILOT_STATE_DIR", str(state))
+    patch.delenv("XDG_STATE_HOME", raising=False)
+    patch.setenv("LRPILOT_CONTROL", _unused_address())
+    patch.setenv("LRPILOT_DAEMON", _unused_address())
+    try:
+        yield state
+    finally:
+        patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,22 @@
-"""The daemon's data plane (daemon/dataplane.py) as pure logic: frames in,
-replies out, no socket. What a restarted daemon does with batches that come
-before their hello, and how bad input is counted."""
+"""The daemon's data plane (daemon/dataplane.py) as logic: frames in, replies
+out, no socket; each test's plane has its own store in a tmp dir. What the
+plane does with batches from a session it does not know (it drops them and
+asks for a hello, the client sends them again), how it skips records it has
+already folded in, what a plane restarted on the same store restores, and
+how bad input is counted."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.dataplane import DataPlane
+from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
+from lrpilot.daemon.store import read_records
 from lrpilot.protocol import (
     REPORT,
     STEP,
@@ -16,6 +25,7 @@ from lrpilot.protocol import (
     GroupInfo,
     Hello,
     LRCommand,
+    Persisted,
     Processed,
     Welcome,
     decode,
@@ -37,33 +47,90 @@ def hello(run: str, step: int = 0, sync: bool = False, applied_version: int = 0)
     return [encode(message)]
 
 
-def replies(plane: DataPlane, identity: bytes, frames: list[bytes]) -> list:
-    out = plane.handle(identity, frames, 0.0)
+def replies(plane: DataPlane, identity: bytes, frames: list[bytes], now: float = 0.0) -> list:
+    out = plane.handle(identity, frames, now)
     assert all(to == identity for to, _ in out)
     return [decode(frames) for _, frames in out]
 
 
-def test_batches_before_hello_wait_for_it_and_are_replayed():
-    plane = DataPlane(DaemonConfig())
-    encoder = BatchEncoder("back", 0)
-    first = encoder.encode([(1, 1, STEP, {"loss": 1.0}), (2, 1, REPORT, {"val_loss": 1.0})], {})
-    second = encoder.encode([(3, 2, STEP, {"loss": 1.0}), (4, 2, REPORT, {"val_loss": 2.0})], {})
-    [error] = replies(plane, b"me", first)
+def commands(messages: list) -> list[LRCommand]:
+    return [m for m in messages if isinstance(m, LRCommand)]
+
+
+@pytest.fixture
+def make_plane(tmp_path: Path) -> Iterator:
+    """DataPlane(config) on a store of its own in tmp_path; closed at the end."""
+    planes: list[DataPlane] = []
+
+    def make(state_dir: Path = tmp_path / "state", **fields) -> DataPlane:
+        plane = DataPlane(DaemonConfig(state_dir=state_dir, **fields))
+        planes.append(plane)
+        return plane
+
+    yield make
+    for plane in planes:
+        if plane.store._writer.is_alive():
+            plane.close()
+
+
+# Steps 1 and 2, each with a val_loss report: 1.0 then 2.0 (patience 0: a cut).
+ENCODER = BatchEncoder("back", 0)
+FIRST = ENCODER.encode([(1, 1, STEP, {"loss": 1.0}), (2, 1, REPORT, {"val_loss": 1.0})], {})
+SECOND = ENCODER.encode([(3, 2, STEP, {"loss": 1.0}), (4, 2, REPORT, {"val_loss": 2.0})], {})
+
+
+def test_batches_before_hello_are_refused_and_processed_once_when_sent_again(make_plane):
+    plane = make_plane()
+    [error] = replies(plane, b"me", FIRST, now=0.0)
     assert isinstance(error, Error)
     assert error.code == "unknown_session"
-    assert replies(plane, b"me", second) == []  # asked once; it waits
+    # A second batch within the second: dropped, not answered again.
+    assert replies(plane, b"me", SECOND, now=0.5) == []
     assert plane.records_ingested == 0
-    # The client is at step 1 (it says hello late): records up to step 1 are
-    # old news for the policy, but step 1's report belongs after it.
-    got = replies(plane, b"me", hello("back", step=1))
-    assert isinstance(got[0], Welcome)
-    commands = [m for m in got if isinstance(m, LRCommand)]
-    assert [c.lrs for c in commands] == [[0.05]]  # val_loss 1.0 then 2.0: patience 0 cuts
+    assert plane.rejected["unknown_session"] == 2
+    assert "back" not in plane.registry.runs
+    # The client says hello, then sends again what the daemon did not keep.
+    [welcome] = replies(plane, b"me", hello("back"), now=0.6)
+    assert isinstance(welcome, Welcome)
+    assert welcome.command is None
+    assert commands(replies(plane, b"me", FIRST, now=0.7)) == []
+    [cut] = commands(replies(plane, b"me", SECOND, now=0.7))
+    assert cut.lrs == [0.05]  # val_loss 1.0 then 2.0, patience 0: one cut
+    assert (cut.version, cut.state_step, cut.actor) == (1, 2, "policy")
     assert plane.records_ingested == 4
+    engine = plane.registry.runs["back"].engine
+    before = (engine.step, engine.seq, engine.version, engine.policy.state_dict())
+    assert before[:3] == (2, 4, 1)
+    # The same batch again (its seqs are folded in already): skipped.
+    assert commands(replies(plane, b"me", SECOND, now=0.8)) == []
+    assert (engine.step, engine.seq, engine.version, engine.policy.state_dict()) == before
+    # Each record is recorded once.
+    plane.flush()
+    recorded = list(plane.store.records("back"))
+    assert recorded == [
+        (1, STEP, {"loss": 1.0}),
+        (1, REPORT, {"val_loss": 1.0}),
+        (2, STEP, {"loss": 1.0}),
+        (2, REPORT, {"val_loss": 2.0}),
+    ]
 
 
-def test_sync_session_gets_processed_with_the_last_seq():
-    plane = DataPlane(DaemonConfig())
+def test_unknown_session_is_answered_at_most_once_a_second_per_sender(make_plane):
+    plane = make_plane()
+    assert [e.code for e in replies(plane, b"a", FIRST, now=10.0)] == ["unknown_session"]
+    assert replies(plane, b"a", FIRST, now=10.0 + ASK_AGAIN_AFTER / 2) == []
+    # Another sender is asked on its own account.
+    assert [e.code for e in replies(plane, b"b", FIRST, now=10.1)] == ["unknown_session"]
+    # A second later, the first one is asked again (its hello may have been lost).
+    assert [e.code for e in replies(plane, b"a", FIRST, now=10.0 + ASK_AGAIN_AFTER)] == [
+        "unknown_session"
+    ]
+    assert plane.rejected["unknown_session"] == 4
+    assert plane.records_ingested == 0
+
+
+def test_sync_session_gets_processed_with_the_last_seq(make_plane):
+    plane = make_plane()
     replies(plane, b"s", hello("sync", sync=True))
     frames = BatchEncoder("sync", 0).encode(
         [(7, 1, STEP, {"loss": 1.0}), (8, 2, STEP, {"loss": 1.0}), (9, 2, REPORT, {})], {}
@@ -72,8 +139,57 @@ def test_sync_session_gets_processed_with_the_last_seq():
     assert processed == Processed(run="sync", seq=9)
 
 
-def test_bad_input_is_counted_by_reason():
-    plane = DataPlane(DaemonConfig(max_message_bytes=2048))
+def test_persisted_acks_come_once_the_store_has_committed(make_plane):
+    plane = make_plane()
+    replies(plane, b"p", hello("persist"))
+    replies(plane, b"p", BatchEncoder("persist", 0).encode([(1, 1, STEP, {"loss": 1.0})], {}))
+    assert plane.persisted() == []  # nothing committed before a tick
+    plane.flush()
+    assert [(to, decode(frames)) for to, frames in plane.persisted()] == [
+        (b"p", Persisted(run="persist", seq=1))
+    ]
+    assert plane.persisted() == []  # said once
+
+
+def test_a_plane_restarted_on_the_store_skips_what_it_folded_in(make_plane, tmp_path):
+    """A daemon killed after its last tick: the store has the run as of that
+    tick; the client, told to say hello, sends again what was not persisted
+    (here: everything, to see the skip) and the run ends where it would have."""
+    state = tmp_path / "restart"
+    first = make_plane(state)
+    identity = b"client-1"
+    replies(first, identity, hello("back", sync=True))
+    replies(first, identity, FIRST)
+    [cut] = commands(replies(first, identity, SECOND))
+    assert (cut.version, cut.lrs) == (1, [0.05])
+    first.flush()  # the last tick before the crash
+    stored = first.registry.runs["back"].engine.state_row()
+    third = ENCODER.encode([(5, 3, STEP, {"loss": 1.0}), (6, 3, REPORT, {"val_loss": 3.0})], {})
+    [second_cut] = commands(replies(first, identity, third))
+    assert second_cut.version == 2
+    want = first.registry.runs["back"].engine.state_row()
+    first.store.close()  # no tick: step 3 never reached the store
+
+    again = make_plane(state)
+    engine = again.registry.runs["back"].engine
+    assert engine.state_row() == stored
+    assert (engine.step, engine.seq, engine.version, engine.driver) == (2, 4, 1, identity.hex())
+    assert [e.code for e in replies(again, identity, third, now=1.0)] == ["unknown_session"]
+    got = replies(again, identity, hello("back", step=3, sync=True, applied_version=2))
+    assert isinstance(got[0], Welcome)
+    for frames in (FIRST, SECOND):  # already folded in: skipped
+        assert commands(replies(again, identity, frames, now=1.1)) == []
+    assert engine.state_row() == stored
+    [redo] = commands(replies(again, identity, third, now=1.2))
+    assert (redo.version, redo.lrs, redo.state_step) == (2, second_cut.lrs, 3)
+    assert engine.state_row() == want
+    again.flush()
+    steps = [(step, kind) for step, kind, _ in again.store.records("back")]
+    assert steps == [(1, STEP), (1, REPORT), (2, STEP), (2, REPORT), (3, STEP), (3, REPORT)]
+
+
+def test_bad_input_is_counted_by_reason(make_plane):
+    plane = make_plane(max_message_bytes=2048)
     replies(plane, b"c", hello("counted"))
     frames = BatchEncoder("counted", 0).encode(
         [(1, 1, STEP, {"loss": math.nan}), (2, 2, STEP, {"loss": math.inf}), (3, 3, STEP, {})],
@@ -106,41 +222,41 @@ def test_bad_input_is_counted_by_reason():
         "bad_hello": 1,
     }
     assert plane.records_ingested == 1
+    # The non-finite records are not part of the recorded stream.
+    plane.flush()
+    db = plane.store._db
+    assert [step for step, _, _ in read_records(db, "counted")] == [3]
 
 
-def test_sweep_ends_silent_sessions():
-    plane = DataPlane(DaemonConfig(silence_timeout=5.0))
+def test_sweep_ends_silent_sessions(make_plane):
+    plane = make_plane(silence_timeout=5.0)
     plane.handle(b"quiet", hello("quiet"), 0.0)
     plane.handle(b"loud", hello("loud"), 0.0)
     plane.handle(b"loud", BatchEncoder("loud", 0).encode([(1, 1, STEP, {})], {}), 4.0)
+    before = time.time()
     plane.sweep(6.0)
     assert plane.sessions_of("quiet") == []
     assert [s.rank for s in plane.sessions_of("loud")] == [0]
-    assert plane.registry.runs["quiet"].ended == 6.0
+    # `ended` is wall-clock time, like `created` (it is shown and stored).
+    assert before <= plane.registry.runs["quiet"].ended <= time.time()
+    assert plane.registry.runs["loud"].ended is None
 
 
-def test_welcome_does_not_duplicate_a_replayed_decision():
-    """A restarted daemon gets a client's parked batches, then its hello: the
-    replay decides a cut (command v1). The client said it applied nothing and
-    the daemon took the client's state, so the welcome has nothing to add."""
-    plane = DataPlane(DaemonConfig())
-    frames = BatchEncoder("dup", 0).encode(
-        [
-            (1, 1, STEP, {}),
-            (2, 1, REPORT, {"val_loss": 1.0}),
-            (3, 2, STEP, {}),
-            (4, 2, REPORT, {"val_loss": 2.0}),
-        ],
-        {},
-    )
-    replies(plane, b"me", frames)
-    got = replies(plane, b"me", hello("dup", step=1))
-    commands = [m for m in got if isinstance(m, LRCommand)]
-    welcome = got[0]
+def test_a_decision_is_said_once(make_plane):
+    """A decision is one version, sent once: records that come again do not
+    repeat it, and a client that says hello having applied it is not sent it
+    again (one that missed it gets the run's state in the welcome)."""
+    plane = make_plane()
+    replies(plane, b"me", hello("dup"))
+    assert commands(replies(plane, b"me", FIRST)) == []
+    [cut] = commands(replies(plane, b"me", SECOND))
+    assert (cut.version, cut.actor) == (1, "policy")
+    assert commands(replies(plane, b"me", SECOND)) == []
+    [welcome] = replies(plane, b"me", hello("dup", step=2, applied_version=1))
     assert isinstance(welcome, Welcome)
-    versions = [c.version for c in commands]
-    if welcome.command is not None:
-        versions.append(welcome.command.version)
-    # One decision, one version, said once, with the policy's reason.
-    assert versions == [1]
-    assert commands[0].actor == "policy"
+    assert (welcome.version, welcome.command) == (1, None)
+    [welcome] = replies(plane, b"other", hello("dup", step=2, applied_version=0))
+    assert welcome.command is not None
+    assert (welcome.command.version, welcome.command.lrs) == (1, [0.05])
+    history = plane.store.history("dup")
+    assert [(e["version"], e["actor"], e["new_lrs"]) for e in history] == [(1, "policy", [0.05])]

@@ -9,6 +9,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,8 +41,10 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 @contextmanager
-def serving(address: str = "tcp://127.0.0.1:0") -> Iterator[Daemon]:
-    daemon = Daemon(DaemonConfig(address=address))
+def serving(state_dir: Path, address: str = "tcp://127.0.0.1:0") -> Iterator[Daemon]:
+    """A daemon in a thread, with its own store and free ports (never the defaults)."""
+    config = DaemonConfig(address=address, control_address="tcp://127.0.0.1:0", state_dir=state_dir)
+    daemon = Daemon(config)
     thread = daemon.serve_in_thread()
     try:
         assert daemon.ready.is_set()
@@ -53,8 +56,8 @@ def serving(address: str = "tcp://127.0.0.1:0") -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
-    with serving() as running:
+def daemon(tmp_path) -> Iterator[Daemon]:
+    with serving(tmp_path / "state") as running:
         yield running
 
 
@@ -201,7 +204,7 @@ def test_sync_without_daemon_times_out_once_then_stops_waiting():
     assert len([m for m in lrpilot_warnings(caught) if "did not answer" in m]) == 1
 
 
-def test_bounded_queue_drops_the_oldest_records_and_counts_them():
+def test_bounded_queue_drops_the_oldest_records_and_counts_them(tmp_path):
     address = nobody_listening()
     optimizer = two_groups()
     with recording() as caught:
@@ -222,7 +225,7 @@ def test_bounded_queue_drops_the_oldest_records_and_counts_them():
             assert len(drops) == 1, lrpilot_warnings(caught)
             # A daemon comes up on that address: what was kept reaches it, and
             # what was kept is the newest (the last step), not the oldest.
-            with serving(address) as daemon:
+            with serving(tmp_path / "state", address) as daemon:
                 wait_for(lambda: pilot.flush(timeout=0.05), what="the queue to drain")
                 assert pilot.stats.records_sent + pilot.stats.records_dropped == total
                 assert pilot.stats.records_dropped == dropped
