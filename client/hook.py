@@ -54,6 +54,9 @@ MAX_BATCH = 256
 IO_INTERVAL = 0.001
 # Records held while the daemon is away (~100 s at 1 kHz); then the oldest go.
 MAX_QUEUE = 100_000
+# A sync step that has heard nothing this long sends its unpersisted records
+# again (its daemon may have died with them); then again, until sync_timeout.
+RESEND_AFTER_MS = 500
 
 ChangeCallback = Callable[[int, list[float], list[float], str, str], None]
 
@@ -171,7 +174,10 @@ class Pilot:
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
         if self._policy is not None:
             self._write(self._policy)
-        self._send_hello()
+        # Hello waits for the first step, report or load_state_dict: a pilot
+        # about to load a checkpoint must not first tell the daemon it is at
+        # step 0 (the daemon would take that for a restart from scratch).
+        self._said_hello = False
 
     # --- the hot path -----------------------------------------------------
 
@@ -181,6 +187,8 @@ class Pilot:
         for name, value in metrics.items():
             if type(value) is not float:
                 metrics[name] = as_float(name, value)
+        if not self._said_hello:
+            self._send_hello()  # as of before this step: the daemon takes it next
         n = self.step_count = self.step_count + 1
         if not self._tensor_lrs:
             for group, lr in zip(self._groups, self._left):
@@ -214,6 +222,8 @@ class Pilot:
         for name, value in metrics.items():
             if type(value) is not float:
                 metrics[name] = as_float(name, value)
+        if not self._said_hello:
+            self._send_hello()
         self._enqueue(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick, and look for the answer at
@@ -283,7 +293,15 @@ class Pilot:
         deadline = time.monotonic() + self.sync_timeout
         while self._processed_seq < wait_for:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            frames = self._link.receive(timeout_ms=max(left_ms, 1)) if left_ms > 0 else None
+            wait_ms = min(left_ms, RESEND_AFTER_MS)
+            frames = self._link.receive(timeout_ms=max(wait_ms, 1)) if left_ms > 0 else None
+            if frames is None and left_ms > RESEND_AFTER_MS:
+                # A daemon killed mid-step took our record with it; a new one
+                # on the same address has not heard of us and will not ask.
+                # Send again what it may lack (a live daemon skips repeats).
+                self._requeue_unacked()
+                self._flush()
+                continue
             if frames is None:
                 self.stats.sync_timeouts += 1
                 self._daemon_silent = True
@@ -294,6 +312,8 @@ class Pilot:
                 )
                 return
             self._handle(frames)
+            if self._queue:  # the daemon restarted and asked for what it lacks
+                self._flush()
 
     def _flush(self) -> None:
         """Send the queue in batches while the pipe takes them."""
@@ -339,6 +359,9 @@ class Pilot:
         """The daemon restarted (or ended our session): say hello again, then
         send again what it had not persisted, ahead of what is queued."""
         self._send_hello()
+        self._requeue_unacked()
+
+    def _requeue_unacked(self) -> None:
         if self._unacked:
             records = [*self._unacked, *self._queue]
             self._unacked.clear()
@@ -410,6 +433,7 @@ class Pilot:
         self._left = lrs
 
     def _send_hello(self) -> None:
+        self._said_hello = True
         self._send(
             Hello(
                 run=self.run,
@@ -504,6 +528,8 @@ class Pilot:
         """Send what is queued, waiting up to ``timeout`` while the daemon takes
         it; returns at once when the daemon is away. True if all went."""
         deadline = time.monotonic() + timeout
+        if not self._said_hello:
+            self._send_hello()
         while True:
             self._exchange()
             if not self._queue or not self._link.writable() or time.monotonic() >= deadline:

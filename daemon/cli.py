@@ -71,8 +71,6 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             if line["step"]:
                 print(json.dumps(line))
         return
-    if not args.base_lr:
-        raise CommandError("--base-lr is required (one per param group) unless --from-run")
     try:
         policy = parse_policy(spec).build(args.base_lr)
     except SpecError as exc:
@@ -351,15 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import sqlite3
+
     from .control_client import ControlClientError
     from .store import StoreError
 
     if getattr(args, "command", None) == "policy" and not args.requested and args.file is None:
         parser.error("policy: give a FILE (or -), or --requested")
+    if getattr(args, "command", None) == "simulate" and not args.from_run and not args.base_lr:
+        parser.error("simulate: --base-lr is required (one per param group) unless --from-run")
     try:
         args.func(args)
     except (CommandError, ControlClientError, StoreError, ValueError) as exc:
         print(f"lrpilot {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"lrpilot {args.command}: cannot read the store: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `lrpilot simulate ... | head` closes our stdout early; not an error.

@@ -63,8 +63,11 @@ class DataPlane:
         self._rows: list[tuple] = []  # records for the next tick's batch
         self._dirty: set[str] = set()  # runs whose state changed since the last tick
         self._to_ack: dict[bytes, tuple[str, int]] = {}  # sender -> (run, last seq)
+        self._acks: Outgoing = []  # persisted messages not yet sent
         for row in self.store.load_runs():
-            self.registry.add(Run.from_row(row, config.command_lead_steps))
+            run = Run.from_row(row, config.command_lead_steps)
+            run.engine.last_change = self.store.last_command(run.run_id)
+            self.registry.add(run)
 
     # --- messages ---------------------------------------------------------
 
@@ -208,7 +211,9 @@ class DataPlane:
         drives = run.driver is session
         me = identity.hex()
         if drives and engine.driver != me:
-            engine.driver, engine.seq = me, 0  # a new client drives: its own seq numbers
+            # A new client drives, with its own seq numbers.
+            engine.driver, engine.seq = me, 0
+            run.stored_seq = run.committed_seq = 0
         bad: list[str] = []
         seq = header.first_seq - 1
         fresh = first_step = step = 0
@@ -223,10 +228,12 @@ class DataPlane:
                 self.records_ingested += 1
                 if kind != REPORT:
                     session.saw_step(step, now)
-                if not drives or seq <= engine.seq:
-                    continue  # telemetry only, or already folded in before a restart
-                if not fresh:
-                    fresh, first_step = seq, step
+                if not drives:
+                    continue  # telemetry only
+                if seq > run.stored_seq and not fresh:
+                    fresh, first_step = seq, step  # the store lacks it from here on
+                if seq <= engine.seq:
+                    continue  # folded in before a restart
                 engine.seq = seq
                 run.last_metrics = metrics
                 if kind == REPORT:
@@ -239,6 +246,7 @@ class DataPlane:
             self.rejected["malformed"] += 1
             out.append((identity, error("malformed", str(exc))))
         if fresh:
+            run.stored_seq = seq
             self._dirty.add(run.run_id)
             self._rows.append(
                 (
@@ -274,8 +282,11 @@ class DataPlane:
         return [(identity, error("unknown_session", "say hello first"))]
 
     def send_command(self, run: Run, command: LRCommand) -> Outgoing:
-        """Journal the command (on disk), then address it to every rank."""
-        self.store.journal(run.run_id, command, run.engine.old_lrs)
+        """Journal the command with the run's state (on disk), then address it
+        to every rank. The state goes with it so that a daemon killed right
+        after does not make the decision again from records sent again."""
+        row = run.row(time.time(), stored_seq=run.committed_seq)
+        self.store.journal(run.run_id, command, run.engine.old_lrs, row)
         self._dirty.add(run.run_id)
         log.info(
             "run %s v%d from step %d: lrs %s (%s, %s)",
@@ -312,14 +323,21 @@ class DataPlane:
         """Tick and wait until the store has committed it."""
         self.tick(time.monotonic())
         self.store.wait()
+        self._note_committed()
 
     def persisted(self) -> Outgoing:
         """`persisted` messages for every batch the store has committed."""
-        out: Outgoing = []
+        self._note_committed()
+        out, self._acks = self._acks, []
+        return out
+
+    def _note_committed(self) -> None:
         while not self.store.committed.empty():
             for identity, (run_id, seq) in self.store.committed.get().items():
-                out.append((identity, [encode(Persisted(run=run_id, seq=seq))]))
-        return out
+                self._acks.append((identity, [encode(Persisted(run=run_id, seq=seq))]))
+                run = self.registry.runs.get(run_id)
+                if run is not None and run.engine.driver == identity.hex():
+                    run.committed_seq = max(run.committed_seq, min(seq, run.stored_seq))
 
     def sweep(self, now: float) -> None:
         """Once a second: sample each run's loss; end sessions silent for

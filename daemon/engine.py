@@ -132,10 +132,12 @@ class PolicyEngine:
         self.version += 1
         lead = self.lead_steps if lead is None else lead
         effective = self.step + 1 + lead
-        if self.last_change is not None:
+        last = self.last_change
+        if last is not None and last.state_step <= self.step:
             # Clients apply commands in version order: never schedule a newer
-            # one before an older one.
-            effective = max(effective, self.last_change.effective_step)
+            # one before an older one (unless the run went back to a
+            # checkpoint before it, when the old one is history).
+            effective = max(effective, last.effective_step)
         command = self._snapshot(self.version, effective, reason, actor, policy_changed)
         self.last_change = command
         return command

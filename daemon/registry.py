@@ -55,6 +55,11 @@ class Run:
     requested_policy: dict[str, Any] | None = None
     sessions: dict[int, Session] = field(default_factory=dict)  # by rank
     ended: float | None = None  # wall clock, like created
+    # The driver's records: handed to the store up to stored_seq, committed
+    # up to committed_seq. rev orders the run's rows (see store.upsert_run).
+    stored_seq: int = 0
+    committed_seq: int = 0
+    rev: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)  # the driver's last record
     # The loss, sampled once a second (the last minute), for `lrpilot top`.
     loss_history: deque = field(default_factory=lambda: deque(maxlen=60))
@@ -80,8 +85,13 @@ class Run:
         rate = max((s.steps_per_s for s in self.sessions.values()), default=0.0)
         return max(1, round(rate * seconds))
 
-    def row(self, now: float) -> dict[str, Any]:
+    def row(self, now: float, stored_seq: int | None = None) -> dict[str, Any]:
+        """The run's state for the store; ``stored_seq`` is how far its
+        records are in the store along with this row (default: the tick's)."""
+        self.rev += 1
         return {
+            "rev": self.rev,
+            "stored_seq": self.stored_seq if stored_seq is None else stored_seq,
             "run_id": self.run_id,
             "created": self.created,
             "updated": now,
@@ -104,6 +114,9 @@ class Run:
             created=row["created"],
             requested_policy=row["requested_policy"],
             ended=row["ended"] or time.time(),
+            stored_seq=row["stored_seq"],
+            committed_seq=row["stored_seq"],
+            rev=row["rev"],
         )
 
 

@@ -15,6 +15,7 @@ i + 1, and opening a store applies whatever it lacks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -27,6 +28,7 @@ from typing import Any
 from lrpilot.protocol import MetricsHeader, decode_records, first_non_finite
 
 DB_NAME = "lrpilot.sqlite3"
+log = logging.getLogger("lrpilot.daemon")
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first release.
@@ -46,6 +48,8 @@ MIGRATIONS: list[str] = [
         step INTEGER NOT NULL,
         driver TEXT,
         seq INTEGER NOT NULL,
+        stored_seq INTEGER NOT NULL,
+        rev INTEGER NOT NULL,
         version INTEGER NOT NULL,
         lrs TEXT NOT NULL,
         held TEXT
@@ -66,7 +70,7 @@ MIGRATIONS: list[str] = [
         applied_step INTEGER,
         late INTEGER
     );
-    CREATE INDEX journal_by_run ON journal (run_id, version);
+    CREATE UNIQUE INDEX journal_by_run ON journal (run_id, version);
     CREATE TABLE batches (
         run_id TEXT NOT NULL,
         first_step INTEGER NOT NULL,
@@ -80,6 +84,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE snapshots (
         run_id TEXT NOT NULL,
         step INTEGER NOT NULL,
+        rev INTEGER NOT NULL,
         seq INTEGER NOT NULL,
         version INTEGER NOT NULL,
         policy TEXT,
@@ -107,6 +112,8 @@ RUN_COLUMNS = (
     "step",
     "driver",
     "seq",
+    "stored_seq",
+    "rev",
     "version",
     "lrs",
     "held",
@@ -126,6 +133,7 @@ JSON_COLUMNS = {
 SNAPSHOT_COLUMNS = (
     "run_id",
     "step",
+    "rev",
     "seq",
     "version",
     "policy",
@@ -214,10 +222,32 @@ class Store:
 
     # --- the loop's connection: small writes that must land before a send --
 
-    def journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
+    def journal(
+        self,
+        run_id: str,
+        command: Any,
+        old_lrs: Sequence[float],
+        row: dict[str, Any] | None = None,
+    ) -> None:
+        """The command, and the run's state that made it, in one transaction.
+        A version already journaled (the same decision made again from records
+        a client sent again after a crash) is kept as it was."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_journal(run_id, command, old_lrs)
+            if row is not None:
+                self._db.execute(*upsert_run(row))
+                _write_snapshot(self._db, row)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _insert_journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
         self._db.execute(
-            "INSERT INTO journal (run_id, version, effective_step, state_step, old_lrs, new_lrs,"
-            " reason, actor, time, policy, hold) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR IGNORE INTO journal (run_id, version, effective_step, state_step,"
+            " old_lrs, new_lrs, reason, actor, time, policy, hold)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 run_id,
                 command.version,
@@ -234,8 +264,11 @@ class Store:
         )
 
     def save_run(self, row: dict[str, Any]) -> None:
-        """Write a run's whole state now (operator changes, a new run)."""
+        """Write a run's whole state now, with a snapshot (a new run)."""
+        self._db.execute("BEGIN IMMEDIATE")
         self._db.execute(*upsert_run(row))
+        _write_snapshot(self._db, row)
+        self._db.execute("COMMIT")
 
     def load_runs(self) -> list[dict[str, Any]]:
         return [decode_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created")]
@@ -248,9 +281,30 @@ class Store:
         )
         return [decode_row(r) for r in rows]
 
+    def last_command(self, run_id: str) -> Any:
+        """The run's last journaled command (as the LRCommand it was), or None."""
+        from lrpilot.protocol import LRCommand
+
+        entries = self.history(run_id, limit=1)
+        if not entries:
+            return None
+        e = entries[0]
+        return LRCommand(
+            run=run_id,
+            version=e["version"],
+            effective_step=e["effective_step"],
+            state_step=e["state_step"],
+            lrs=e["new_lrs"],
+            policy=e["policy"],
+            hold=bool(e["hold"]),
+            reason=e["reason"],
+            actor=e["actor"],
+        )
+
     def snapshot_at(self, run_id: str, step: int) -> dict[str, Any] | None:
         row = self._db.execute(
-            "SELECT * FROM snapshots WHERE run_id = ? AND step <= ? ORDER BY step DESC, rowid DESC"
+            "SELECT * FROM snapshots WHERE run_id = ? AND step <= ?"
+            " ORDER BY step DESC, rev DESC, rowid DESC"
             " LIMIT 1",
             (run_id, step),
         ).fetchone()
@@ -291,7 +345,11 @@ class Store:
             db.execute("COMMIT")
         except sqlite3.Error:
             self.write_errors += 1
+            log.exception("the store could not commit %d batch(es); they are lost", len(batches))
             db.execute("ROLLBACK")
+            for _, notice in batches:  # nobody may wait forever on a lost batch
+                if isinstance(notice, threading.Event):
+                    notice.set()
             return
         for _, notice in batches:
             if isinstance(notice, threading.Event):
@@ -312,10 +370,15 @@ class Store:
 
 
 def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
+    """Write a run's row unless the store already has a newer revision: the
+    loop's connection (decisions) and the writer's (ticks) may commit out of
+    order."""
     values = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in RUN_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in RUN_COLUMNS if c != "run_id")
     sql = (
-        f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)})"
+        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)})"
         f" VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
+        f" ON CONFLICT (run_id) DO UPDATE SET {updates} WHERE excluded.rev > runs.rev"
     )
     return sql, values
 
@@ -330,6 +393,10 @@ def _write_batches(db: sqlite3.Connection, rows: list[tuple]) -> None:
 
 def _write_run(db: sqlite3.Connection, row: dict[str, Any]) -> None:
     db.execute(*upsert_run(row))
+    _write_snapshot(db, row)
+
+
+def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
     snap = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in SNAPSHOT_COLUMNS)
     db.execute(
         f"INSERT INTO snapshots ({', '.join(SNAPSHOT_COLUMNS)})"
@@ -357,9 +424,10 @@ def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
     snapshots belong to a timeline that no longer is."""
     run_id, step = arg
     db.execute("DELETE FROM batches WHERE run_id = ? AND first_step > ?", (run_id, step))
-    db.execute(
-        "UPDATE batches SET valid_until = ? WHERE run_id = ? AND last_step > ?",
-        (step, run_id, step),
+    db.execute(  # MIN: an earlier resume's cut stands
+        "UPDATE batches SET valid_until = MIN(COALESCE(valid_until, ?1), ?1)"
+        " WHERE run_id = ?2 AND last_step > ?1",
+        (step, run_id),
     )
     db.execute("DELETE FROM snapshots WHERE run_id = ? AND step > ?", (run_id, step))
 

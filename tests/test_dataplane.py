@@ -152,9 +152,11 @@ def test_persisted_acks_come_once_the_store_has_committed(make_plane):
 
 
 def test_a_plane_restarted_on_the_store_skips_what_it_folded_in(make_plane, tmp_path):
-    """A daemon killed after its last tick: the store has the run as of that
-    tick; the client, told to say hello, sends again what was not persisted
-    (here: everything, to see the skip) and the run ends where it would have."""
+    """A daemon killed after a decision but before its next tick: the decision
+    went to the store with the run's state (journal and state in one
+    transaction), the records since the last tick did not. The client, told
+    to say hello, sends again what was not persisted (here: everything, to see
+    the skip): nothing is decided twice, and the missing records are stored."""
     state = tmp_path / "restart"
     first = make_plane(state)
     identity = b"client-1"
@@ -163,29 +165,27 @@ def test_a_plane_restarted_on_the_store_skips_what_it_folded_in(make_plane, tmp_
     [cut] = commands(replies(first, identity, SECOND))
     assert (cut.version, cut.lrs) == (1, [0.05])
     first.flush()  # the last tick before the crash
-    stored = first.registry.runs["back"].engine.state_row()
     third = ENCODER.encode([(5, 3, STEP, {"loss": 1.0}), (6, 3, REPORT, {"val_loss": 3.0})], {})
     [second_cut] = commands(replies(first, identity, third))
     assert second_cut.version == 2
     want = first.registry.runs["back"].engine.state_row()
-    first.store.close()  # no tick: step 3 never reached the store
+    first.store.close()  # no tick: step 3's records never reached the store
 
     again = make_plane(state)
     engine = again.registry.runs["back"].engine
-    assert engine.state_row() == stored
-    assert (engine.step, engine.seq, engine.version, engine.driver) == (2, 4, 1, identity.hex())
+    assert engine.state_row() == want
+    assert (engine.step, engine.seq, engine.version, engine.driver) == (3, 6, 2, identity.hex())
+    assert engine.last_change.version == 2
     assert [e.code for e in replies(again, identity, third, now=1.0)] == ["unknown_session"]
     got = replies(again, identity, hello("back", step=3, sync=True, applied_version=2))
     assert isinstance(got[0], Welcome)
-    for frames in (FIRST, SECOND):  # already folded in: skipped
+    for frames in (FIRST, SECOND, third):  # already folded in: skipped
         assert commands(replies(again, identity, frames, now=1.1)) == []
-    assert engine.state_row() == stored
-    [redo] = commands(replies(again, identity, third, now=1.2))
-    assert (redo.version, redo.lrs, redo.state_step) == (2, second_cut.lrs, 3)
     assert engine.state_row() == want
     again.flush()
     steps = [(step, kind) for step, kind, _ in again.store.records("back")]
     assert steps == [(1, STEP), (1, REPORT), (2, STEP), (2, REPORT), (3, STEP), (3, REPORT)]
+    assert [e["version"] for e in again.store.history("back")] == [1, 2]
 
 
 def test_bad_input_is_counted_by_reason(make_plane):

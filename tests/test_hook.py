@@ -440,6 +440,7 @@ def test_named_param_groups_reach_the_daemon(daemon):
     optimizer = two_groups()  # groups: "body" (named), then an unnamed one
     pilot = lrpilot.attach(optimizer, run="named", daemon=daemon.bound_address)
     try:
+        pilot.step(loss=1.0)  # hello goes with the first step (a checkpoint may come first)
         runs = daemon.plane.registry.runs
         run = wait_for(lambda: runs.get("named"), what="the hello to reach the daemon")
         assert run.group_names == ["body", "1"]
@@ -456,6 +457,7 @@ def test_attach_takes_the_address_from_the_environment(daemon, monkeypatch):
     pilot = lrpilot.attach(two_groups())
     try:
         assert pilot.run == "from-env"
+        pilot.step(loss=1.0)
         wait_for(lambda: "from-env" in daemon.plane.registry.runs, what="the hello")
     finally:
         pilot.close()

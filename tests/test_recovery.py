@@ -243,13 +243,6 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
         assert summary["stats"][name]["daemon_errors"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: client/hook.py Pilot._exchange: in the sync wait, an unknown_session "
-    "answer makes _reintroduce() re-queue the unpersisted records but nothing flushes "
-    "them until the wait ends, so the step waits the whole sync_timeout although the "
-    "restarted daemon is there",
-)
 def test_the_sync_wait_covers_a_restart(lrpilot_exe, tmp_path, processes):
     """kill -9 while a lock-step training runs; a daemon restarted within the
     sync timeout (20 s) takes the run back at once, and the LRs are those of
@@ -379,12 +372,10 @@ RESUME_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=RESUME_BUG)
 def test_resume_from_a_checkpoint_with_the_daemon_running(lrpilot_exe, tmp_path, processes):
     checkpointed(lrpilot_exe, tmp_path, processes, restart=False)
 
 
-@pytest.mark.xfail(strict=True, reason=RESUME_BUG)
 def test_resume_from_a_checkpoint_with_the_daemon_restarted(lrpilot_exe, tmp_path, processes):
     checkpointed(lrpilot_exe, tmp_path, processes, restart=True)
 
@@ -412,13 +403,6 @@ def killed(plane: DataPlane) -> None:
     plane.store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: daemon/control.py ControlPlane.op_set_lr/op_pause/op_resume/op_policy journal "
-    "the command and send it, but the run's new state (hold, version) reaches the store only "
-    "at the next tick (Store.save_run is never called for an operator change): a daemon "
-    "killed in between comes back without the hold the journal records and the client applied",
-)
 def test_an_operator_change_is_on_disk_before_it_is_sent(tmp_path):
     config = DaemonConfig(state_dir=tmp_path / "state")
     plane = DataPlane(config)
@@ -438,13 +422,6 @@ def test_an_operator_change_is_on_disk_before_it_is_sent(tmp_path):
         again.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: daemon/dataplane.py: a decision is journaled at once but the run state "
-    "(version, seq) only at the next tick; killed in between, the restarted daemon makes the "
-    "decision again from the records the client sends again, and journals the same version "
-    "a second time (`lrpilot history` shows it twice)",
-)
 def test_a_decision_made_again_after_a_kill_is_journaled_once(tmp_path):
     config = DaemonConfig(state_dir=tmp_path / "state")
     encoder = BatchEncoder("dec", 0)
@@ -555,13 +532,6 @@ def test_a_client_back_at_an_earlier_step_gets_the_state_rebuilt_there(tmp_path)
         plane.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: daemon/dataplane.py DataPlane._rewind keeps the abandoned timeline's "
-    "last_change, and PolicyEngine.command never schedules before last_change.effective_step: "
-    "after a resume from a checkpoint every decision is scheduled at the old timeline's last "
-    "effective step (e.g. 146 for a cut decided at record 65)",
-)
 def test_decisions_after_a_resume_are_scheduled_from_the_checkpoint(tmp_path):
     plane, _, timeline_b, _ = rewound(tmp_path)
     try:
@@ -571,13 +541,6 @@ def test_decisions_after_a_resume_are_scheduled_from_the_checkpoint(tmp_path):
         plane.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: daemon/store.py/dataplane.py: a run's first snapshot is written at the first "
-    "tick after its hello, at whatever step it has reached then (save_run writes no snapshot); "
-    "DataPlane._rewind to a checkpoint before that step finds no snapshot and keeps the later "
-    "timeline's policy state",
-)
 def test_a_checkpoint_before_the_first_tick_is_rebuilt_too(tmp_path):
     spec = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}
     plane = DataPlane(DaemonConfig(state_dir=tmp_path / "state"))
@@ -608,13 +571,6 @@ def test_a_checkpoint_before_the_first_tick_is_rebuilt_too(tmp_path):
         plane.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: daemon/engine.py PolicyEngine.from_row does not restore last_change (the runs "
-    "table has no column for it): after a restart `lrpilot runs`/`show`/`top` say a run has "
-    "no last change although the journal has them, and the next command is not kept from "
-    "being scheduled before the last one",
-)
 def test_a_restart_keeps_the_last_change_of_each_run(tmp_path):
     config = DaemonConfig(state_dir=tmp_path / "state")
     plane = DataPlane(config)

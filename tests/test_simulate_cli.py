@@ -173,16 +173,7 @@ def test_bad_policy_or_file_is_one_line_exit_1(lrpilot_exe, args, message):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        pytest.param(
-            ["--policy", PLATEAU],
-            "--base-lr",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: daemon/cli.py cmd_simulate raises CommandError (exit 1) for a "
-                "missing --base-lr since --from-run made it optional; docs/policies.md "
-                "says a missing --base-lr is a bad command line, exit 2",
-            ),
-        ),
+        (["--policy", PLATEAU], "--base-lr"),
         (["--policy", PLATEAU, "--base-lr", "fast"], "not a number: 'fast'"),
         (["--policy", PLATEAU, "--base-lr", "0"], "positive number"),
         (["--base-lr", "0.1"], "--policy"),
