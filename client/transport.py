@@ -59,9 +59,6 @@ class DaemonLink:
         except zmq.Again:
             return None
 
-    def readable(self) -> bool:
-        return bool(self._sock.getsockopt(EVENTS) & POLLIN)
-
     def close(self) -> None:
         self._sock.close()
         self._context.term()

@@ -43,12 +43,6 @@ class DaemonConfig(BaseModel):
     max_message_bytes: int = Field(
         MAX_MESSAGE_BYTES, ge=1024, description="larger messages are refused with an error"
     )
-    max_pending_batches: int = Field(
-        1000,
-        ge=0,
-        description="metrics batches kept per unknown session until it says hello again "
-        "(after a daemon restart)",
-    )
     command_lead_steps: int = Field(
         0,
         ge=0,

@@ -33,14 +33,21 @@ def free_address() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "condition",
+    detail: Callable[[], str] = lambda: "",
+) -> T:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds,
+    naming ``what`` and adding ``detail()`` (a log, a screen)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail()}")
         time.sleep(0.01)
 
 

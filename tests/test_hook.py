@@ -5,7 +5,6 @@ thread of the test process."""
 from __future__ import annotations
 
 import socket
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from procs import wait_for
 
 import lrpilot
 from lrpilot.daemon.config import DaemonConfig
@@ -27,17 +27,6 @@ def nobody_listening() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"tcp://127.0.0.1:{port}"
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 @contextmanager

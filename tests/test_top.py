@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from procs import DaemonProcess, free_address, wait_for
 from rich.console import Console
 
 from lrpilot.daemon.control_client import ControlClientError, request
@@ -182,75 +182,24 @@ def test_a_long_reason_is_cut_and_keeps_one_line_per_run():
 # --- in a real terminal ---------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, detail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail()}")
-        time.sleep(0.05)
-
-
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
 
 
-class Daemon:
-    """`lrpilot daemon` with its own store and ports; its log goes to a file."""
-
-    def __init__(self, exe: str, where: Path, data_port: int, control_port: int) -> None:
-        self.address = f"tcp://127.0.0.1:{data_port}"
-        self.control = f"tcp://127.0.0.1:{control_port}"
-        self.log_path = where / "daemon.log"
-        with open(self.log_path, "w") as sink:
-            self.proc = subprocess.Popen(
-                [
-                    exe,
-                    "daemon",
-                    "--address",
-                    self.address,
-                    "--control-address",
-                    self.control,
-                    "--state-dir",
-                    str(where / "state"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_ready(self) -> None:
-        def listening() -> bool:
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log()}"
-            return f"listening on {self.address}" in self.log()
-
-        wait_for(listening, STARTUP_S, "the daemon to listen", self.log)
-
-    def runs(self) -> list[dict]:
-        try:
-            return request(self.control, {"op": "runs"}, timeout=1.0)["runs"]
-        except ControlClientError:
-            return []
+def runs_of(daemon: DaemonProcess) -> list[dict]:
+    try:
+        return request(daemon.control, {"op": "runs"}, timeout=1.0)["runs"]
+    except ControlClientError:
+        return []
 
 
 @pytest.fixture(scope="module")
-def live_run(lrpilot_exe, tmp_path_factory) -> Iterator[tuple[Daemon, str]]:
+def live_run(lrpilot_exe, tmp_path_factory) -> Iterator[tuple[DaemonProcess, str]]:
     """A daemon and a real training attached to it; (daemon, run id)."""
     where = tmp_path_factory.mktemp("top-live")
-    daemon = Daemon(lrpilot_exe, where, free_port(), free_port())
+    daemon = DaemonProcess(lrpilot_exe, where / "state", where / "daemon.log")
     run = f"top-{uuid.uuid4().hex[:8]}"
     training = None
     try:
@@ -266,7 +215,7 @@ def live_run(lrpilot_exe, tmp_path_factory) -> Iterator[tuple[Daemon, str]]:
 
         def attached() -> bool:
             assert training.poll() is None, (where / "train.out").read_text()
-            return any(r["run"] == run and r["step"] > 0 for r in daemon.runs())
+            return any(r["run"] == run and r["step"] > 0 for r in runs_of(daemon))
 
         wait_for(attached, STARTUP_S, "the training to attach", lambda: daemon.log())
         yield daemon, run
@@ -416,13 +365,14 @@ def test_top_quits_on_ctrl_c(lrpilot_exe, live_run, tmux):
 
 
 def test_top_says_when_the_daemon_does_not_answer_and_picks_it_up(lrpilot_exe, tmux, tmp_path):
-    data_port, control_port = free_port(), free_port()
-    control = f"tcp://127.0.0.1:{control_port}"
+    control = free_address()
     tmux.start(top_command(lrpilot_exe, control))
     no_answer = f"no answer from daemon at {control} — retrying"
     wait_for(lambda: no_answer in tmux.screen(), VIEW_S, "the no-answer line", tmux.screen)
     assert tmux.pane("#{pane_dead}") == "0"  # still running, still asking
-    daemon = Daemon(lrpilot_exe, tmp_path, data_port, control_port)
+    daemon = DaemonProcess(
+        lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log", control=control
+    )
     try:
         daemon.wait_ready()
         wait_for(
