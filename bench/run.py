@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import encoding
     import ingest
     import latency
+    import scrape
     import step_cost
 
     env = harness.environment()
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     progress("decision latency (1 kHz loop) and sync step against a raw round trip ...")
     rows, details["latency"] = latency.measure(seconds=10.0 * scale, sync_steps=int(4000 * scale))
     sections.append(("latency", rows))
+
+    progress("scraping /metrics with 1,000 runs of 4 groups against an empty daemon ...")
+    rows, details["scrape"] = scrape.measure(rounds=max(5, int(20 * scale)))
+    sections.append(("Prometheus scrape (bench/scrape.py)", rows))
 
     progress("encodings ...")
     rows, details["encoding"] = encoding.measure()
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 def notes(details: dict) -> str:
     """The numbers behind the table that explain a miss."""
     step, lat, ing = details["step_cost"], details["latency"], details["ingest"]
+    scr = details["scrape"]
     lines = ["notes:"]
     for cadence in ("fast", "1khz"):
         added = {
@@ -139,6 +145,11 @@ def notes(details: dict) -> str:
         f"(calls: decisions): {lat['step_calls_until_new_lr']}"
     )
     lines.append(f"  1 kHz loop iterations that began > 0.5 ms late: {lat['late_loop_iterations']}")
+    lines.append(
+        f"  scrape: {scr['full_bytes'] / 1e6:.1f} MB of text for {scr['runs']} runs "
+        f"({scr['empty_bytes'] / 1e3:.1f} kB empty); {scr['scrapes_during_round_trips']} "
+        f"back-to-back scrapes during the round trips"
+    )
     return "\n".join(lines)
 
 

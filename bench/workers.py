@@ -78,11 +78,15 @@ def role_daemon(args: list[str]) -> None:
         options["control_address"] = "tcp://127.0.0.1:0"
     if "state_dir" in fields:
         state_dir = options["state_dir"] = tempfile.mkdtemp(prefix="lrpilot-bench-state-")
+    if "metrics_addr" in fields:  # /metrics on a free port, or off
+        options["metrics_addr"] = "127.0.0.1:0" if "--metrics" in args else "off"
     daemon = Daemon(DaemonConfig(**options))
     daemon.start()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     profile_path = args[args.index("--profile") + 1] if "--profile" in args else None
     say("READY", daemon.bound_address)
+    if "--metrics" in args:
+        say("METRICS", daemon.metrics.url)
     plane = daemon.plane  # read before close(), which may drop it
     try:
         if profile_path:

@@ -123,7 +123,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import DaemonConfig
 
     for name, field in DaemonConfig.model_fields.items():
-        default = field.get_default(call_default_factory=True)
+        secret = (field.json_schema_extra or {}).get("secret", False)
+        # A secret's default (from the environment) is never printed.
+        default = "hidden" if secret else field.get_default(call_default_factory=True)
         kind = field.annotation if field.annotation in (int, float) else str
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -176,6 +178,77 @@ def cmd_demo(args: argparse.Namespace) -> None:
         except SpecError as exc:
             raise CommandError(f"--policy: {exc}") from None
     demo_main(steps=args.steps, policy=policy, sync=args.sync)
+
+
+def cmd_dashboards(args: argparse.Namespace) -> None:
+    from .dashboards import cmd_export, cmd_push
+
+    (cmd_push if args.action == "push" else cmd_export)(args)
+
+
+def add_dashboards_command(commands: argparse._SubParsersAction) -> None:
+    dashboards = commands.add_parser(
+        "dashboards",
+        help="push the Grafana dashboards (and their Prometheus datasource) to a Grafana",
+        description="The Grafana dashboards that ship with lrpilot (dashboards/*.json): push "
+        "them to a running Grafana over its HTTP API, or export the JSON for Grafana's file "
+        "provisioning. See docs/grafana.md.",
+    )
+    actions = dashboards.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    actions.required = True
+    push = actions.add_parser(
+        "push",
+        help="create or update the datasource, the folder and the dashboards in a Grafana",
+        description="Create or update, in the Grafana at --grafana-url: the Prometheus "
+        "datasource (uid lrpilot-prometheus, which every panel queries), the folder (uid "
+        "lrpilot) and every dashboard (by its uid). Idempotent: what Grafana already has is "
+        "left alone, so a second push changes nothing; each object is reported as created, "
+        "updated or unchanged. Credentials: --token (a service account token, sent as a "
+        "bearer token) or --user and --password (basic auth), else $LRPILOT_GRAFANA_TOKEN, "
+        "else $LRPILOT_GRAFANA_USER and $LRPILOT_GRAFANA_PASSWORD; flags win. Prefer the "
+        "environment: a flag shows in `ps`.",
+        epilog="example: LRPILOT_GRAFANA_TOKEN=glsa_... lrpilot dashboards push "
+        "--grafana-url http://127.0.0.1:3000 --prometheus-url http://prometheus:9090",
+    )
+    push.add_argument(
+        "--grafana-url", required=True, metavar="URL", help="the Grafana, e.g. http://HOST:3000"
+    )
+    push.add_argument(
+        "--prometheus-url",
+        default="http://127.0.0.1:9090",
+        metavar="URL",
+        help="the Prometheus that scrapes the daemon, as Grafana's server reaches it "
+        "(default: http://127.0.0.1:9090)",
+    )
+    push.add_argument(
+        "--folder", default="lrpilot", metavar="TITLE", help="folder title (default: lrpilot)"
+    )
+    push.add_argument(
+        "--token", default=None, help="service account token ($LRPILOT_GRAFANA_TOKEN)"
+    )
+    push.add_argument("--user", default=None, help="basic auth user ($LRPILOT_GRAFANA_USER)")
+    push.add_argument(
+        "--password", default=None, help="basic auth password ($LRPILOT_GRAFANA_PASSWORD)"
+    )
+    push.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default: 10)"
+    )
+    export = actions.add_parser(
+        "export",
+        help="copy the dashboard JSON into DIR (for Grafana's file provisioning)",
+        description="Copy every dashboard JSON file into DIR (created if missing), checked "
+        "first, for a Grafana that provisions dashboards from files.",
+    )
+    export.add_argument("dest", type=Path, metavar="DIR", help="where to copy the JSON files")
+    for action in (push, export):
+        action.add_argument(
+            "--dir",
+            type=Path,
+            default=None,
+            help="read the dashboards from this directory (default: the ones lrpilot ships)",
+        )
+        action.add_argument("--json", action="store_true", help="print JSON for scripts")
+        action.set_defaults(func=cmd_dashboards)
 
 
 def positive_int(text: str) -> int:
@@ -343,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync", action="store_true", help="lock-step mode: every step waits for the daemon"
     )
     demo.set_defaults(func=cmd_demo)
+    add_dashboards_command(commands)
     return parser
 
 

@@ -7,15 +7,55 @@ config directly and run a :class:`~lrpilot.daemon.server.Daemon` with it.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from lrpilot.protocol import DEFAULT_CONTROL, DEFAULT_DAEMON, MAX_MESSAGE_BYTES
 
 from .store import default_state_dir
+
+DEFAULT_METRICS_ADDR = "127.0.0.1:9317"
+METRICS_ADDR_ENV = "LRPILOT_METRICS_ADDR"
+
+
+def default_metrics_addr() -> str:
+    return os.environ.get(METRICS_ADDR_ENV) or DEFAULT_METRICS_ADDR
+
+
+# Grafana credentials come from the environment (a flag would show in `ps`);
+# `lrpilot dashboards push` reads the same variables.
+GRAFANA_TOKEN_ENV = "LRPILOT_GRAFANA_TOKEN"
+GRAFANA_USER_ENV = "LRPILOT_GRAFANA_USER"
+GRAFANA_PASSWORD_ENV = "LRPILOT_GRAFANA_PASSWORD"
+# Fields whose value is never printed (--help) nor logged: add_config_flags
+# masks them, and SecretStr hides them from repr().
+SECRET = {"secret": True}
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def check_http_url(value: str, what: str = "URL") -> str:
+    """An http(s) URL with a host and no credentials in it (they would end up
+    in logs and in `ps`); the trailing slash dropped."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError(
+            f"put no credentials in the {what}: use ${GRAFANA_TOKEN_ENV}, or "
+            f"${GRAFANA_USER_ENV} and ${GRAFANA_PASSWORD_ENV}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}") from None
+    return value.rstrip("/")
 
 
 class DaemonConfig(BaseModel):
@@ -50,6 +90,47 @@ class DaemonConfig(BaseModel):
         "that caused it (more gives every rank time to apply it at the same step)",
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    metrics_addr: str = Field(
+        default_factory=default_metrics_addr,
+        description="HOST:PORT where Prometheus scrapes /metrics ($LRPILOT_METRICS_ADDR, else "
+        f"{DEFAULT_METRICS_ADDR}; port 0 picks a free one; 'off' serves none)",
+    )
+    metrics_ttl: float = Field(
+        600.0,
+        ge=0,
+        description="seconds the series of a run stay in /metrics after its last rank left",
+    )
+    grafana_url: str | None = Field(
+        None,
+        description="post a Grafana annotation for every LR change to this Grafana "
+        "(http://HOST:3000); credentials from $LRPILOT_GRAFANA_TOKEN, or $LRPILOT_GRAFANA_USER "
+        "and $LRPILOT_GRAFANA_PASSWORD",
+    )
+    grafana_token: SecretStr | None = Field(
+        default_factory=lambda: _env(GRAFANA_TOKEN_ENV),
+        validate_default=True,  # the environment's str becomes a SecretStr
+        description="Grafana service account token ($LRPILOT_GRAFANA_TOKEN)",
+        json_schema_extra=SECRET,
+    )
+    grafana_password: SecretStr | None = Field(
+        default_factory=lambda: _env(GRAFANA_PASSWORD_ENV),
+        validate_default=True,  # the environment's str becomes a SecretStr
+        description="Grafana password for basic auth ($LRPILOT_GRAFANA_PASSWORD)",
+        json_schema_extra=SECRET,
+    )
+    grafana_user: str | None = Field(
+        default_factory=lambda: _env(GRAFANA_USER_ENV),
+        validate_default=True,  # checked against the password, below
+        description="Grafana user for basic auth ($LRPILOT_GRAFANA_USER)",
+    )
+    grafana_timeout: float = Field(
+        2.0, gt=0, description="seconds to wait for Grafana to take one annotation"
+    )
+    grafana_queue_size: int = Field(
+        1000,
+        ge=1,
+        description="LR changes waiting to be posted to Grafana; more are dropped and counted",
+    )
 
     @field_validator("address", "control_address")
     @classmethod
@@ -73,6 +154,42 @@ class DaemonConfig(BaseModel):
                 raise ValueError(
                     f"the control plane must be on loopback (127.0.0.1), got {value!r}"
                 )
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value == "off":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"expected HOST:PORT like 127.0.0.1:9317 (or 'off'), got {value!r}")
+        return value
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """(host, port) to serve /metrics on, or None when it is off."""
+        if self.metrics_addr == "off":
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @field_validator("grafana_url")
+    @classmethod
+    def _grafana_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "Grafana URL")
+
+    @field_validator("grafana_user")
+    @classmethod
+    def _grafana_basic_auth(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """On the user, which comes after the secrets: an error shows the value
+        it was given, and that must not be the password."""
+        given = info.data
+        half = bool(value) != bool(given.get("grafana_password"))
+        if given.get("grafana_url") and half and not given.get("grafana_token"):
+            raise ValueError(
+                f"Grafana basic auth needs both ${GRAFANA_USER_ENV} and ${GRAFANA_PASSWORD_ENV}"
+            )
         return value
 
     @field_validator("log_level")

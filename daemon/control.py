@@ -179,7 +179,11 @@ class ControlPlane:
         if run.engine.held is not None:
             raise ControlError(f"run {run.run_id!r} is already held at {run.engine.held}")
         command = run.engine.hold(
-            run.engine.lrs, "pause: LRs held until resume", request.actor, self._lead(run)
+            run.engine.lrs,
+            "pause: LRs held until resume",
+            request.actor,
+            self._lead(run),
+            cause="pause",
         )
         return {"command": command.model_dump()}, self._send(run, command)
 

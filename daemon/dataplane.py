@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lrpilot.protocol import (
     REPORT,
@@ -44,6 +44,9 @@ from .store import Store
 log = logging.getLogger("lrpilot.daemon")
 
 Outgoing = list[tuple[bytes, list[bytes]]]
+# Called with (run, command, old LRs) after a change is journaled, on the
+# daemon loop: a listener must return at once (queue the work, never do I/O).
+ChangeListener = Callable[[Run, LRCommand, list[float]], None]
 ASK_AGAIN_AFTER = 1.0  # seconds between unknown_session answers to one sender
 
 
@@ -59,6 +62,7 @@ class DataPlane:
         self.records_ingested = 0
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
+        self.change_listeners: list[ChangeListener] = []
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
         self._rows: list[tuple] = []  # records for the next tick's batch
         self._dirty: set[str] = set()  # runs whose state changed since the last tick
@@ -235,7 +239,7 @@ class DataPlane:
                 if seq <= engine.seq:
                     continue  # folded in before a restart
                 engine.seq = seq
-                run.last_metrics = metrics
+                run.last_metrics.update(metrics)
                 if kind == REPORT:
                     command = engine.on_report(step, metrics)
                 else:
@@ -297,6 +301,11 @@ class DataPlane:
             command.reason,
             command.actor,
         )
+        for listener in self.change_listeners:
+            try:
+                listener(run, command, list(run.engine.old_lrs))
+            except Exception:  # an observer must not stop the command
+                log.exception("a change listener failed on run %s v%d", run.run_id, command.version)
         frames = [encode(command)]
         self.commands_sent += len(run.sessions)
         return [(s.identity, frames) for s in run.sessions.values()]

@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(address: str, state_dir: str) -> subprocess.Popen:
+def start_daemon(address: str, state_dir: str, metrics: str) -> subprocess.Popen:
     """The demo's own daemon: free ports and a throwaway store, so it never
     meets a daemon the user runs."""
     return subprocess.Popen(
@@ -54,10 +54,37 @@ def start_daemon(address: str, state_dir: str) -> subprocess.Popen:
             f"tcp://127.0.0.1:{free_port()}",
             "--state-dir",
             state_dir,
+            "--metrics-addr",
+            metrics,
             "--log-level",
             "warning",
         ],
     )
+
+
+# The lines of /metrics the demo shows: what a dashboard plots.
+SHOWN_METRICS = (
+    "lrpilot_run_step",
+    "lrpilot_run_metric",
+    "lrpilot_group_lr",
+    "lrpilot_run_lr_changes_total",
+    "lrpilot_policy_plateau_best",
+    "lrpilot_policy_plateau_bad_steps",
+    "lrpilot_records_ingested_total",
+)
+
+
+def prometheus_view(url: str) -> list[str]:
+    """The daemon's /metrics lines for the demo run (a daemon that cannot be
+    scraped is said so: the demo is about the training)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return [f"(could not scrape: {exc})"]
+    return [line for line in text.splitlines() if line.split("{")[0].split(" ")[0] in SHOWN_METRICS]
 
 
 class Digits:
@@ -134,7 +161,9 @@ def main(
     parse_policy(policy)  # a bad --policy fails here, before anything starts
     address = f"tcp://127.0.0.1:{free_port()}"
     state_dir = tempfile.mkdtemp(prefix="lrpilot-demo-")
-    daemon = start_daemon(address, state_dir)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    metrics_url = f"http://{metrics_addr}/metrics"
+    daemon = start_daemon(address, state_dir, metrics_addr)
     changes: list[tuple[int, float, float, str]] = []
 
     def on_change(step: int, old: list[float], new: list[float], reason: str, actor: str) -> None:
@@ -165,6 +194,7 @@ def main(
             },
         )
         elapsed = time.perf_counter() - started
+        scraped = prometheus_view(metrics_url)
     finally:
         daemon.terminate()
         daemon.wait(10)
@@ -180,3 +210,6 @@ def main(
     print(f"  {'with lrpilot':<22}{piloted['val_loss']:>10.4f}{piloted['val_accuracy']:>14.2%}")
     print(f"  {'constant LR':<22}{constant['val_loss']:>10.4f}{constant['val_accuracy']:>14.2%}")
     print(f"  telemetry records dropped: {int(piloted['records_dropped'])}")
+    print(f"\nwhat Prometheus scraped from {metrics_url} at the end (docs/metrics.md):")
+    for line in scraped:
+        print(f"  {line}")

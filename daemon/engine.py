@@ -15,6 +15,7 @@ policy back, at the LRs it has reached by then.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,10 @@ class PolicyEngine:
         self.lead_steps = lead_steps
         self.exhausted = False
         self.last_change: LRCommand | None = None
+        # LR changes since the daemon started, by cause: a bounded label for
+        # the exporter (the policy's kind, set_lr, pause, resume, policy_switch);
+        # the free-text reason is in the journal.
+        self.changes: Counter[str] = Counter()
         self.old_lrs: list[float] = self.lrs  # before the last command, for the journal
         self._before: list[float] = self.old_lrs
 
@@ -98,19 +103,23 @@ class PolicyEngine:
         if reason is None or self.held is not None:
             return None
         self.old_lrs = list(self._before)
-        return self.command(reason, actor="policy")
+        return self.command(reason, actor="policy", cause=reason.split(":", 1)[0])
 
     # --- operator actions -------------------------------------------------
 
-    def hold(self, lrs: Sequence[float], reason: str, actor: str, lead: int) -> LRCommand:
+    def hold(
+        self, lrs: Sequence[float], reason: str, actor: str, lead: int, cause: str = "set_lr"
+    ) -> LRCommand:
         self.old_lrs = self.lrs
         self.held = [float(lr) for lr in lrs]
-        return self.command(reason, actor, lead=lead)
+        return self.command(reason, actor, lead=lead, cause=cause)
 
     def release(self, actor: str, lead: int) -> LRCommand:
         self.old_lrs = self.lrs
         self.held = None
-        return self.command("resume: the policy has the LRs again", actor, lead=lead)
+        return self.command(
+            "resume: the policy has the LRs again", actor, lead=lead, cause="resume"
+        )
 
     def switch(self, spec: PolicySpec | None, reason: str, actor: str, lead: int) -> LRCommand:
         """Replace the policy; the new one starts, at its step 0, from the LRs
@@ -121,15 +130,21 @@ class PolicyEngine:
         self.spec, self.policy, self.base_lrs = spec, policy, base
         self._fallback_lrs = base
         self.held, self.exhausted = None, False
-        return self.command(reason, actor, lead=lead, policy_changed=True)
+        return self.command(reason, actor, lead=lead, policy_changed=True, cause="policy_switch")
 
     # --- commands ---------------------------------------------------------
 
     def command(
-        self, reason: str, actor: str, lead: int | None = None, policy_changed: bool = False
+        self,
+        reason: str,
+        actor: str,
+        lead: int | None = None,
+        policy_changed: bool = False,
+        cause: str = "policy",
     ) -> LRCommand:
         """Snapshot the run into the next versioned command."""
         self.version += 1
+        self.changes[cause] += 1
         lead = self.lead_steps if lead is None else lead
         effective = self.step + 1 + lead
         last = self.last_change

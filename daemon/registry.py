@@ -60,7 +60,8 @@ class Run:
     stored_seq: int = 0
     committed_seq: int = 0
     rev: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)  # the driver's last record
+    # The last value of each metric the driver reported (steps and reports).
+    last_metrics: dict[str, float] = field(default_factory=dict)
     # The loss, sampled once a second (the last minute), for `lrpilot top`.
     loss_history: deque = field(default_factory=lambda: deque(maxlen=60))
 

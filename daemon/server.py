@@ -17,9 +17,12 @@ import time
 
 import zmq
 
+from .annotations import AnnotationPoster
 from .config import DaemonConfig
 from .control import ControlPlane
 from .dataplane import DataPlane
+from .exporter import DaemonCollector, metrics_registry
+from .metrics_server import MetricsServer
 from .store import StoreError
 
 log = logging.getLogger("lrpilot.daemon")
@@ -27,6 +30,9 @@ log = logging.getLogger("lrpilot.daemon")
 POLL_MS = 20
 TICK_EVERY = 0.1  # seconds between store batches (and persisted acks)
 SWEEP_EVERY = 1.0  # seconds between looks for silent sessions
+# /healthz fails when the loop has not turned for this long (a wedged loop; a
+# start that restores many runs happens before /metrics is served at all).
+LOOP_STALL_S = 10.0
 # libzmq drops a peer that sends more than this; below it the data plane
 # answers an oversized message with an error instead.
 HARD_LIMIT_FACTOR = 4
@@ -46,6 +52,9 @@ class Daemon:
         self._control_sock: zmq.Socket | None = None
         self.plane: DataPlane | None = None
         self.control: ControlPlane | None = None
+        self.metrics: MetricsServer | None = None
+        self._loop_at = time.monotonic()  # the serve loop's last turn
+        self.annotations: AnnotationPoster | None = None
         self.bound_address = ""
         self.bound_control_address = ""
 
@@ -56,6 +65,7 @@ class Daemon:
         except StoreError as exc:
             raise DaemonError(str(exc)) from None
         self.control = ControlPlane(self.plane)
+        self._post_annotations()
         self._context = zmq.Context()
         try:
             self._sock = self._bind(self.config.address)
@@ -66,13 +76,46 @@ class Daemon:
             raise
         self.bound_address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bound_control_address = self._control_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._serve_metrics()
         log.info(
-            "lrpilot daemon listening on %s (control %s, store %s, %d runs restored)",
+            "lrpilot daemon listening on %s (control %s, metrics %s, store %s, %d runs restored)",
             self.bound_address,
             self.bound_control_address,
+            self.metrics.url if self.metrics else "off",
             self.plane.store.path,
             len(self.plane.registry.runs),
         )
+
+    def _serve_metrics(self) -> None:
+        where = self.config.metrics_host_port
+        if where is None:
+            return
+        counts = self.annotations.counts if self.annotations else None
+        collector = DaemonCollector(self.plane, self.config.metrics_ttl, annotations=counts)
+        try:
+            self.metrics = MetricsServer(metrics_registry(collector).text, *where, self.health)
+        except OSError as exc:
+            self.close()
+            raise DaemonError(
+                f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror or exc}"
+            ) from None
+
+    def _post_annotations(self) -> None:
+        """With --grafana-url, every journaled LR change becomes a Grafana
+        annotation, posted off the loop (daemon/annotations.py)."""
+        c = self.config
+        if c.grafana_url is None:
+            return
+        from .grafana import credential  # grafana-client only when asked for
+
+        secret = (c.grafana_token, c.grafana_password)
+        token, password = (s.get_secret_value() if s else None for s in secret)
+        auth = credential(token, c.grafana_user, password, environ={})
+        self.annotations = AnnotationPoster.for_grafana(
+            c.grafana_url, auth, timeout=c.grafana_timeout, capacity=c.grafana_queue_size
+        )
+        self.plane.change_listeners.append(self.annotations.on_change)
+        log.info("posting LR changes to Grafana at %s as annotations", c.grafana_url)
 
     def _bind(self, address: str) -> zmq.Socket:
         assert self._context is not None
@@ -97,6 +140,7 @@ class Daemon:
         next_tick = next_sweep = time.monotonic()
         self.ready.set()
         while not self._stop.is_set():
+            self._loop_at = time.monotonic()
             ready = dict(poller.poll(POLL_MS))
             if data in ready:
                 self._drain_data(time.monotonic())
@@ -151,14 +195,28 @@ class Daemon:
             except zmq.ZMQError:
                 self.plane.rejected["reply_dropped"] += 1
 
+    def health(self) -> str | None:
+        """None while the loop goes round (it does at least every POLL_MS),
+        else why not: what /healthz answers, for liveness probes."""
+        silent = time.monotonic() - self._loop_at
+        if silent > LOOP_STALL_S:
+            return f"the daemon loop has not turned for {silent:.0f} s"
+        return None
+
     def stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for sock in (self._sock, self._control_sock):
             if sock is not None:
                 sock.close()
         self._sock = self._control_sock = None
+        if self.annotations is not None:
+            self.annotations.close()
+            self.annotations = None
         if self.plane is not None:
             self.plane.close()
             self.plane = None

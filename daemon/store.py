@@ -14,6 +14,7 @@ i + 1, and opening a store applies whatever it lacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -356,6 +357,14 @@ class Store:
                 notice.set()
             elif notice is not None:
                 self.committed.put(notice)
+
+    def size_bytes(self) -> int:
+        """The database file plus its write-ahead log, on disk now."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):  # no WAL yet, or checkpointed away
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
 
     def wait(self, timeout: float = 30.0) -> bool:
         """Block until everything submitted so far is committed."""

@@ -34,6 +34,11 @@ def isolated_environment(tmp_path_factory) -> Iterator[Path]:
     patch.delenv("XDG_STATE_HOME", raising=False)
     patch.setenv("LRPILOT_CONTROL", _unused_address())
     patch.setenv("LRPILOT_DAEMON", _unused_address())
+    # Daemons in tests never take the default metrics port (one may be in use).
+    patch.setenv("LRPILOT_METRICS_ADDR", "127.0.0.1:0")
+    # ... nor post to a Grafana the user's shell points at.
+    for name in ("LRPILOT_GRAFANA_TOKEN", "LRPILOT_GRAFANA_USER", "LRPILOT_GRAFANA_PASSWORD"):
+        patch.delenv(name, raising=False)
     try:
         yield state
     finally:

@@ -64,9 +64,12 @@ class DaemonProcess:
         *flags: str,
         address: str | None = None,
         control: str | None = None,
+        metrics: str | None = None,
     ) -> None:
         self.address = address or free_address()
         self.control = control or free_address()
+        self.metrics = metrics or f"127.0.0.1:{free_port()}"
+        self.metrics_url = f"http://{self.metrics}/metrics"
         self.state_dir, self.log_path = state_dir, log
         with open(log, "w") as sink:
             self.proc = subprocess.Popen(
@@ -79,6 +82,8 @@ class DaemonProcess:
                     self.control,
                     "--state-dir",
                     str(state_dir),
+                    "--metrics-addr",
+                    self.metrics,
                     *flags,
                 ],
                 stdin=subprocess.DEVNULL,
@@ -108,7 +113,13 @@ class DaemonProcess:
         """A new daemon on the same addresses and state dir (this one is gone)."""
         assert self.proc.poll() is not None, "stop or kill the old daemon first"
         again = DaemonProcess(
-            exe, self.state_dir, log, *flags, address=self.address, control=self.control
+            exe,
+            self.state_dir,
+            log,
+            *flags,
+            address=self.address,
+            control=self.control,
+            metrics=self.metrics,
         )
         return again.wait_ready()
 

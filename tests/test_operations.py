@@ -182,7 +182,11 @@ def test_runs_show_and_history_on_a_live_run(op, daemon, lrpilot_exe, tmp_path, 
     assert shown["policy"]["kind"] == "plateau"
     assert shown["requested_policy"] == shown["policy"]
     assert shown["base_lrs"] == BASE_LRS
-    assert shown["last_metrics"] == {"val_loss": lines[-1]["val_loss"]}
+    # The last value of each metric: the step's loss, the report's val_loss.
+    assert shown["last_metrics"] == {
+        "loss": lines[-1]["loss"],
+        "val_loss": lines[-1]["val_loss"],
+    }
     [session] = shown["sessions"]
     assert (session["rank"], session["sync"], session["step"]) == (0, True, 100)
     assert session["pid"] == training.proc.pid

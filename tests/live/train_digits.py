@@ -19,7 +19,9 @@ groups: body, head), ``out``), ``summary``, ``deadline_s``; optionally
 ``pause_at`` with ``paused_file`` and ``go_file`` (after that step, write
 ``paused_file`` and wait for ``go_file``), and ``until_applied`` (a run name:
 after the pause, stop ``extra_steps`` steps after that run's pilot has applied
-a command it did not have at the pause).
+a command it did not have at the pause); ``stop_file`` (stop after the step
+at which that file exists: a training that stays connected while a test
+watches it) and ``step_sleep`` (seconds after each step, pace only).
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def main(config_path: str) -> None:
         pause_at = config.get("pause_at")
         watched = by_run.get(config.get("until_applied", ""))
         applied_at_pause, extra = None, config.get("extra_steps", 20)
+        stop_file = Path(config["stop_file"]) if config.get("stop_file") else None
         for k in range(1, config["steps"] + 1):
             for trainer in trainers:
                 trainer.step(k)
@@ -145,6 +148,10 @@ def main(config_path: str) -> None:
                 extra -= 1
                 if extra <= 0:
                     break
+            if stop_file is not None and stop_file.exists():
+                break
+            if config.get("step_sleep"):
+                time.sleep(config["step_sleep"])
             if time.monotonic() > deadline:
                 sys.exit(f"train_digits: deadline passed at step {k}")
         for trainer in trainers:

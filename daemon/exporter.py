@@ -1,0 +1,332 @@
+"""The Prometheus exporter: the daemon's state as metrics, read at scrape time.
+
+A custom collector (prometheus-client's ``collect()`` protocol) walks the run
+registry when Prometheus scrapes, so the receive path never touches a metric
+object: a record costs the exporter nothing. The scrape runs on the HTTP
+server's thread while the daemon loop mutates the registry; it reads copies of
+the dicts (``list(d.values())`` is atomic under the GIL) and plain attributes,
+so a scrape sees each value as it was at some instant of the scrape.
+
+Every metric is listed, with its meaning, in docs/metrics.md (a test holds the
+two together). Labels are bounded: ``run``, ``group``, ``rank`` where a
+metric is per group or per rank, ``metric`` (the names a script reports),
+``reason`` (a fixed set). A run's series go away ``metrics_ttl`` seconds after
+its last rank left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from lrpilot import __version__
+from lrpilot.policies.cosine_restarts import CosineRestartsPolicy
+from lrpilot.policies.cyclic import CyclicPolicy
+from lrpilot.policies.onecycle import OneCyclePolicy
+from lrpilot.policies.plateau import PlateauPolicy
+from lrpilot.policies.sequential import SequentialPolicy
+
+from .dataplane import DataPlane
+from .registry import Run
+
+log = logging.getLogger("lrpilot.daemon")
+
+# Reasons a message or record is refused (DataPlane.rejected's keys). Listed
+# so each series exists at 0 from the start: a rate() over a series that
+# appears with its first error misses that error.
+REJECT_REASONS = (
+    "oversized",
+    "malformed",
+    "unknown_session",
+    "bad_hello",
+    "non_finite",
+    "unexpected",
+    "internal_error",
+    "reply_dropped",
+)
+ANNOTATION_OUTCOMES = ("posted", "failed", "dropped")
+# ClientStats fields exported per rank: (field, metric suffix, help).
+RANK_COUNTERS = (
+    ("records_sent", "records_sent", "records the rank's hook sent"),
+    ("records_dropped", "records_dropped", "records the rank's hook dropped (queue full)"),
+    ("sync_timeouts", "sync_timeouts", "sync-mode steps that timed out waiting for the daemon"),
+    ("foreign_lr_writes", "foreign_lr_writes", "LR writes into the param groups by other code"),
+    ("commands_applied", "commands_applied", "LR commands the rank applied"),
+    ("commands_late", "commands_late", "LR commands applied after their effective step"),
+    ("daemon_errors", "daemon_errors", "error replies the rank received from the daemon"),
+)
+
+
+class DaemonCollector:
+    """Yields the daemon's metric families from its live state."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        ttl: float,
+        annotations: Callable[[], dict[str, int]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.plane = plane
+        self.ttl = ttl
+        self.annotations = annotations
+        self.clock = clock
+        self._policies: dict[str, tuple[object, str]] = {}  # run -> (spec, its labels)
+
+    def describe(self) -> list[Metric]:
+        return []  # generated at scrape time: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        """The daemon's own families (a few dozen samples); the per-run ones
+        are rendered by :meth:`render_runs`."""
+        plane = self.plane
+        now = self.clock()
+        runs = [r for r in list(plane.registry.runs.values()) if self._shown(r, now)]
+        yield from self._daemon(plane, runs)
+
+    def _policy_labels(self, run: Run) -> str:
+        """``kind="…",spec="…"`` for the run's policy, rendered once per spec
+        (a policy changes only when an operator switches it)."""
+        spec = run.engine.spec
+        cached = self._policies.get(run.run_id)
+        if cached is not None and cached[0] is spec:
+            return cached[1]
+        text = json.dumps(spec.model_dump(), separators=(",", ":")) if spec else ""
+        labels = f"kind={label(spec.kind if spec else 'none')},spec={label(text)}"
+        self._policies[run.run_id] = (spec, labels)
+        return labels
+
+    def _shown(self, run: Run, now: float) -> bool:
+        return run.ended is None or now - run.ended <= self.ttl
+
+    # --- the daemon -------------------------------------------------------
+
+    def _daemon(self, plane: DataPlane, runs: list[Run]) -> Iterator[Metric]:
+        info = InfoMetricFamily("lrpilot_build", "the lrpilot version serving", labels=())
+        info.add_metric([], {"version": __version__})
+        yield info
+        active = sum(1 for r in runs if r.ended is None)
+        by_state = GaugeMetricFamily("lrpilot_runs", "runs in /metrics, by state", labels=["state"])
+        by_state.add_metric(["active"], active)
+        by_state.add_metric(["ended"], len(runs) - active)
+        yield by_state
+        yield GaugeMetricFamily(
+            "lrpilot_sessions", "connected ranks, all runs", value=len(plane.registry.sessions)
+        )
+        yield CounterMetricFamily(
+            "lrpilot_records_ingested",
+            "metric records taken in (steps and reports)",
+            value=plane.records_ingested,
+        )
+        yield CounterMetricFamily(
+            "lrpilot_commands_sent",
+            "LR command messages sent (one per rank a command is addressed to)",
+            value=plane.commands_sent,
+        )
+        rejected = CounterMetricFamily(
+            "lrpilot_messages_rejected",
+            "messages and records refused or dropped by the daemon, by reason",
+            labels=["reason"],
+        )
+        counts = dict(plane.rejected)
+        for reason in sorted(set(REJECT_REASONS) | set(counts)):
+            rejected.add_metric([reason], counts.get(reason, 0))
+        yield rejected
+        posted = CounterMetricFamily(
+            "lrpilot_grafana_annotations",
+            "Grafana annotations for LR changes, by outcome",
+            labels=["outcome"],
+        )
+        done = self.annotations() if self.annotations else {}
+        for outcome in ANNOTATION_OUTCOMES:
+            posted.add_metric([outcome], done.get(outcome, 0))
+        yield posted
+        yield GaugeMetricFamily(
+            "lrpilot_store_size_bytes",
+            "size of the SQLite store and its write-ahead log",
+            value=plane.store.size_bytes(),
+        )
+
+    # --- runs, groups, ranks ------------------------------------------------
+
+    def render_runs(self) -> str:
+        """The per-run families as exposition text.
+
+        Written directly rather than through metric family objects: with 1,000
+        runs of 4 groups (36k samples) prometheus-client's path takes ~0.8 s of
+        the GIL per scrape, this one a tenth of that (bench/scrape.py). The GIL
+        is given up every YIELD_EVERY runs, so the daemon loop waits at most
+        about a millisecond for it during a scrape.
+        """
+        now = self.clock()
+        runs = [r for r in list(self.plane.registry.runs.values()) if self._shown(r, now)]
+        out = {name: [] for name, _, _ in RUN_FAMILIES}
+        monotonic = time.monotonic()
+        for i, run in enumerate(runs):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)  # lets the daemon loop take the GIL
+            run_lines(out, run, monotonic, self._policy_labels(run))
+        if len(self._policies) > 2 * len(runs) + 100:
+            shown = {run.run_id for run in runs}
+            self._policies = {k: v for k, v in self._policies.items() if k in shown}
+        parts = []
+        for name, kind, doc in RUN_FAMILIES:
+            full = name + "_total" if kind == "counter" else name
+            parts.append(f"# HELP {full} {doc}\n# TYPE {full} {kind}\n")
+            parts.append("".join(out[name]))
+        return "".join(parts)
+
+
+YIELD_EVERY = 20  # runs rendered between two offers of the GIL (~1 ms of work)
+
+# (name without _total, type, help): the per-run families, in exposition order.
+RUN_FAMILIES = (
+    ("lrpilot_run_policy_info", "gauge", "the run's policy: its kind and spec (JSON)"),
+    ("lrpilot_run_step", "gauge", "the last optimizer step of the run (its leading rank)"),
+    ("lrpilot_run_steps_per_second", "gauge", "optimizer steps per second"),
+    ("lrpilot_run_metric", "gauge", "the last value of each metric the script reports"),
+    ("lrpilot_run_active", "gauge", "1 while a rank is connected, 0 after it ended"),
+    ("lrpilot_run_connected_ranks", "gauge", "ranks connected now"),
+    ("lrpilot_run_world_size", "gauge", "ranks the run says it has"),
+    ("lrpilot_run_lr_held", "gauge", "1 while an operator holds the LRs (set-lr, pause)"),
+    ("lrpilot_run_command_version", "gauge", "version of the run's last LR command"),
+    ("lrpilot_run_start_time_seconds", "gauge", "when the daemon first saw the run (Unix time)"),
+    (
+        "lrpilot_run_lr_changes",
+        "counter",
+        "LR changes journaled since the daemon started, by reason",
+    ),
+    ("lrpilot_group_lr", "gauge", "the LR in effect for the param group"),
+    (
+        "lrpilot_group_momentum",
+        "gauge",
+        "the momentum (SGD) or beta1 (Adam) the policy sets, where it cycles momentum",
+    ),
+    ("lrpilot_policy_plateau_best", "gauge", "plateau: the best value of its metric"),
+    ("lrpilot_policy_plateau_bad_steps", "gauge", "plateau: records since the metric improved"),
+    ("lrpilot_policy_plateau_cooldown_steps", "gauge", "plateau: records of cooldown left"),
+    ("lrpilot_policy_cycle", "gauge", "cyclic / cosine restarts: the cycle, from 1"),
+    (
+        "lrpilot_policy_cycle_position_ratio",
+        "gauge",
+        "cyclic, cosine restarts, onecycle: how far into the cycle, 0 to 1",
+    ),
+    ("lrpilot_policy_restarts", "counter", "cosine restarts: warm restarts so far"),
+    ("lrpilot_policy_stage", "gauge", "sequential: the index of the stage in effect"),
+    ("lrpilot_rank_step", "gauge", "the last optimizer step of the rank"),
+    ("lrpilot_rank_lag_steps", "gauge", "steps the rank is behind the run's leading rank"),
+    (
+        "lrpilot_rank_command_late_steps",
+        "gauge",
+        "steps after its effective step that the rank applied the last command",
+    ),
+    ("lrpilot_rank_last_message_age_seconds", "gauge", "seconds since the rank's last message"),
+    *((f"lrpilot_rank_{suffix}", "counter", doc) for _, suffix, doc in RANK_COUNTERS),
+)
+
+
+def label(value: str) -> str:
+    """A label value as the text format quotes it."""
+    return '"' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
+
+
+def number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labels: str) -> None:
+    """Append the run's samples, ``name{labels} value\\n``, to ``out[name]``."""
+    r = "{run=" + label(run.run_id)
+    engine, policy = run.engine, run.engine.policy
+    sessions = list(run.sessions.values())
+    out["lrpilot_run_policy_info"].append(f"lrpilot_run_policy_info{r},{policy_labels}}} 1\n")
+
+    def put(name: str, value: float, extra: str = "", suffix: str = "") -> None:
+        out[name].append(f"{name}{suffix}{r}{extra}}} {number(value)}\n")
+
+    lead = run.step
+    put("lrpilot_run_step", lead)
+    put("lrpilot_run_steps_per_second", max((s.steps_per_s for s in sessions), default=0.0))
+    for name, value in list(run.last_metrics.items()):
+        put("lrpilot_run_metric", value, ",metric=" + label(name))
+    put("lrpilot_run_active", 0 if run.ended is not None else 1)
+    put("lrpilot_run_connected_ranks", len(sessions))
+    put("lrpilot_run_world_size", run.world_size)
+    put("lrpilot_run_lr_held", 0 if engine.held is None else 1)
+    put("lrpilot_run_command_version", engine.version)
+    put("lrpilot_run_start_time_seconds", run.created)
+    for reason, count in sorted(engine.changes.items()):
+        put("lrpilot_run_lr_changes", count, ",reason=" + label(reason), "_total")
+    groups = [",group=" + label(name) for name in run.group_names]
+    for group, value in zip(groups, engine.lrs):
+        put("lrpilot_group_lr", value, group)
+    momenta = getattr(policy, "momenta", None) if policy is not None else None
+    for group, value in zip(groups, momenta or ()):
+        put("lrpilot_group_momentum", value, group)
+    if isinstance(policy, SequentialPolicy):
+        put("lrpilot_policy_stage", policy.index)
+        policy = policy.stage
+    if isinstance(policy, PlateauPolicy):
+        put("lrpilot_policy_plateau_best", policy.best)
+        put("lrpilot_policy_plateau_bad_steps", policy.num_bad_steps)
+        put("lrpilot_policy_plateau_cooldown_steps", policy.cooldown_counter)
+    elif isinstance(policy, CyclicPolicy):
+        put("lrpilot_policy_cycle", policy.cycle)
+        done = policy.last_epoch / policy.total_size
+        put("lrpilot_policy_cycle_position_ratio", done - math.floor(done))
+    elif isinstance(policy, CosineRestartsPolicy):
+        put("lrpilot_policy_cycle", policy.restarts + 1)
+        put("lrpilot_policy_cycle_position_ratio", policy.T_cur / policy.T_i)
+        put("lrpilot_policy_restarts", policy.restarts, "", "_total")
+    elif isinstance(policy, OneCyclePolicy):
+        put("lrpilot_policy_cycle_position_ratio", min(1.0, policy.step_num / policy.spec.steps))
+    for session in sessions:
+        rank = f',rank="{session.rank}"'
+        put("lrpilot_rank_step", session.step, rank)
+        put("lrpilot_rank_lag_steps", max(0, lead - session.step), rank)
+        put("lrpilot_rank_command_late_steps", session.late_by, rank)
+        put("lrpilot_rank_last_message_age_seconds", max(0.0, monotonic - session.last_seen), rank)
+        stats = session.stats
+        for attr, suffix, _ in RANK_COUNTERS:
+            put(f"lrpilot_rank_{suffix}", getattr(stats, attr), rank, "_total")
+
+
+class Exposition:
+    """What /metrics serves: the daemon's families and the process, platform
+    and GC collectors (CPU, memory, file descriptors, Python) through
+    prometheus-client, then the per-run families rendered by the collector."""
+
+    def __init__(self, collector: DaemonCollector) -> None:
+        self.collector = collector
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode() + self.collector.render_runs()
+
+
+def metrics_registry(collector: DaemonCollector) -> Exposition:
+    return Exposition(collector)

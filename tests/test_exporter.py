@@ -1,0 +1,383 @@
+"""The Prometheus exporter (daemon/exporter.py): what a scrape says about the
+daemon's state, read through prometheus-client's own text parser. The data
+plane is driven without a socket (frames in, replies out) and the collector's
+clock is a variable, so the TTL is tested without waiting; the HTTP side is a
+real `lrpilot daemon` process, scraped while a real training streams to it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import Training, daemon_process, free_port, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from lrpilot.daemon.config import DaemonConfig
+from lrpilot.daemon.control import ControlPlane
+from lrpilot.daemon.dataplane import DataPlane
+from lrpilot.daemon.exporter import REJECT_REASONS, DaemonCollector, metrics_registry
+from lrpilot.daemon.metrics_server import MetricsServer
+from lrpilot.protocol import REPORT, STEP, BatchEncoder, Bye, ClientStats, GroupInfo, Hello, encode
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(collector: DaemonCollector) -> Samples:
+    """Every sample of a scrape, keyed by (name, sorted labels)."""
+    text = metrics_registry(collector).text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def names(samples: Samples, run: str) -> set[str]:
+    return {name for name, labels in samples if ("run", run) in labels}
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[DataPlane]:
+    plane = DataPlane(DaemonConfig(state_dir=tmp_path / "state"))
+    yield plane
+    plane.close()
+
+
+def start(
+    plane: DataPlane,
+    run: str,
+    policy: dict | None,
+    groups: tuple[str, ...] = ("backbone", "head"),
+    rank: int = 0,
+) -> bytes:
+    identity = f"{run}/{rank}".encode()
+    message = Hello(
+        run=run,
+        rank=rank,
+        world_size=2,
+        groups=[GroupInfo(name=g, lr=0.1) for g in groups],
+        policy=policy,
+    )
+    plane.handle(identity, [encode(message)], 0.0)
+    return identity
+
+
+def feed(plane: DataPlane, identity: bytes, run: str, records: list, rank: int = 0, **stats):
+    """Records are (step, kind, metrics); seq numbers follow on."""
+    encoder = BatchEncoder(run, rank)
+    first = getattr(feed, "seq", {}).get(identity, 0)
+    rows = [(first + i + 1, step, kind, metrics) for i, (step, kind, metrics) in enumerate(records)]
+    feed.seq = {**getattr(feed, "seq", {}), identity: first + len(rows)}  # type: ignore[attr-defined]
+    return plane.handle(identity, encoder.encode(rows, ClientStats(**stats)), 1.0)
+
+
+def steps(first: int, last: int, **metrics: float) -> list:
+    return [(s, STEP, dict(metrics)) for s in range(first, last + 1)]
+
+
+def test_an_empty_daemon_exports_its_counters_at_zero(plane):
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    for reason in REJECT_REASONS:
+        assert value(samples, "lrpilot_messages_rejected_total", reason=reason) == 0
+    for outcome in ("posted", "failed", "dropped"):
+        assert value(samples, "lrpilot_grafana_annotations_total", outcome=outcome) == 0
+    assert value(samples, "lrpilot_runs", state="active") == 0
+    assert value(samples, "lrpilot_records_ingested_total") == 0
+    assert value(samples, "lrpilot_store_size_bytes") > 0
+    assert any(name == "process_resident_memory_bytes" for name, _ in samples)
+    assert ("lrpilot_build_info", (("version", "0.1.0"),)) in samples
+
+
+def test_plateau_state_lr_per_group_and_changes_follow_the_policy(plane):
+    policy = {"kind": "plateau", "metric": "val_loss", "patience": 1, "factor": 0.5, "cooldown": 2}
+    me = start(plane, "p", policy)
+    reports = [1.0, 0.5, 0.6, 0.7]  # best 0.5; two bad reports: a cut, then cooldown
+    for i, loss in enumerate(reports, 1):
+        feed(plane, me, "p", [(i, STEP, {"loss": 2.0 * loss}), (i, REPORT, {"val_loss": loss})])
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    assert value(samples, "lrpilot_policy_plateau_best", run="p") == 0.5
+    assert value(samples, "lrpilot_policy_plateau_bad_steps", run="p") == 0
+    assert value(samples, "lrpilot_policy_plateau_cooldown_steps", run="p") == 2
+    for group in ("backbone", "head"):
+        assert value(samples, "lrpilot_group_lr", run="p", group=group) == pytest.approx(0.05)
+    assert value(samples, "lrpilot_run_lr_changes_total", run="p", reason="plateau") == 1
+    assert value(samples, "lrpilot_run_command_version", run="p") == 1
+    assert value(samples, "lrpilot_run_metric", run="p", metric="loss") == pytest.approx(1.4)
+    assert value(samples, "lrpilot_run_metric", run="p", metric="val_loss") == 0.7
+    assert value(samples, "lrpilot_run_step", run="p") == 4
+    spec = json.loads(
+        next(
+            dict(labels)["spec"]
+            for name, labels in samples
+            if name == "lrpilot_run_policy_info" and ("run", "p") in labels
+        )
+    )
+    assert spec["kind"] == "plateau" and spec["cooldown"] == 2
+    assert "lrpilot_policy_cycle" not in names(samples, "p")
+
+
+def test_operator_changes_are_counted_by_reason_and_held_is_exported(plane):
+    me = start(plane, "op", {"kind": "step", "step_size": 1000})
+    feed(plane, me, "op", steps(1, 5, loss=1.0))
+    control = ControlPlane(plane)
+    for request in (
+        {"op": "set_lr", "run": "op", "lr": 0.01},
+        {"op": "resume", "run": "op"},
+        {"op": "pause", "run": "op"},
+    ):
+        answer, _ = control.handle(json.dumps(request).encode())
+        assert answer["ok"], answer
+    held = scrape(DaemonCollector(plane, ttl=600))
+    assert value(held, "lrpilot_run_lr_held", run="op") == 1
+    control.handle(
+        json.dumps({"op": "policy", "run": "op", "policy": {"kind": "cosine", "T_max": 9}}).encode()
+    )
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    for reason in ("set_lr", "resume", "pause", "policy_switch"):
+        assert value(samples, "lrpilot_run_lr_changes_total", run="op", reason=reason) == 1
+    assert value(samples, "lrpilot_run_lr_held", run="op") == 0
+    assert ("lrpilot_run_policy_info", (("kind", "cosine"),)) not in samples
+    kinds = {dict(labels)["kind"] for name, labels in samples if name == "lrpilot_run_policy_info"}
+    assert kinds == {"cosine"}
+
+
+def test_cycle_position_restarts_momentum_and_stage(plane):
+    restarts = start(plane, "wr", {"kind": "cosine_restarts", "T_0": 4, "T_mult": 2})
+    feed(plane, restarts, "wr", steps(1, 6))  # a restart at 4; 2 steps into a cycle of 8
+    cyclic = start(
+        plane,
+        "cy",
+        {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 5},
+    )
+    feed(plane, cyclic, "cy", steps(1, 13))  # cycle 2 (of 10 steps), 3 steps in
+    staged = start(
+        plane,
+        "seq",
+        {
+            "kind": "sequential",
+            "milestones": [3],
+            "policies": [
+                {"kind": "linear", "start_factor": 0.1, "total_iters": 3},
+                {"kind": "plateau", "metric": "val_loss"},
+            ],
+        },
+    )
+    feed(plane, staged, "seq", steps(1, 4))
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    assert value(samples, "lrpilot_policy_restarts_total", run="wr") == 1
+    assert value(samples, "lrpilot_policy_cycle", run="wr") == 2
+    assert value(samples, "lrpilot_policy_cycle_position_ratio", run="wr") == 2 / 8
+    assert value(samples, "lrpilot_policy_cycle", run="cy") == 2
+    assert value(samples, "lrpilot_policy_cycle_position_ratio", run="cy") == pytest.approx(0.3)
+    # cyclic cycles momentum (torch's default): inversely to the LR.
+    momentum = value(samples, "lrpilot_group_momentum", run="cy", group="head")
+    assert 0.8 < momentum < 0.9
+    assert value(samples, "lrpilot_policy_stage", run="seq") == 1
+    assert value(samples, "lrpilot_policy_plateau_best", run="seq") == math.inf
+    assert "lrpilot_group_momentum" not in names(samples, "wr")
+
+
+def test_rank_series_carry_lag_and_the_hooks_counters(plane):
+    policy = {"kind": "step", "step_size": 100}
+    lead = start(plane, "ddp", policy, rank=0)
+    behind = start(plane, "ddp", policy, rank=1)
+    feed(plane, lead, "ddp", steps(1, 10, loss=1.0), rank=0, records_dropped=3)
+    feed(plane, behind, "ddp", steps(1, 7, loss=1.0), rank=1, records_sent=7)
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    assert value(samples, "lrpilot_run_connected_ranks", run="ddp") == 2
+    assert value(samples, "lrpilot_rank_lag_steps", run="ddp", rank="0") == 0
+    assert value(samples, "lrpilot_rank_lag_steps", run="ddp", rank="1") == 3
+    assert value(samples, "lrpilot_rank_step", run="ddp", rank="1") == 7
+    assert value(samples, "lrpilot_rank_records_dropped_total", run="ddp", rank="0") == 3
+    assert value(samples, "lrpilot_rank_records_sent_total", run="ddp", rank="1") == 7
+    assert value(samples, "lrpilot_sessions") == 2
+
+
+def test_an_ended_run_stays_for_the_ttl_then_its_series_go(plane):
+    me = start(plane, "gone", {"kind": "step", "step_size": 100})
+    feed(plane, me, "gone", steps(1, 3, loss=1.0))
+    plane.handle(me, [encode(Bye(run="gone", step=3, stats=ClientStats()))], 2.0)
+    ended = plane.registry.runs["gone"].ended
+    clock = Clock(ended + 599)
+    collector = DaemonCollector(plane, ttl=600, clock=clock)
+    samples = scrape(collector)
+    assert value(samples, "lrpilot_run_active", run="gone") == 0
+    assert value(samples, "lrpilot_runs", state="ended") == 1
+    assert not any(name.startswith("lrpilot_rank_") for name in names(samples, "gone"))
+    clock.now = ended + 601
+    samples = scrape(collector)
+    assert names(samples, "gone") == set()
+    assert value(samples, "lrpilot_runs", state="ended") == 0
+    # It comes back: its series are back.
+    start(plane, "gone", {"kind": "step", "step_size": 100})
+    assert value(scrape(collector), "lrpilot_run_active", run="gone") == 1
+
+
+def test_label_values_are_escaped(plane):
+    run = 'quote" back\\slash\nnewline'
+    me = start(plane, run, None, groups=("a,b",))
+    feed(plane, me, run, steps(1, 2, **{"odd metric": 1.5}))
+    samples = scrape(DaemonCollector(plane, ttl=600))
+    assert value(samples, "lrpilot_run_metric", run=run, metric="odd metric") == 1.5
+    assert value(samples, "lrpilot_group_lr", run=run, group="a,b") == 0.1
+
+
+# --- the HTTP endpoint of a real daemon -------------------------------------
+
+
+def daemon_fails(exe: str, tmp_path: Path, *flags: str) -> str:
+    done = subprocess.run(
+        [exe, "daemon", "--state-dir", str(tmp_path / "s"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_a_bad_or_busy_metrics_address_is_one_line_and_exit_1(lrpilot_exe, tmp_path):
+    line = daemon_fails(lrpilot_exe, tmp_path, "--metrics-addr", "9317")
+    assert "metrics_addr" in line and "HOST:PORT" in line
+    with daemon_process(lrpilot_exe, tmp_path / "a", tmp_path / "a.log") as first:
+        line = daemon_fails(
+            lrpilot_exe,
+            tmp_path,
+            "--address",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--control-address",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--metrics-addr",
+            first.metrics,
+        )
+        assert line.startswith("lrpilot daemon: cannot serve metrics on " + first.metrics), line
+
+
+def test_metrics_off_serves_nothing(lrpilot_exe, tmp_path):
+    with daemon_process(
+        lrpilot_exe, tmp_path / "s", tmp_path / "d.log", "--metrics-addr", "off"
+    ) as daemon:
+        assert "metrics off" in daemon.log()
+
+
+def test_scrapes_during_a_fast_training_all_parse(lrpilot_exe, tmp_path):
+    """The collector runs on the HTTP thread while the daemon loop changes the
+    registry: scrapes in a tight loop during a training must all succeed."""
+    with daemon_process(lrpilot_exe, tmp_path / "s", tmp_path / "d.log") as daemon:
+        training = Training(
+            tmp_path,
+            {
+                "steps": 20000,
+                "report_every": 100,
+                "seed": 1,
+                "deadline_s": 120,
+                "trainers": [
+                    {
+                        "run": "fast",
+                        "address": daemon.address,
+                        "policy": {"kind": "plateau", "metric": "val_loss", "patience": 2},
+                        "lrs": [0.1, 0.01],
+                        "out": str(tmp_path / "fast.jsonl"),
+                    }
+                ],
+            },
+        )
+        failures: list[BaseException] = []
+        scrapes = 0
+        stop = threading.Event()
+
+        def scrape_loop() -> None:
+            nonlocal scrapes
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(daemon.metrics_url, timeout=5) as response:
+                        text = response.read().decode()
+                    list(text_string_to_metric_families(text))
+                    scrapes += 1
+                except BaseException as exc:
+                    failures.append(exc)
+                    return
+
+        thread = threading.Thread(target=scrape_loop)
+        thread.start()
+        try:
+            training.finish(120)
+        finally:
+            stop.set()
+            thread.join(10)
+        assert not failures, failures
+        assert scrapes > 10
+
+        def final_step() -> bool:
+            with urllib.request.urlopen(daemon.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+            return any(
+                s.value == 20000
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "lrpilot_run_step" and s.labels == {"run": "fast"}
+            )
+
+        wait_for(final_step, 10, "the last step in /metrics")
+
+
+def get(url: str, gzip_ok: bool = False) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"} if gzip_ok else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_http_side_gzips_says_health_and_survives_a_failing_render():
+    failing = [False]
+
+    def render() -> str:
+        if failing[0]:
+            raise RuntimeError("a bug")
+        return "# TYPE x gauge\nx 1\n" * 1000
+
+    wedged: list[str] = []
+    server = MetricsServer(render, "127.0.0.1", 0, lambda: wedged[0] if wedged else None)
+    try:
+        base = server.url.removesuffix("/metrics")
+        status, headers, body = get(server.url, gzip_ok=True)
+        assert status == 200 and headers["Content-Encoding"] == "gzip"
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert gzip.decompress(body).decode() == render()
+        status, headers, body = get(server.url)
+        assert "Content-Encoding" not in headers and body.decode() == render()
+        failing[0] = True
+        assert get(server.url)[0] == 500
+        status, _, body = get(base + "/healthz")  # renders nothing: fine while render fails
+        assert (status, body) == (200, b"ok\n")
+        assert get(base + "/nope")[0] == 404
+        wedged.append("the daemon loop has not turned for 12 s")
+        assert get(base + "/healthz")[0::2] == (503, b"the daemon loop has not turned for 12 s\n")
+        failing[0] = False
+        assert get(server.url)[0] == 200
+    finally:
+        server.close()
