@@ -36,17 +36,9 @@ LOG_EVERY = 60.0  # seconds between summary lines while posts fail
 DRAIN_S = 2.0  # close() waits this long for queued changes to be posted
 OUTCOMES = ("posted", "failed", "dropped")
 
-# (wall time in ms, run id, the command, the LRs before it)
-Change = tuple[int, str, LRCommand, list[float]]
+# (wall time in ms, run id, the command, the LRs before it, its cause)
+Change = tuple[int, str, LRCommand, list[float], str]
 Post = Callable[[int, list[str], str], None]  # (time ms, tags, text); raises on failure
-
-
-def cause(command: LRCommand) -> str:
-    """A short tag for why the LRs changed: the reason's first word
-    ("plateau: val_loss has not improved ..." -> "plateau"; "set-lr 0.1 ..."
-    -> "set_lr"). The full reason is in the annotation's text."""
-    head = command.reason.split(":", 1)[0].split(None, 1)
-    return head[0].replace("-", "_").lower()[:40] if head else command.actor
 
 
 def lrs_text(lrs: list[float]) -> str:
@@ -55,8 +47,10 @@ def lrs_text(lrs: list[float]) -> str:
 
 def annotation(change: Change) -> tuple[int, list[str], str]:
     """(time ms, tags, text) of the annotation for one change."""
-    time_ms, run_id, command, old_lrs = change
-    tags = ["lrpilot", f"run:{run_id}", cause(command)]
+    time_ms, run_id, command, old_lrs, cause = change
+    # The cause is the reason label of lrpilot_run_lr_changes_total (plateau,
+    # set_lr, pause, resume, policy_switch); the full reason is in the text.
+    tags = ["lrpilot", f"run:{run_id}", cause]
     text = (
         f"run {run_id} v{command.version} from step {command.effective_step}: "
         f"lr {lrs_text(old_lrs)} → {lrs_text(command.lrs)}; {command.reason} "
@@ -98,7 +92,7 @@ class AnnotationPoster:
 
     def on_change(self, run: Run, command: LRCommand, old_lrs: list[float]) -> None:
         """A ChangeListener: queue the change and return (never raises, never waits)."""
-        change = (int(time.time() * 1000), run.run_id, command, old_lrs)
+        change = (int(time.time() * 1000), run.run_id, command, old_lrs, run.engine.last_cause)
         with self._lock:
             if self._closed or len(self._queue) >= self.capacity:
                 self._counts["dropped"] += 1

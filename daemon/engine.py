@@ -44,6 +44,7 @@ class PolicyEngine:
         # the exporter (the policy's kind, set_lr, pause, resume, policy_switch);
         # the free-text reason is in the journal.
         self.changes: Counter[str] = Counter()
+        self.last_cause = ""  # the cause of the last command (its tag in Grafana)
         self.old_lrs: list[float] = self.lrs  # before the last command, for the journal
         self._before: list[float] = self.old_lrs
 
@@ -145,6 +146,7 @@ class PolicyEngine:
         """Snapshot the run into the next versioned command."""
         self.version += 1
         self.changes[cause] += 1
+        self.last_cause = cause
         lead = self.lead_steps if lead is None else lead
         effective = self.step + 1 + lead
         last = self.last_change
