@@ -317,7 +317,11 @@ def test_set_lr_on_a_running_training_lands_at_its_step(
     ]
     assert_lands_on_its_step(history, used)
     assert {used[j][0] for j in range(held["effective_step"], released["effective_step"])} == {0.02}
-    assert used[released["effective_step"]] == released["lrs"]
+    # The policy's LRs again from the release's step; a decision the policy
+    # made right after the release can land at that same step (it wins then).
+    landing = [e for e in history if e["effective_step"] == released["effective_step"]]
+    assert landing[0]["version"] == released["version"]
+    assert used[released["effective_step"]] == landing[-1]["new_lrs"]
 
 
 # --- switching the policy -----------------------------------------------------
