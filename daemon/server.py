@@ -97,7 +97,8 @@ class Daemon:
         except OSError as exc:
             self.close()
             raise DaemonError(
-                f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror or exc}"
+                f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror or exc} "
+                "(--metrics-addr HOST:PORT moves it, --metrics-addr off turns it off)"
             ) from None
 
     def _post_annotations(self) -> None:
