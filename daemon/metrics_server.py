@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -40,7 +41,9 @@ class MetricsServer:
         family_host = host.strip("[]")
         server_class = ThreadingHTTPServer
         if ":" in family_host:  # an IPv6 address
-            server_class = type("Server6", (ThreadingHTTPServer,), {"address_family": 10})
+            server_class = type(
+                "Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}
+            )
         self._server = server_class((family_host, port), handler)
         self._server.daemon_threads = True
         self.host, self.port = family_host, self._server.server_address[1]

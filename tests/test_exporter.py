@@ -381,3 +381,13 @@ def test_the_http_side_gzips_says_health_and_survives_a_failing_render():
         assert get(server.url)[0] == 200
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_metrics_serve_on_ipv4_names_and_ipv6(host):
+    server = MetricsServer(lambda: "x 1\n", host, 0)
+    try:
+        assert server.url.startswith(f"http://{host}:")
+        assert get(server.url)[0::2] == (200, b"x 1\n")
+    finally:
+        server.close()
