@@ -21,7 +21,7 @@ from .annotations import AnnotationPoster
 from .config import DaemonConfig
 from .control import ControlPlane
 from .dataplane import DataPlane
-from .exporter import DaemonCollector, metrics_registry
+from .exporter import DaemonCollector, Exposition
 from .metrics_server import MetricsServer
 from .store import StoreError
 
@@ -93,7 +93,7 @@ class Daemon:
         counts = self.annotations.counts if self.annotations else None
         collector = DaemonCollector(self.plane, self.config.metrics_ttl, annotations=counts)
         try:
-            self.metrics = MetricsServer(metrics_registry(collector).text, *where, self.health)
+            self.metrics = MetricsServer(Exposition(collector).text, *where, self.health)
         except OSError as exc:
             self.close()
             raise DaemonError(

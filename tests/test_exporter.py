@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lrpilot.daemon.config import DaemonConfig
 from lrpilot.daemon.control import ControlPlane
 from lrpilot.daemon.dataplane import DataPlane
-from lrpilot.daemon.exporter import REJECT_REASONS, DaemonCollector, metrics_registry
+from lrpilot.daemon.exporter import REJECT_REASONS, DaemonCollector, Exposition
 from lrpilot.daemon.metrics_server import MetricsServer
 from lrpilot.protocol import REPORT, STEP, BatchEncoder, Bye, ClientStats, GroupInfo, Hello, encode
 
@@ -32,7 +32,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def scrape(collector: DaemonCollector) -> Samples:
     """Every sample of a scrape, keyed by (name, sorted labels)."""
-    text = metrics_registry(collector).text()
+    text = Exposition(collector).text()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
