@@ -107,9 +107,8 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """Copy the dashboard JSON into DIR, for Grafana's file provisioning."""
     source = find_dashboard_dir(args.dir)
+    load_dashboards(source)  # never hand Grafana a file it cannot load, nor a uid twice
     files = dashboard_files(source)
-    for path in files:
-        load_dashboard(path)  # never hand Grafana a file it cannot load
     try:
         args.dest.mkdir(parents=True, exist_ok=True)
         for path in files:

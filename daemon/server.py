@@ -90,6 +90,7 @@ class Daemon:
         where = self.config.metrics_host_port
         if where is None:
             return
+        self._loop_at = time.monotonic()  # healthy until serve() has had time to turn
         counts = self.annotations.counts if self.annotations else None
         collector = DaemonCollector(self.plane, self.config.metrics_ttl, annotations=counts)
         try:
@@ -141,13 +142,12 @@ class Daemon:
         next_tick = next_sweep = time.monotonic()
         self.ready.set()
         while not self._stop.is_set():
-            self._loop_at = time.monotonic()
             ready = dict(poller.poll(POLL_MS))
             if data in ready:
                 self._drain_data(time.monotonic())
             if control in ready:
                 self._drain_control()
-            now = time.monotonic()
+            now = self._loop_at = time.monotonic()
             if now >= next_tick:
                 plane.tick(now)
                 next_tick = now + TICK_EVERY
