@@ -105,6 +105,10 @@ def attach(
 def as_float(name: str, value: Any) -> float:
     """A metric value as a float: numbers, numpy scalars, 0-d tensors; not text."""
     if not isinstance(value, (str, bytes)):
+        if getattr(value, "requires_grad", False):
+            # `loss=loss` straight from backward(): torch warns when a tensor
+            # that needs grad becomes a float; the value is the same detached.
+            value = value.detach()
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -287,15 +287,18 @@ def test_metric_values_of_every_number_type_reach_the_daemon(daemon):
         values = [
             5,  # int: best
             np.float32(6.0),  # worse: cut
-            torch.tensor(7.0),  # 0-d tensor, worse: cut
+            torch.tensor(3.5, requires_grad=True) * 2,  # a loss as backward() leaves it: cut
             np.int64(8),  # worse: cut
             torch.tensor(1.5, dtype=torch.float64),  # better: no cut
             np.float64(1.25),  # better
         ]
         lrs = []
-        for value in values:
-            pilot.step(loss=value)
-            lrs.append([g["lr"] for g in optimizer.param_groups])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for value in values:
+                pilot.step(loss=value)
+                lrs.append([g["lr"] for g in optimizer.param_groups])
+        assert not [str(w.message) for w in caught if "requires_grad" in str(w.message)]
         assert lrs == [
             [0.1, 0.02],
             [0.05, 0.01],
