@@ -86,8 +86,9 @@ class DaemonConfig(BaseModel):
     command_lead_steps: int = Field(
         0,
         ge=0,
-        description="a metric-driven command takes effect this many steps after the record "
-        "that caused it (more gives every rank time to apply it at the same step)",
+        description="extra steps between a command and the step it takes effect (a policy's "
+        "decision or an operator's): more gives every rank of a slow or far run time to apply "
+        "it at the same step",
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     metrics_addr: str = Field(

@@ -21,10 +21,6 @@ from lrpilot.policies import SpecError, describe, parse_policy
 from .dataplane import DataPlane, Outgoing
 from .registry import Run
 
-# How far ahead an operator's command is scheduled, in seconds of the run's
-# steps: enough for a command to reach every rank over loopback or a LAN.
-COMMAND_LEAD_SECONDS = 0.1
-
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -118,13 +114,7 @@ class ControlPlane:
         return self.plane.send_command(run, command)
 
     def _lead(self, run: Run) -> int:
-        """Steps ahead to schedule an operator's command. The run has already
-        set the LRs of its next step, so at least one; a sync client hears it
-        before the one after; async ranks get ~100 ms of steps to hear it."""
-        extra = self.plane.config.command_lead_steps
-        if run.sessions and all(s.sync for s in run.sessions.values()):
-            return 1 + extra
-        return run.lead_steps(COMMAND_LEAD_SECONDS) + extra
+        return run.command_lead(self.plane.config.command_lead_steps)
 
     # --- reads ------------------------------------------------------------
 

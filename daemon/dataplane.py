@@ -142,7 +142,11 @@ class DataPlane:
                     len(run.group_names),
                 )
                 run.engine = self.registry.engine_from(hello)
-            elif hello.step < run.engine.step:
+            elif hello.step < run.engine.step and (
+                not run.sessions or hello.rank <= min(run.sessions)
+            ):
+                # Only the rank about to drive sets the run's step: another
+                # rank joining behind it does not take the policy back.
                 self._rewind(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
@@ -176,13 +180,17 @@ class DataPlane:
         it and the recorded stream. If an operator switched the policy since,
         the current policy keeps its state (a switch is not undone)."""
         step = hello.step
+        if any(s.rank != hello.rank for s in run.sessions.values()):
+            # Under torchrun the ranks say hello in any order; a lower rank
+            # a step behind the one that drove so far takes the run over.
+            why = f"rank {hello.rank} joined at step {step}, behind rank {run.driver.rank}"
+        else:
+            why = f"resumed from a checkpoint at step {step}"
         self.flush()  # the snapshot and records up to now must be readable
         snapshot = self.store.snapshot_at(run.run_id, step)
         current = run.engine.spec.model_dump() if run.engine.spec else None
         if snapshot is None or snapshot["policy"] != current:
-            log.info(
-                "run %s resumes at step %d under the current policy and state", run.run_id, step
-            )
+            log.info("run %s %s: the current policy and state go on from there", run.run_id, why)
             run.engine.step = step
             return
         engine = type(run.engine).from_row(run.run_id, snapshot, run.engine.lead_steps)
@@ -192,10 +200,9 @@ class DataPlane:
         run.engine = engine
         self.store.submit([("truncate", (run.run_id, step))])
         log.info(
-            "run %s resumed from a checkpoint at step %d: state rebuilt from step %d "
-            "and %d recorded steps",
+            "run %s %s: state rebuilt from step %d and %d recorded steps",
             run.run_id,
-            step,
+            why,
             snapshot["step"],
             step - snapshot["step"],
         )
@@ -213,6 +220,10 @@ class DataPlane:
         out: Outgoing = []
         engine = run.engine
         drives = run.driver is session
+        if drives and run.multi_rank:
+            # Every rank must apply a decision at the same step, and the
+            # others hear it after the driver: as far ahead as an operator's.
+            engine.lead_steps = run.command_lead(self.config.command_lead_steps)
         me = identity.hex()
         if drives and engine.driver != me:
             # A new client drives, with its own seq numbers.

@@ -14,6 +14,9 @@ from .engine import PolicyEngine
 
 # Steps-per-second smoothing: each batch moves the estimate this far.
 RATE_WEIGHT = 0.2
+# How far ahead a command for several ranks is scheduled, in seconds of the
+# run's steps: enough for it to reach every rank over loopback or a LAN.
+COMMAND_LEAD_SECONDS = 0.1
 
 
 @dataclass
@@ -85,6 +88,20 @@ class Run:
         operator's command is scheduled so every rank gets it in time."""
         rate = max((s.steps_per_s for s in self.sessions.values()), default=0.0)
         return max(1, round(rate * seconds))
+
+    @property
+    def multi_rank(self) -> bool:
+        return self.world_size > 1 or len(self.sessions) > 1
+
+    def command_lead(self, extra: int = 0) -> int:
+        """Steps ahead to schedule a command that every rank must apply at the
+        same step. The ranks have already set the LRs of their next step, so
+        at least one; lock-step ranks hear it before the one after (each waits
+        for its record to be processed, and DDP keeps them in step); async
+        ranks get ~100 ms of steps to hear it. ``extra``: --command-lead-steps."""
+        if self.sessions and all(s.sync for s in self.sessions.values()):
+            return 1 + extra
+        return self.lead_steps(COMMAND_LEAD_SECONDS) + extra
 
     def row(self, now: float, stored_seq: int | None = None) -> dict[str, Any]:
         """The run's state for the store; ``stored_seq`` is how far its

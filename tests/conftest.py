@@ -52,3 +52,16 @@ def lrpilot_exe() -> str:
     found = str(candidate) if candidate.exists() else shutil.which("lrpilot")
     assert found, "the `lrpilot` command is not installed: run `bash scripts/test`"
     return found
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's bundled digits (no download) as an .npz with x and y,
+    written once for the training processes of the live tests."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    path = tmp_path_factory.mktemp("digits") / "digits.npz"
+    np.savez(path, x=data.data, y=data.target)
+    return path

@@ -274,22 +274,12 @@ class Live:
         return self.start, end, f"{int(end - self.start) + 1}s"
 
 
-def digits_npz(where: Path) -> Path:
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    path = where / "digits.npz"
-    np.savez(path, x=data.data, y=data.target)
-    return path
-
-
-def start_training(where: Path, address: str) -> tuple[subprocess.Popen, Path]:
+def start_training(where: Path, address: str, digits: Path) -> tuple[subprocess.Popen, Path]:
     """The four runs in one torch process, paced, until ``stop`` appears."""
     stop = where / "stop"
     config = {
         "address": address,
-        "data": str(digits_npz(where)),
+        "data": str(digits),
         "steps": 1_000_000,
         "deadline_s": 180,
         "stop_file": str(stop),
@@ -324,14 +314,14 @@ def scalar(prom: PrometheusProcess, expr: str) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def live(lrpilot_exe, tmp_path_factory) -> Iterator[Live]:
+def live(lrpilot_exe, digits, tmp_path_factory) -> Iterator[Live]:
     where = tmp_path_factory.mktemp("dashboards")
     with ExitStack() as stack:
         daemon = DaemonProcess(lrpilot_exe, where / "state", where / "daemon.log")
         stack.callback(daemon.stop)
         prom = stack.enter_context(prometheus_process(where / "prometheus", [daemon.metrics]))
         start = time.time()
-        training, stop = start_training(where, daemon.address)
+        training, stop = start_training(where, daemon.address, digits)
 
         def stop_training() -> None:
             stop.write_text("stop")

@@ -260,3 +260,66 @@ def test_a_decision_is_said_once(make_plane):
     assert (welcome.command.version, welcome.command.lrs) == (1, [0.05])
     history = plane.store.history("dup")
     assert [(e["version"], e["actor"], e["new_lrs"]) for e in history] == [(1, "policy", [0.05])]
+
+
+def rank_hello(rank: int, step: int = 0, sync: bool = False) -> list[bytes]:
+    message = Hello(
+        run="ddp",
+        rank=rank,
+        world_size=2,
+        groups=[GroupInfo(name="0", lr=0.1)],
+        policy=PLATEAU,
+        step=step,
+        sync=sync,
+    )
+    return [encode(message)]
+
+
+def steps(rank: int, first: int, last: int, seq: int = 1) -> list[bytes]:
+    """Steps first..last of one rank, each with a val_loss report of 1.0."""
+    records = []
+    for step in range(first, last + 1):
+        records.append((seq, step, STEP, {"loss": 1.0}))
+        records.append((seq + 1, step, REPORT, {"val_loss": 1.0}))
+        seq += 2
+    return BatchEncoder("ddp", rank).encode(records, {})
+
+
+def test_a_rank_joining_behind_the_driver_does_not_take_the_run_back(make_plane, caplog):
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0))
+    replies(plane, b"r0", steps(0, 1, 5))
+    assert plane.registry.runs["ddp"].engine.step == 5
+    # Rank 1 (restarted by torchelastic, say) comes in at step 3: telemetry.
+    replies(plane, b"r1", rank_hello(1, step=3))
+    assert plane.registry.runs["ddp"].engine.step == 5
+    assert "behind" not in caplog.text and "checkpoint" not in caplog.text
+
+
+def test_rank_0_a_step_behind_rank_1_takes_the_run_over(make_plane, caplog):
+    caplog.set_level("INFO", logger="lrpilot.daemon")
+    plane = make_plane()
+    replies(plane, b"r1", rank_hello(1))
+    replies(plane, b"r1", steps(1, 1, 1))  # rank 1 drives while it is alone
+    replies(plane, b"r0", rank_hello(0))
+    run = plane.registry.runs["ddp"]
+    assert run.driver.rank == 0 and run.engine.step == 0
+    assert "rank 0 joined at step 0, behind rank 1" in caplog.text
+    assert "checkpoint" not in caplog.text
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "lock-step"])
+def test_decisions_for_several_ranks_are_scheduled_ahead_of_the_others(make_plane, sync):
+    """One rank: the decision on step k's report is for k + 1 (lock-step) or
+    k + 2 (async), as simulate has it. Several ranks: the others hear it
+    after the driver, so it is for k + 2 in lock-step (each rank waits for
+    its record, and DDP keeps the ranks in step) and ~100 ms of steps ahead
+    in async."""
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0, sync=sync))
+    replies(plane, b"r1", rank_hello(1, sync=sync))
+    plane.registry.runs["ddp"].sessions[1].steps_per_s = 500.0  # 50 steps in 100 ms
+    out = plane.handle(b"r0", steps(0, 1, 2), 0.0)  # patience 0: a cut at step 2
+    sent = [(to, m) for to, frames in out if isinstance(m := decode(frames), LRCommand)]
+    assert sorted(to for to, _ in sent) == [b"r0", b"r1"]  # the same command to each rank
+    assert {m.effective_step for _, m in sent} == {2 + 2 if sync else 2 + 1 + 50}

@@ -78,18 +78,6 @@ def shared_daemon(lrpilot_exe, tmp_path_factory) -> Iterator[DaemonProcess]:
         yield daemon
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """scikit-learn's bundled digits, loaded once and handed to the trainings."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    path = tmp_path_factory.mktemp("digits") / "digits.npz"
-    np.savez(path, x=data.data, y=data.target)
-    return path
-
-
 def trainer(run: str, policy: dict, out: Path, *, sync: bool = False, report_every: int = 0):
     spec = {"run": run, "policy": policy, "sync": sync, "lrs": BASE_LRS, "out": str(out)}
     return {**spec, "report_every": report_every}

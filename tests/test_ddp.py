@@ -1,0 +1,160 @@
+"""Data-parallel training under real torchrun: two ranks of one run
+(DistributedDataParallel, gloo on CPU; tests/live/train_ddp.py) attach with
+no run, rank or world size given, and a real `lrpilot daemon` steers them.
+
+DESIGN.md: every rank of a run applies the same LR at the same step. Checked
+here step by step, for the policy's own decisions (plateau on rank 0's
+validation loss) and for an operator's set-lr and resume, in async and in
+lock-step mode: both ranks hold the same LRs after every step, apply every
+journaled change at its effective step (none late), and end with the same
+parameters (DDP keeps them equal only while the ranks' LRs agree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from procs import daemon_process, lrpilot, ok_json, wait_for
+
+TRAIN = ROOT / "tests" / "live" / "train_ddp.py"
+PLATEAU = {"kind": "plateau", "metric": "val_loss", "factor": 0.5, "patience": 1, "threshold": 0.05}
+HOLD_LR = 0.003
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def changes(lines: list[dict]) -> list[dict]:
+    return [line for line in lines if line.get("event") == "change"]
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def gauge(text: str, name: str, run: str) -> float | None:
+    found = re.search(rf'^{name}{{run="{re.escape(run)}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def torchrun(where: Path, daemon_address: str, sync: bool, digits: Path) -> subprocess.Popen:
+    config = {
+        "data": str(digits),
+        "policy": PLATEAU,
+        "sync": sync,
+        "report_every": 10,
+        "max_steps": 20_000,
+        "stop_file": str(where / "stop"),
+        "step_sleep": 0.003,  # pace only: leaves CPU to the daemon and this test
+        "out_dir": str(where),
+        "deadline_s": 120,
+    }
+    (where / "train.json").write_text(json.dumps(config))
+    env = {**os.environ, "LRPILOT_DAEMON": daemon_address, "OMP_NUM_THREADS": "1"}
+    env.pop("LRPILOT_RUN", None)  # the run id must come from torchrun's environment
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(TRAIN),
+            str(where / "train.json"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=open(where / "train.out", "w"),
+        stderr=subprocess.STDOUT,
+        cwd=where,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "lock-step"])
+def test_every_rank_applies_every_change_at_the_same_step(lrpilot_exe, digits, tmp_path, sync):
+    with daemon_process(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log") as daemon:
+        training = torchrun(tmp_path, daemon.address, sync, digits)
+        ctl = ("--control", daemon.control)
+        rank0, rank1 = tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"
+
+        def output() -> str:
+            return (tmp_path / "train.out").read_text() + "\n" + daemon.log()[-3000:]
+
+        def applied_by_both(actor_is_policy: bool) -> bool:
+            if training.poll() is not None:
+                raise AssertionError(f"torchrun exited with {training.returncode}:\n{output()}")
+            return all(
+                any((c["actor"] == "policy") == actor_is_policy for c in changes(read_lines(p)))
+                for p in (rank0, rank1)
+            )
+
+        try:
+            wait_for(lambda: applied_by_both(True), 60, "a plateau cut on both ranks", output)
+            runs = ok_json(lrpilot(lrpilot_exe, "runs", *ctl, "--json"))
+            assert [(r["ranks"], r["world_size"]) for r in runs] == [([0, 1], 2)], runs
+            run = runs[0]["run"]
+            text = scrape(daemon.metrics_url)
+            assert gauge(text, "lrpilot_run_world_size", run) == 2, text
+            assert gauge(text, "lrpilot_run_connected_ranks", run) == 2, text
+
+            ok_json(lrpilot(lrpilot_exe, "set-lr", run, str(HOLD_LR), *ctl, "--json"))
+            wait_for(lambda: applied_by_both(False), 30, "the set-lr on both ranks", output)
+            ok_json(lrpilot(lrpilot_exe, "resume", run, *ctl, "--json"))
+
+            def resumed_on_both() -> bool:
+                return all(
+                    len([c for c in changes(read_lines(p)) if c["actor"] != "policy"]) == 2
+                    for p in (rank0, rank1)
+                )
+
+            wait_for(resumed_on_both, 30, "the resume on both ranks", output)
+            (tmp_path / "stop").touch()
+            training.wait(60)
+        finally:
+            if training.poll() is None:
+                training.kill()
+                training.wait(10)
+        assert training.returncode == 0, output()
+        history = ok_json(lrpilot(lrpilot_exe, "history", run, *ctl, "--json"))
+        log = daemon.log()
+
+    summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1)]
+    for rank, summary in enumerate(summaries):
+        assert (summary["run"], summary["rank"], summary["world_size"]) == (run, rank, 2)
+        assert summary["stats"]["commands_late"] == 0, summary
+        assert summary["stats"]["commands_applied"] == len(history), (summary, history)
+        assert summary["warnings"] == [], summary
+        assert f"run {run} rank {rank}/2 hello from" in log
+    assert summaries[0]["steps"] == summaries[1]["steps"]
+
+    # The same LRs after every step, on both ranks.
+    steps = [
+        [(line["step"], line["lrs"]) for line in read_lines(p) if "lrs" in line]
+        for p in (rank0, rank1)
+    ]
+    assert len(steps[0]) == summaries[0]["steps"]
+    assert steps[0] == steps[1], next(
+        (a, b) for a, b in zip(*steps) if a != b
+    )  # the first step where they differ
+    # Every journaled change, at its effective step, on both ranks.
+    journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]
+    for path in (rank0, rank1):
+        seen = [(c["step"], c["new"], c["actor"]) for c in changes(read_lines(path))]
+        assert seen == journal, (path.name, seen, journal)
+    actors = [e["actor"] for e in history]
+    assert actors.count("policy") >= 1 and len(actors) - actors.count("policy") == 2, history
+    # Same LRs at every step: DDP's replicas are still the same model.
+    assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
