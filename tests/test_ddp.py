@@ -135,25 +135,27 @@ def test_every_rank_applies_every_change_at_the_same_step(lrpilot_exe, digits, t
     for rank, summary in enumerate(summaries):
         assert (summary["run"], summary["rank"], summary["world_size"]) == (run, rank, 2)
         assert summary["stats"]["commands_late"] == 0, summary
-        assert summary["stats"]["commands_applied"] == len(history), (summary, history)
         assert summary["warnings"] == [], summary
         assert f"run {run} rank {rank}/2 hello from" in log
     assert summaries[0]["steps"] == summaries[1]["steps"]
 
-    # The same LRs after every step, on both ranks.
-    steps = [
-        [(line["step"], line["lrs"]) for line in read_lines(p) if "lrs" in line]
+    # The same LRs at every optimizer step, on both ranks: the line of step
+    # k holds the LRs of step k + 1, and the last step has no step after it.
+    last = summaries[0]["steps"]
+    used = [
+        [(line["step"], line["lrs"]) for line in read_lines(p) if "lrs" in line][: last - 1]
         for p in (rank0, rank1)
     ]
-    assert len(steps[0]) == summaries[0]["steps"]
-    assert steps[0] == steps[1], next(
-        (a, b) for a, b in zip(*steps) if a != b
-    )  # the first step where they differ
-    # Every journaled change, at its effective step, on both ranks.
+    assert len(used[0]) == last - 1
+    assert used[0] == used[1], next((a, b) for a, b in zip(*used) if a != b)  # the first difference
+    # Every journaled change due within the run, at its effective step, on
+    # both ranks (a decision made just before the stop may be due after it).
     journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]
-    for path in (rank0, rank1):
+    due = [entry for entry in journal if entry[0] <= last]
+    for path, summary in zip((rank0, rank1), summaries):
         seen = [(c["step"], c["new"], c["actor"]) for c in changes(read_lines(path))]
-        assert seen == journal, (path.name, seen, journal)
+        assert seen[: len(due)] == due, (path.name, seen, journal)
+        assert summary["stats"]["commands_applied"] == len(seen), (summary, seen)
     actors = [e["actor"] for e in history]
     assert actors.count("policy") >= 1 and len(actors) - actors.count("policy") == 2, history
     # Same LRs at every step: DDP's replicas are still the same model.
