@@ -183,6 +183,22 @@ def store_row(state_dir: Path, run: str) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
+def settled_history(
+    fetch: Callable[[], list[dict]], until_step: int | None = None, timeout: float = 10.0
+) -> list[dict]:
+    """A run's journal (``fetch``: `lrpilot history --json`) once every change
+    due by ``until_step`` (default: every change) says where it was applied.
+    The training's ack travels apart from the test's request, and the daemon
+    writes it through its store thread, so it can show a moment later."""
+
+    def settled() -> list[dict] | None:
+        history = fetch()
+        due = [e for e in history if until_step is None or e["effective_step"] <= until_step]
+        return history if all(e["applied_step"] is not None for e in due) else None
+
+    return wait_for(settled, timeout, f"the journal's applied steps (until step {until_step})")
+
+
 def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
     db = sqlite3.connect(f"file:{state_dir / 'lrpilot.sqlite3'}?mode=ro", uri=True, timeout=10)
     try:

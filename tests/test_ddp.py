@@ -147,7 +147,9 @@ def test_every_rank_applies_every_change_at_the_same_step(lrpilot_exe, digits, t
         for p in (rank0, rank1)
     ]
     assert len(used[0]) == last - 1
-    assert used[0] == used[1], next((a, b) for a, b in zip(*used) if a != b)  # the first difference
+    assert used[0] == used[1], next(
+        ((a, b) for a, b in zip(*used) if a != b), None
+    )  # the first difference
     # Every journaled change due within the run, at its effective step, on
     # both ranks (a decision made just before the stop may be due after it).
     journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]

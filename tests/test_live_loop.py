@@ -257,10 +257,17 @@ def test_async_cyclic_is_exact_every_step(trained, lrpilot_exe):
 
 
 def test_the_daemon_saw_each_run(trained, shared_daemon):
-    log = shared_daemon.log()
-    for run in ("sync-plateau", "async-plateau", "async-cyclic"):
+    runs = ("sync-plateau", "async-plateau", "async-cyclic")
+
+    # A pilot's bye is sent without waiting for an answer: the training may
+    # be gone before the daemon has logged it.
+    def all_said_bye() -> str | None:
+        log = shared_daemon.log()
+        return log if all(f"run {run} rank 0 said bye at step 305" in log for run in runs) else None
+
+    log = wait_for(all_said_bye, 10, "a bye from each run", shared_daemon.log)
+    for run in runs:
         assert f"run {run} rank 0/1 hello from" in log
-        assert f"run {run} rank 0 said bye at step 305" in log
     for run in ("sync-plateau", "async-plateau"):
         commands = re.findall(rf"run {run} v(\d+) from step (\d+)", log)
         assert len(commands) == trained["summary"]["stats"][run]["commands_applied"]

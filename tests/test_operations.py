@@ -32,6 +32,7 @@ from procs import (
     ok,
     ok_json,
     read_steps,
+    settled_history,
     simulate,
     wait_for,
 )
@@ -199,7 +200,7 @@ def test_runs_show_and_history_on_a_live_run(op, daemon, lrpilot_exe, tmp_path, 
     assert "lrs        " + ", ".join(f"{lr:.4g}" for lr in after[-1]) in text
     assert "HELD" not in text
 
-    history = op.json("history", run)
+    history = settled_history(lambda: op.json("history", run), until_step=100)
     cuts = change_steps(used_lrs(out))
     assert len(cuts) >= 2, "the run was meant to plateau at least twice by step 100"
     assert [e["effective_step"] for e in history if e["effective_step"] <= 100] == cuts
@@ -216,7 +217,8 @@ def test_runs_show_and_history_on_a_live_run(op, daemon, lrpilot_exe, tmp_path, 
     ]
     training.go(100)
     training.finish()
-    assert op.json("show", run)["status"] == "ended"
+    # The bye is sent without waiting for an answer, and show asks another socket.
+    wait_for(lambda: op.json("show", run)["status"] == "ended", 10, "the bye to end the run")
 
 
 # --- holding the LRs ------------------------------------------------------------

@@ -35,6 +35,7 @@ from procs import (
     ok,
     ok_json,
     read_steps,
+    settled_history,
     simulate,
     store_row,
     wait_for,
@@ -225,9 +226,9 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
     want = simulate(lrpilot_exe, PLATEAU, metric_stream(crash), BASE_LRS)
     assert lrs_after(reference) == want
     assert lrs_after(crash) == want
-    journal = op(lrpilot_exe, restarted, "history", "crash")
+    journal = settled_history(lambda: op(lrpilot_exe, restarted, "history", "crash"), 200)
     assert decisions(journal) == decisions(
-        op(lrpilot_exe, reference_daemon, "history", "reference")
+        settled_history(lambda: op(lrpilot_exe, reference_daemon, "history", "reference"), 200)
     )
     assert [e for e in journal if e["effective_step"] > 101], "no decision after the restart"
     assert "run crash rank 0/1 hello from" in restarted.log()
@@ -274,8 +275,11 @@ def test_the_sync_wait_covers_a_restart(lrpilot_exe, tmp_path, processes):
     crash, reference = read_steps(crash_out), read_steps(reference_out)
     want = simulate(lrpilot_exe, PLATEAU, metric_stream(crash), BASE_LRS)
     assert lrs_after(crash) == lrs_after(reference) == want
-    assert decisions(op(lrpilot_exe, restarted, "history", "crash")) == decisions(
-        op(lrpilot_exe, reference_daemon, "history", "reference")
+    last = len(crash)
+    assert decisions(
+        settled_history(lambda: op(lrpilot_exe, restarted, "history", "crash"), last)
+    ) == decisions(
+        settled_history(lambda: op(lrpilot_exe, reference_daemon, "history", "reference"), last)
     )
 
 
@@ -360,16 +364,6 @@ def checkpointed(lrpilot_exe, tmp_path, processes, restart: bool) -> None:
     assert lrs_after(resumed) == want[60:]
     # The daemon's recorded stream is the resumed timeline's, once.
     assert from_run(lrpilot_exe, "ckpt", daemon.state_dir) == want
-
-
-RESUME_BUG = (
-    "bug: client/hook.py attach() says hello at step 0 before load_state_dict() says hello "
-    "at the checkpoint's step; daemon/dataplane.py DataPlane._hello takes the first as a "
-    "resume at step 0 (_rewind: without a snapshot at step 0 it keeps the abandoned "
-    "timeline's policy state, with one it rebuilds step 0 and truncates every record), and "
-    "the second (step 60 > 0) is then no rewind: the daemon's decisions after the resume "
-    "differ from the uninterrupted run's"
-)
 
 
 def test_resume_from_a_checkpoint_with_the_daemon_running(lrpilot_exe, tmp_path, processes):

@@ -47,7 +47,7 @@ def test_plateau_matches_torch_through_the_command(lrpilot_exe):
     assert [line["step"] for line in got] == list(range(1, len(losses) + 1))
     assert all("momenta" not in line for line in got)
     for line, want in zip(got, expected, strict=True):
-        assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(line["lrs"], want))
+        assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(line["lrs"], want, strict=True))
     assert got[-1]["lrs"] != got[0]["lrs"], "the stream was meant to make plateau cut"
 
 
@@ -71,6 +71,7 @@ def test_cyclic_reports_momenta_like_torch(lrpilot_exe):
         sched = torch.optim.lr_scheduler.CyclicLR(
             opt, 0.01, 0.1, step_size_up=3, mode="triangular2"
         )
+        assert len(got) == 12
         for line in got:
             sched.step()
             assert math.isclose(line["lrs"][0], sched.get_last_lr()[0], rel_tol=1e-9)

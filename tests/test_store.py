@@ -333,7 +333,7 @@ def test_a_failed_commit_is_logged(opened, caplog):
     break_store(store.path)
     with caplog.at_level("WARNING"):
         store.submit([("batches", [batch("r", records(1, range(1, 3)))])])
-        store.wait(timeout=2)
+        assert store.wait(timeout=2)
         assert store.write_errors == 1
         assert any(r.levelname in ("WARNING", "ERROR") for r in caplog.records), caplog.text
 

@@ -138,7 +138,10 @@ def main(config_path: str) -> None:
                 trainer.step(k)
             if k == pause_at:
                 stats = {t.run: asdict(t.pilot.stats) for t in trainers}
-                Path(config["paused_file"]).write_text(json.dumps({"step": k, "stats": stats}))
+                # Whole or not at all: the test reads it as soon as it exists.
+                partial = Path(config["paused_file"] + ".partial")
+                partial.write_text(json.dumps({"step": k, "stats": stats}))
+                partial.replace(config["paused_file"])
                 wait_for_file(Path(config["go_file"]), deadline)
                 if watched is not None:
                     applied_at_pause = watched.pilot.stats.commands_applied
