@@ -43,6 +43,10 @@ class ProtocolError(ValueError):
     """A frame that does not follow the protocol; the message says how."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message over the receiver's size limit (refused before parsing)."""
+
+
 class Message(BaseModel):
     # Policy state holds infinities (plateau's best before the first value):
     # write them as JSON's de-facto Infinity, which Python and pydantic read,
@@ -204,13 +208,14 @@ def encode(message: Message) -> bytes:
     return message.model_dump_json(exclude_defaults=False).encode()
 
 
-def decode(frames: Sequence[bytes]) -> Message:
-    """Parse and validate the first frame of a message; ProtocolError if bad."""
+def decode(frames: Sequence[bytes], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate the first frame of a message; ProtocolError if bad,
+    MessageTooLarge if the frames add up to more than ``max_bytes``."""
     if not frames:
         raise ProtocolError("empty message")
     size = sum(len(f) for f in frames)
-    if size > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {size} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    if size > max_bytes:
+        raise MessageTooLarge(f"message of {size} bytes exceeds the limit of {max_bytes}")
     try:
         message = _CONTROL.validate_json(frames[0])
     except ValidationError as exc:

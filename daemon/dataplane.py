@@ -25,6 +25,7 @@ from lrpilot.protocol import (
     Error,
     Hello,
     LRCommand,
+    MessageTooLarge,
     MetricsHeader,
     Persisted,
     Processed,
@@ -76,21 +77,11 @@ class DataPlane:
     # --- messages ---------------------------------------------------------
 
     def handle(self, identity: bytes, frames: Sequence[bytes], now: float) -> Outgoing:
-        size = sum(len(f) for f in frames)
-        if size > self.config.max_message_bytes:
-            self.rejected["oversized"] += 1
-            return [
-                (
-                    identity,
-                    error(
-                        "oversized",
-                        f"message of {size} bytes exceeds the "
-                        f"limit of {self.config.max_message_bytes}",
-                    ),
-                )
-            ]
         try:
-            message = decode(frames)
+            message = decode(frames, self.config.max_message_bytes)
+        except MessageTooLarge as exc:
+            self.rejected["oversized"] += 1
+            return [(identity, error("oversized", str(exc)))]
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", str(exc)))]
@@ -142,11 +133,10 @@ class DataPlane:
                     len(run.group_names),
                 )
                 run.engine = self.registry.engine_from(hello)
-            elif hello.step < run.engine.step and (
-                not run.sessions or hello.rank <= min(run.sessions)
-            ):
-                # Only the rank about to drive sets the run's step: another
-                # rank joining behind it does not take the policy back.
+            elif hello.step < run.engine.step and hello.rank <= min(run.sessions, default=0):
+                # Only the rank that drives (the lowest; rank 0 of a run that
+                # comes back) sets the run's step: another rank joining behind
+                # it does not take the policy back.
                 self._rewind(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
@@ -180,10 +170,11 @@ class DataPlane:
         it and the recorded stream. If an operator switched the policy since,
         the current policy keeps its state (a switch is not undone)."""
         step = hello.step
-        if any(s.rank != hello.rank for s in run.sessions.values()):
+        driver = run.driver
+        if driver is not None and driver.rank != hello.rank:
             # Under torchrun the ranks say hello in any order; a lower rank
             # a step behind the one that drove so far takes the run over.
-            why = f"rank {hello.rank} joined at step {step}, behind rank {run.driver.rank}"
+            why = f"rank {hello.rank} joined at step {step}, behind rank {driver.rank}"
         else:
             why = f"resumed from a checkpoint at step {step}"
         self.flush()  # the snapshot and records up to now must be readable

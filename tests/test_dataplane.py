@@ -18,9 +18,11 @@ from lrpilot.daemon.config import DaemonConfig
 from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.store import read_records
 from lrpilot.protocol import (
+    MAX_MESSAGE_BYTES,
     REPORT,
     STEP,
     BatchEncoder,
+    Bye,
     Error,
     GroupInfo,
     Hello,
@@ -286,6 +288,7 @@ def steps(rank: int, first: int, last: int, seq: int = 1) -> list[bytes]:
 
 
 def test_a_rank_joining_behind_the_driver_does_not_take_the_run_back(make_plane, caplog):
+    caplog.set_level("INFO", logger="lrpilot.daemon")
     plane = make_plane()
     replies(plane, b"r0", rank_hello(0))
     replies(plane, b"r0", steps(0, 1, 5))
@@ -293,6 +296,7 @@ def test_a_rank_joining_behind_the_driver_does_not_take_the_run_back(make_plane,
     # Rank 1 (restarted by torchelastic, say) comes in at step 3: telemetry.
     replies(plane, b"r1", rank_hello(1, step=3))
     assert plane.registry.runs["ddp"].engine.step == 5
+    assert "run ddp rank 1/2 hello" in caplog.text  # the log is captured
     assert "behind" not in caplog.text and "checkpoint" not in caplog.text
 
 
@@ -323,3 +327,35 @@ def test_decisions_for_several_ranks_are_scheduled_ahead_of_the_others(make_plan
     sent = [(to, m) for to, frames in out if isinstance(m := decode(frames), LRCommand)]
     assert sorted(to for to, _ in sent) == [b"r0", b"r1"]  # the same command to each rank
     assert {m.effective_step for _, m in sent} == {2 + 2 if sync else 2 + 1 + 50}
+
+
+def test_a_raised_message_limit_lets_larger_batches_in(make_plane):
+    """--max-message-bytes above the protocol's default is the limit that holds."""
+    plane = make_plane(max_message_bytes=16 << 20)
+    replies(plane, b"big", hello("big"))
+    metrics = {f"m{i}": 1.0 for i in range(8)}
+    records = [(k, k, STEP, metrics) for k in range(1, 70_001)]
+    frames = BatchEncoder("big", 0).encode(records, {})
+    assert sum(len(f) for f in frames) > MAX_MESSAGE_BYTES
+    assert replies(plane, b"big", frames) == []
+    assert plane.records_ingested == 70_000
+    assert plane.rejected["oversized"] == 0
+
+
+def test_after_every_rank_left_only_rank_0_takes_the_run_back(make_plane, caplog):
+    """A DDP job restarted (or a daemon restarted): whichever rank says hello
+    first, the run's step goes back only when rank 0 comes."""
+    caplog.set_level("INFO", logger="lrpilot.daemon")
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0))
+    replies(plane, b"r1", rank_hello(1))
+    plane.handle(b"r0", steps(0, 1, 5), 0.0)
+    for identity, rank in ((b"r0", 0), (b"r1", 1)):
+        replies(plane, identity, [encode(Bye(run="ddp", rank=rank, step=5))])
+    run = plane.registry.runs["ddp"]
+    assert not run.sessions
+    replies(plane, b"r1-again", rank_hello(1, step=3))
+    assert run.engine.step == 5
+    replies(plane, b"r0-again", rank_hello(0, step=3))
+    assert run.engine.step == 3
+    assert "rank 0 joined at step 3, behind rank 1" in caplog.text
