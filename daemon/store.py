@@ -144,7 +144,8 @@ SNAPSHOT_COLUMNS = (
     "held",
 )
 # Snapshots a run keeps: the newest ones, for resuming from a recent
-# checkpoint, and one every SNAPSHOT_SPACING steps for older ones.
+# checkpoint, and for older ones the first of every SNAPSHOT_SPACING steps
+# (ticks seldom land on a multiple), so a resume replays about that many at most.
 SNAPSHOTS_KEPT, SNAPSHOT_SPACING = 200, 1000
 
 
@@ -177,6 +178,20 @@ def connect(path: Path, durability: str = "normal") -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """Commit what the block writes, or roll it back: a failed write must not
+    leave the connection inside a transaction that every later one trips on."""
+    db.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:  # SQLite ends it by itself after some errors (disk full)
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def migrate(db: sqlite3.Connection) -> int:
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
@@ -184,16 +199,11 @@ def migrate(db: sqlite3.Connection) -> int:
             f"the store has schema version {version}; this lrpilot knows up to {SCHEMA_VERSION}"
         )
     for target in range(version, SCHEMA_VERSION):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             for statement in MIGRATIONS[target].split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version={target + 1}")
-            db.execute("COMMIT")
-        except Exception:
-            db.execute("ROLLBACK")
-            raise
     return SCHEMA_VERSION
 
 
@@ -233,16 +243,10 @@ class Store:
         """The command, and the run's state that made it, in one transaction.
         A version already journaled (the same decision made again from records
         a client sent again after a crash) is kept as it was."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             self._insert_journal(run_id, command, old_lrs)
             if row is not None:
-                self._db.execute(*upsert_run(row))
-                _write_snapshot(self._db, row)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                _write_run(self._db, row)
 
     def _insert_journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
         self._db.execute(
@@ -266,10 +270,8 @@ class Store:
 
     def save_run(self, row: dict[str, Any]) -> None:
         """Write a run's whole state now, with a snapshot (a new run)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(*upsert_run(row))
-        _write_snapshot(self._db, row)
-        self._db.execute("COMMIT")
+        with transaction(self._db):
+            _write_run(self._db, row)
 
     def load_runs(self) -> list[dict[str, Any]]:
         return [decode_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created")]
@@ -339,15 +341,13 @@ class Store:
 
     def _commit(self, db: sqlite3.Connection, batches: list) -> None:
         try:
-            db.execute("BEGIN")
-            for ops, _ in batches:
-                for op, arg in ops:
-                    WRITERS[op](db, arg)
-            db.execute("COMMIT")
-        except sqlite3.Error:
+            with transaction(db, "BEGIN"):
+                for ops, _ in batches:
+                    for op, arg in ops:
+                        WRITERS[op](db, arg)
+        except Exception:  # the writer must live on: flush() waits for it
             self.write_errors += 1
             log.exception("the store could not commit %d batch(es); they are lost", len(batches))
-            db.execute("ROLLBACK")
             for _, notice in batches:  # nobody may wait forever on a lost batch
                 if isinstance(notice, threading.Event):
                     notice.set()
@@ -413,9 +413,12 @@ def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
         snap,
     )
     db.execute(
-        "DELETE FROM snapshots WHERE run_id = ? AND step % ? != 0 AND rowid NOT IN"
-        " (SELECT rowid FROM snapshots WHERE run_id = ? ORDER BY rowid DESC LIMIT ?)",
-        (row["run_id"], SNAPSHOT_SPACING, row["run_id"], SNAPSHOTS_KEPT),
+        "DELETE FROM snapshots WHERE run_id = ?1"
+        " AND rowid NOT IN"
+        " (SELECT rowid FROM snapshots WHERE run_id = ?1 ORDER BY rowid DESC LIMIT ?2)"
+        " AND rowid NOT IN"
+        " (SELECT MIN(rowid) FROM snapshots WHERE run_id = ?1 GROUP BY step / ?3)",
+        (row["run_id"], SNAPSHOTS_KEPT, SNAPSHOT_SPACING),
     )
 
 

@@ -16,6 +16,8 @@ import pytest
 from lrpilot.daemon.store import (
     DB_NAME,
     SCHEMA_VERSION,
+    SNAPSHOT_SPACING,
+    SNAPSHOTS_KEPT,
     Store,
     StoreError,
     open_readonly,
@@ -281,6 +283,23 @@ def test_the_recorded_stream_reads_back_in_order_within_bounds(opened):
         reader.close()
 
 
+def test_old_snapshots_thin_out_to_one_per_thousand_steps(opened):
+    """Ticks land on any step: a resume far back still finds a snapshot about
+    SNAPSHOT_SPACING steps back at most, and the newest SNAPSHOTS_KEPT stay."""
+    store = opened()
+    steps = range(7, 7 * 1500, 7)  # a multiple of 1000 only at 7000
+    for step in steps:
+        store.submit([("run", run_row("r", step))])
+    assert store.wait()
+    kept = [s for (s,) in store._db.execute("SELECT step FROM snapshots WHERE run_id = 'r'")]
+    newest = list(steps)[-SNAPSHOTS_KEPT:]
+    assert set(newest) <= set(kept)
+    assert len(kept) <= SNAPSHOTS_KEPT + len(steps) * 7 // SNAPSHOT_SPACING + 1
+    for resume_at in (1500, 2999, 6001, 8000):
+        # Within the spacing plus the steps between two ticks (7 here).
+        assert resume_at - store.snapshot_at("r", resume_at)["step"] <= SNAPSHOT_SPACING + 7
+
+
 def test_truncate_drops_the_records_and_snapshots_after_the_step(opened):
     store = opened()
     store.submit(
@@ -336,6 +355,31 @@ def test_a_failed_commit_is_logged(opened, caplog):
         assert store.wait(timeout=2)
         assert store.write_errors == 1
         assert any(r.levelname in ("WARNING", "ERROR") for r in caplog.records), caplog.text
+
+
+def test_the_writer_outlives_a_batch_it_cannot_write(opened, caplog):
+    """Not only SQLite errors: a bad row loses its batch, not the writer."""
+    store = opened()
+    with caplog.at_level("WARNING"):
+        store.submit([("run", {"run_id": "broken"})])  # no columns: a KeyError
+        assert store.wait(timeout=5)
+    assert store.write_errors == 1
+    store.submit([("run", run_row("r", 5))])
+    assert store.wait(timeout=5)
+    assert [r["run_id"] for r in store.load_runs()] == ["r"]
+
+
+def test_a_failed_save_leaves_the_journal_writable(opened):
+    """A write that fails on the loop's connection is rolled back, so the
+    next journal entry does not trip on a transaction left open."""
+    store = opened()
+    db = sqlite3.connect(store.path)
+    db.execute("DROP TABLE snapshots")
+    db.close()
+    with pytest.raises(sqlite3.OperationalError, match="snapshots"):
+        store.save_run(run_row("r", 5))
+    store.journal("r", command(1), [0.1, 0.01])
+    assert [e["version"] for e in store.history("r")] == [1]
 
 
 def test_simulate_from_run_on_an_unreadable_store_is_one_line(opened, lrpilot_exe):
