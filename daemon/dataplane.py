@@ -132,7 +132,7 @@ class DataPlane:
                     len(hello.groups),
                     len(run.group_names),
                 )
-                run.engine = self.registry.engine_from(hello)
+                self.registry.regroup(run, hello)
             elif hello.step < run.engine.step and hello.rank <= min(run.sessions, default=0):
                 # Only the rank that drives (the lowest; rank 0 of a run that
                 # comes back) sets the run's step: another rank joining behind
@@ -180,6 +180,9 @@ class DataPlane:
         self.flush()  # the snapshot and records up to now must be readable
         snapshot = self.store.snapshot_at(run.run_id, step)
         current = run.engine.spec.model_dump() if run.engine.spec else None
+        # Either way, what was recorded after the step is a timeline that no
+        # longer is: a later resume or replay must not read it.
+        self.store.submit([("truncate", (run.run_id, step))])
         if snapshot is None or snapshot["policy"] != current:
             log.info("run %s %s: the current policy and state go on from there", run.run_id, why)
             run.engine.step = step
@@ -189,7 +192,6 @@ class DataPlane:
         engine.version, engine.held = run.engine.version, run.engine.held
         engine.last_change = run.engine.last_change
         run.engine = engine
-        self.store.submit([("truncate", (run.run_id, step))])
         log.info(
             "run %s %s: state rebuilt from step %d and %d recorded steps",
             run.run_id,

@@ -160,6 +160,13 @@ class RunRegistry:
         self.runs[hello.run] = run
         return run
 
+    def regroup(self, run: Run, hello: Hello) -> None:
+        """The run came back with other param groups: it is the client's run
+        now, groups, LRs and policy state as the client says."""
+        run.group_names = [g.name for g in hello.groups]
+        run.base_lrs = [g.lr for g in hello.groups]
+        run.engine = self.engine_from(hello)
+
     def engine_from(self, hello: Hello) -> PolicyEngine:
         """An engine that takes over where the client says it is."""
         base = hello.policy_base_lrs or [g.lr for g in hello.groups]
@@ -175,6 +182,7 @@ class RunRegistry:
 
     def join(self, identity: bytes, run: Run, hello: Hello, now: float) -> Session:
         run.ended = None
+        run.world_size = hello.world_size  # torchelastic may restart it at another size
         old = run.sessions.get(hello.rank)
         if old is not None and old.identity != identity:
             self.sessions.pop(old.identity, None)

@@ -7,6 +7,7 @@ how bad input is counted."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lrpilot.daemon.config import DaemonConfig
+from lrpilot.daemon.control import ControlPlane
 from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.store import read_records
 from lrpilot.protocol import (
@@ -359,3 +361,40 @@ def test_after_every_rank_left_only_rank_0_takes_the_run_back(make_plane, caplog
     replies(plane, b"r0-again", rank_hello(0, step=3))
     assert run.engine.step == 3
     assert "rank 0 joined at step 3, behind rank 1" in caplog.text
+
+
+def test_a_run_back_with_other_param_groups_takes_them_for_good(make_plane):
+    plane = make_plane()
+    replies(plane, b"one", hello("regroup"))
+    two = Hello(
+        run="regroup",
+        groups=[GroupInfo(name="body", lr=0.2), GroupInfo(name="head", lr=0.02)],
+        policy=PLATEAU,
+        world_size=2,
+    )
+    replies(plane, b"two", [encode(two)])
+    run = plane.registry.runs["regroup"]
+    assert (run.group_names, run.base_lrs, run.world_size) == (["body", "head"], [0.2, 0.02], 2)
+    engine = run.engine
+    # The other rank, with the same two groups: the run is not taken over again.
+    replies(plane, b"rank1", [encode(two.model_copy(update={"rank": 1}))])
+    assert run.engine is engine
+    assert run.engine.base_lrs == [0.2, 0.02]
+
+
+def test_a_resume_under_a_switched_policy_drops_the_abandoned_records(make_plane):
+    """With no snapshot of the current policy to rebuild from, the state goes
+    on as it is, and the records after the resumed step are still cut."""
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0))
+    plane.handle(b"r0", steps(0, 1, 10), 0.0)
+    plane.flush()
+    ControlPlane(plane).handle(
+        json.dumps(
+            {"op": "policy", "run": "ddp", "policy": {"kind": "cosine", "T_max": 9}}
+        ).encode()
+    )
+    replies(plane, b"r0-again", rank_hello(0, step=4))
+    plane.flush()
+    assert plane.registry.runs["ddp"].engine.step == 4
+    assert max(step for step, _, _ in plane.store.records("ddp")) == 4
