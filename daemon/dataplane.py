@@ -100,7 +100,6 @@ class DataPlane:
         if isinstance(message, Ack):
             session.applied_version = max(session.applied_version, message.version)
             session.applied_step = message.applied_step
-            session.late_acks += message.late
             last = run.engine.last_change
             if last is not None and last.version == message.version:
                 session.late_by = max(0, message.applied_step - last.effective_step)
@@ -201,7 +200,7 @@ class DataPlane:
         )
 
     def _metrics(
-        self, identity: bytes, header: MetricsHeader, body: bytes, now: float, raw: bytes = b""
+        self, identity: bytes, header: MetricsHeader, body: bytes, now: float, raw: bytes
     ) -> Outgoing:
         known = self.registry.session(identity)
         if known is None:
@@ -224,7 +223,7 @@ class DataPlane:
             run.stored_seq = run.committed_seq = 0
         bad: list[str] = []
         seq = header.first_seq - 1
-        fresh = first_step = step = 0
+        fresh = first_step = step = stepped = 0
         try:
             for step, kind, metrics in decode_records(header, body):
                 seq += 1
@@ -235,7 +234,7 @@ class DataPlane:
                     continue
                 self.records_ingested += 1
                 if kind != REPORT:
-                    session.saw_step(step, now)
+                    stepped = step
                 if not drives:
                     continue  # telemetry only
                 if seq > run.stored_seq and not fresh:
@@ -253,6 +252,8 @@ class DataPlane:
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             out.append((identity, error("malformed", str(exc))))
+        if stepped:  # once a batch: the rate is measured between batches
+            session.saw_step(stepped, now)
         if fresh:
             run.stored_seq = seq
             self._dirty.add(run.run_id)
@@ -261,7 +262,7 @@ class DataPlane:
                     run.run_id,
                     first_step,
                     step,
-                    raw or encode(header),
+                    raw,  # the header frame as it came
                     body,
                     fresh - header.first_seq,
                 )

@@ -398,3 +398,16 @@ def test_a_resume_under_a_switched_policy_drops_the_abandoned_records(make_plane
     plane.flush()
     assert plane.registry.runs["ddp"].engine.step == 4
     assert max(step for step, _, _ in plane.store.records("ddp")) == 4
+
+
+def test_the_step_rate_is_measured_between_batches(make_plane):
+    """Batches of 10 steps every 20 ms: 500 steps/s, whatever the batching."""
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0))
+    encoder = BatchEncoder("ddp", 0)
+    for i in range(60):
+        records = [(10 * i + k, 10 * i + k, STEP, {"loss": 1.0}) for k in range(1, 11)]
+        plane.handle(b"r0", encoder.encode(records, {}), 0.02 * i)
+    session = plane.registry.runs["ddp"].sessions[0]
+    assert session.step == 600
+    assert session.steps_per_s == pytest.approx(500, rel=0.02)
