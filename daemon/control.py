@@ -234,7 +234,9 @@ def summary(run: Run) -> dict[str, Any]:
         "held": engine.held is not None,
         "ranks": sorted(run.sessions),
         "world_size": run.world_size,
-        "lag_steps": max((s.late_by for s in run.sessions.values()), default=0),
+        # How far the slowest rank is behind the leading one, as in /metrics
+        # (lrpilot_rank_lag_steps); how late commands landed is per rank in show.
+        "lag_steps": run.step - min((s.step for s in run.sessions.values()), default=run.step),
         "loss_history": list(run.loss_history),
         "last_change": None
         if last is None

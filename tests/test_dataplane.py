@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import ControlPlane
+from lrpilot.daemon.control import ControlPlane, summary
 from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.store import read_records
 from lrpilot.protocol import (
@@ -411,3 +411,12 @@ def test_the_step_rate_is_measured_between_batches(make_plane):
     session = plane.registry.runs["ddp"].sessions[0]
     assert session.step == 600
     assert session.steps_per_s == pytest.approx(500, rel=0.02)
+
+
+def test_a_runs_lag_is_how_far_its_slowest_rank_is_behind(make_plane):
+    plane = make_plane()
+    replies(plane, b"r0", rank_hello(0))
+    replies(plane, b"r1", rank_hello(1))
+    plane.handle(b"r0", steps(0, 1, 5), 0.0)
+    plane.handle(b"r1", steps(1, 1, 2), 0.0)
+    assert summary(plane.registry.runs["ddp"])["lag_steps"] == 3
