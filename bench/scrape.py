@@ -8,7 +8,9 @@ and sends a step with 8 metrics and a report, so every per-run, per-group and
 per-rank series exists. Then both are scraped with ``GET /metrics``
 alternately, one after the other (never at once); the time is from the
 request to the last byte of the body, on a connection opened per scrape as
-Prometheus does at a 1 s+ interval.
+Prometheus does at a 1 s+ interval, with ``Accept-Encoding: gzip`` as
+Prometheus sends it, so the time includes the daemon's gzip. The sizes are
+of the text (uncompressed) and of the gzipped body sent.
 
 A scrape runs on the daemon's HTTP thread and holds the GIL while it renders,
 so it can delay the daemon loop: the last rows time a lock-step session's
@@ -18,6 +20,7 @@ and without a scraper fetching /metrics back to back from another process.
 
 from __future__ import annotations
 
+import gzip
 import resource
 import subprocess
 import sys
@@ -93,25 +96,32 @@ def populate(context: zmq.Context, address: str, runs: int) -> list[zmq.Socket]:
     return [sock for sock, _ in socks]
 
 
-def fetch(url: str) -> tuple[int, int]:
-    """(nanoseconds, bytes) of one GET."""
+def fetch(url: str) -> tuple[int, int, int]:
+    """(nanoseconds, bytes of text, bytes sent) of one GET that accepts gzip,
+    as Prometheus's does (the time stops at the body's last byte, before it
+    is decompressed)."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     start = time.perf_counter_ns()
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=30) as response:
         body = response.read()
-    return time.perf_counter_ns() - start, len(body)
+        encoding = response.headers.get("Content-Encoding")
+    took = time.perf_counter_ns() - start
+    text = gzip.decompress(body) if encoding == "gzip" else body
+    return took, len(text), len(body)
 
 
-def scrapes(urls: list[str], rounds: int) -> tuple[list[list[int]], list[int]]:
-    """Alternate between the daemons, ``rounds`` times (after 2 warm-ups each)."""
+def scrapes(urls: list[str], rounds: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """Alternate between the daemons, ``rounds`` times (after 2 warm-ups each):
+    the times, and the last text and sent sizes of each."""
     for url in urls * 2:
         fetch(url)
     times: list[list[int]] = [[] for _ in urls]
-    sizes = [0] * len(urls)
+    sizes, sent = [0] * len(urls), [0] * len(urls)
     for _ in range(rounds):
         for i, url in enumerate(urls):
-            seconds, sizes[i] = fetch(url)
+            seconds, sizes[i], sent[i] = fetch(url)
             times[i].append(seconds)
-    return times, sizes
+    return times, sizes, sent
 
 
 def sync_round_trips(context: zmq.Context, address: str, count: int) -> list[int]:
@@ -132,14 +142,16 @@ def sync_round_trips(context: zmq.Context, address: str, count: int) -> list[int
     return samples
 
 
-# Scrapes back to back until stdin closes, then prints how many it made. In its
-# own process, so that reading the body does not compete with this one's GIL.
+# Scrapes back to back (accepting gzip, as Prometheus does) until stdin
+# closes, then prints how many it made. In its own process, so that reading
+# the body does not compete with this one's GIL.
 SCRAPER = """
 import sys, threading, urllib.request
 done, stop = 0, threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+request = urllib.request.Request(sys.argv[1], headers={"Accept-Encoding": "gzip"})
 while not stop.is_set():
-    with urllib.request.urlopen(sys.argv[1], timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=30) as response:
         response.read()
     done += 1
 print(done)
@@ -176,7 +188,7 @@ def measure(runs: int = RUNS, rounds: int = 20, round_trips: int = 2000) -> tupl
         started = time.perf_counter()
         socks = populate(context, full.address, runs)
         populated_s = time.perf_counter() - started
-        (full_times, empty_times), (full_bytes, empty_bytes) = scrapes(
+        (full_times, empty_times), (full_bytes, empty_bytes), (full_gz, empty_gz) = scrapes(
             [full_url, empty_url], rounds
         )
         quiet = Summary.of(sync_round_trips(context, full.address, round_trips))
@@ -219,6 +231,8 @@ def measure(runs: int = RUNS, rounds: int = 20, round_trips: int = 2000) -> tupl
         "empty_scrape_ns": empty_times,
         "full_bytes": full_bytes,
         "empty_bytes": empty_bytes,
+        "full_gzip_bytes": full_gz,
+        "empty_gzip_bytes": empty_gz,
         "scrapes_during_round_trips": scraped,
         "round_trip_quiet_ns": quiet.__dict__,
         "round_trip_scraped_ns": busy.__dict__,

@@ -149,10 +149,13 @@ class AnnotationPoster:
             self._failed(str(exc))
             return "failed"
         if self._failing_since is not None:
+            # The failures since the last warning are in no other line: count them here.
             log.info(
-                "posting LR changes to Grafana at %s works again, after %.0fs of failures",
+                "posting LR changes to Grafana at %s works again, after %.0fs of failures "
+                "(%d more LR changes could not be posted since the last warning)",
                 self.where,
                 time.monotonic() - self._failing_since,
+                self._failed_unlogged,
             )
             self._failing_since, self._failed_unlogged = None, 0
         return "posted"

@@ -47,6 +47,7 @@ from lrpilot.policies.onecycle import OneCyclePolicy
 from lrpilot.policies.plateau import PlateauPolicy
 from lrpilot.policies.sequential import SequentialPolicy
 
+from .annotations import OUTCOMES as ANNOTATION_OUTCOMES
 from .dataplane import DataPlane
 from .registry import Run
 
@@ -65,16 +66,15 @@ REJECT_REASONS = (
     "internal_error",
     "reply_dropped",
 )
-ANNOTATION_OUTCOMES = ("posted", "failed", "dropped")
-# ClientStats fields exported per rank: (field, metric suffix, help).
+# ClientStats fields exported per rank as lrpilot_rank_<field>_total: (field, help).
 RANK_COUNTERS = (
-    ("records_sent", "records_sent", "records the rank's hook sent"),
-    ("records_dropped", "records_dropped", "records the rank's hook dropped (queue full)"),
-    ("sync_timeouts", "sync_timeouts", "sync-mode steps that timed out waiting for the daemon"),
-    ("foreign_lr_writes", "foreign_lr_writes", "LR writes into the param groups by other code"),
-    ("commands_applied", "commands_applied", "LR commands the rank applied"),
-    ("commands_late", "commands_late", "LR commands applied after their effective step"),
-    ("daemon_errors", "daemon_errors", "error replies the rank received from the daemon"),
+    ("records_sent", "records the rank's hook sent"),
+    ("records_dropped", "records the rank's hook dropped (queue full)"),
+    ("sync_timeouts", "sync-mode steps that timed out waiting for the daemon"),
+    ("foreign_lr_writes", "LR writes into the param groups by other code"),
+    ("commands_applied", "LR commands the rank applied"),
+    ("commands_late", "LR commands applied after their effective step"),
+    ("daemon_errors", "error replies the rank received from the daemon"),
 )
 
 
@@ -188,8 +188,11 @@ class DaemonCollector:
                 time.sleep(0)  # lets the daemon loop take the GIL
             run_lines(out, run, monotonic, self._policy_labels(run))
         if len(self._policies) > 2 * len(runs) + 100:
-            shown = {run.run_id for run in runs}
-            self._policies = {k: v for k, v in self._policies.items() if k in shown}
+            # Scrapes run in parallel (one thread each) and insert into
+            # _policies: never iterate it, look the shown runs up in it.
+            policies = self._policies
+            kept = {run.run_id: policies.get(run.run_id) for run in runs}
+            self._policies = {k: v for k, v in kept.items() if v is not None}
         parts = []
         for name, kind, doc in RUN_FAMILIES:
             full = name + "_total" if kind == "counter" else name
@@ -242,7 +245,7 @@ RUN_FAMILIES = (
         "steps after its effective step that the rank applied the last command",
     ),
     ("lrpilot_rank_last_message_age_seconds", "gauge", "seconds since the rank's last message"),
-    *((f"lrpilot_rank_{suffix}", "counter", doc) for _, suffix, doc in RANK_COUNTERS),
+    *((f"lrpilot_rank_{field}", "counter", doc) for field, doc in RANK_COUNTERS),
 )
 
 
@@ -269,7 +272,8 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
     def put(name: str, value: float, extra: str = "", suffix: str = "") -> None:
         out[name].append(f"{name}{suffix}{r}{extra}}} {number(value)}\n")
 
-    lead = run.step
+    # Run.step, from the copy: iterating run.sessions here would race the loop.
+    lead = max((s.step for s in sessions), default=engine.step)
     put("lrpilot_run_step", lead)
     put("lrpilot_run_steps_per_second", max((s.steps_per_s for s in sessions), default=0.0))
     for name, value in list(run.last_metrics.items()):
@@ -285,7 +289,7 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
     groups = [",group=" + label(name) for name in run.group_names]
     for group, value in zip(groups, engine.lrs):
         put("lrpilot_group_lr", value, group)
-    momenta = getattr(policy, "momenta", None) if policy is not None else None
+    momenta = policy.momenta if policy is not None else None
     for group, value in zip(groups, momenta or ()):
         put("lrpilot_group_momentum", value, group)
     if isinstance(policy, SequentialPolicy):
@@ -312,8 +316,8 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
         put("lrpilot_rank_command_late_steps", session.late_by, rank)
         put("lrpilot_rank_last_message_age_seconds", max(0.0, monotonic - session.last_seen), rank)
         stats = session.stats
-        for attr, suffix, _ in RANK_COUNTERS:
-            put(f"lrpilot_rank_{suffix}", getattr(stats, attr), rank, "_total")
+        for field, _ in RANK_COUNTERS:
+            put(f"lrpilot_rank_{field}", getattr(stats, field), rank, "_total")
 
 
 class Exposition:

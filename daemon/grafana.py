@@ -42,6 +42,16 @@ DEFAULT_FOLDER_TITLE = "lrpilot"
 DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:9090"
 # Grafana adds these to a dashboard when it saves one; they are not ours to compare.
 GRAFANA_OWNED_KEYS = ("id", "version")
+# Fields of a datasource as Grafana answers it that an update does not take
+# (the server sets them; secureJsonFields only says which secrets are set).
+DATASOURCE_SERVER_KEYS = (
+    "id",
+    "orgId",
+    "readOnly",
+    "typeName",
+    "typeLogoUrl",
+    "secureJsonFields",
+)
 
 Credential = str | tuple[str, str] | None
 T = TypeVar("T")
@@ -190,8 +200,16 @@ class Grafana:
                 f"the datasource {DATASOURCE_UID} in Grafana at {self.url} is provisioned from "
                 "files (read-only) and differs: change it in the provisioning file"
             )
-        # Keep what others set (jsonData keys we do not own), change ours.
-        body = {**wanted, "jsonData": {**(have.get("jsonData") or {}), **wanted["jsonData"]}}
+        # Grafana's PUT replaces the whole datasource: send back what it has
+        # (less the fields only it sets) with ours changed, so what others set
+        # (basicAuth, isDefault, jsonData keys we do not own...) is kept. Secrets
+        # are kept by Grafana when secureJsonData is not sent. The version we
+        # read: Grafana answers 409 if someone updated it since.
+        body = {
+            **{k: v for k, v in have.items() if k not in DATASOURCE_SERVER_KEYS},
+            **wanted,
+            "jsonData": {**(have.get("jsonData") or {}), **wanted["jsonData"]},
+        }
         self.call(
             f"PUT /api{path}", self.api.datasource.update_datasource_by_uid, DATASOURCE_UID, body
         )

@@ -9,8 +9,11 @@ documented there:
 - ``GET /api/health`` (no auth): ``{"commit", "database", "version"}``;
 - ``GET /api/datasources``, ``GET /api/datasources/uid/:uid`` (404
   ``{"message": "Data source not found"}``), ``POST /api/datasources`` (409
-  when the name or uid is taken), ``PUT /api/datasources/uid/:uid`` (version
-  bumped);
+  when the name or uid is taken), ``PUT /api/datasources/uid/:uid``: the body
+  *replaces* the datasource, as Grafana's does (a field left out is reset to
+  its default; only the secrets of ``secureJsonData`` already set are kept),
+  version bumped; 409 when ``version`` is sent and differs, 403 on a
+  read-only (provisioned) one;
 - ``GET /api/folders``, ``GET /api/folders/:uid`` (404 ``Folder not found``),
   ``POST /api/folders`` (409 when the uid is taken), ``PUT /api/folders/:uid``
   (412 when ``version`` differs and ``overwrite`` is not set);
@@ -31,6 +34,7 @@ wait until ``release()`` or ``close()``).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import threading
 import time
@@ -60,6 +64,49 @@ class State:
     def new_id(self) -> int:
         self.next_id += 1
         return self.next_id - 1
+
+
+# A datasource as GET /api/datasources/uid/:uid answers it (Grafana's
+# DataSource DTO), with the values a field not given takes (copied on use).
+DATASOURCE_DEFAULTS: dict[str, Any] = {
+    "orgId": 1,
+    "name": "",
+    "type": "",
+    "access": "proxy",
+    "url": "",
+    "user": "",
+    "database": "",
+    "basicAuth": False,
+    "basicAuthUser": "",
+    "withCredentials": False,
+    "isDefault": False,
+    "jsonData": {},
+    "secureJsonFields": {},
+    "version": 1,
+    "readOnly": False,
+}
+# What a POST or PUT body sets (Grafana's Add/UpdateDataSourceCommand); the
+# rest of a body (id, orgId, readOnly, secureJsonFields...) is ignored.
+DATASOURCE_WRITABLE = (
+    "name",
+    "type",
+    "access",
+    "url",
+    "user",
+    "database",
+    "basicAuth",
+    "basicAuthUser",
+    "withCredentials",
+    "isDefault",
+    "jsonData",
+)
+
+
+def datasource_fields(body: dict) -> dict:
+    """The fields a write sets, and which secrets it sets (never stored in clear)."""
+    fields = {k: body[k] for k in DATASOURCE_WRITABLE if body.get(k) is not None}
+    secrets = {k: True for k in body.get("secureJsonData") or {}}
+    return {**fields, "secureJsonFields": secrets}
 
 
 class Answer(Exception):
@@ -226,23 +273,34 @@ class GrafanaStandIn:
             raise Answer(409, {"message": "data source with the same name already exists"})
         uid = body.get("uid") or f"ds{self.state.next_id}"
         stored = {
+            **copy.deepcopy(DATASOURCE_DEFAULTS),
             "id": self.state.new_id(),
             "uid": uid,
-            "orgId": 1,
-            "basicAuth": False,
-            "jsonData": {},
-            "readOnly": False,
-            **body,
-            "version": 1,
+            **datasource_fields(body),
         }
         self.state.datasources[uid] = stored
         return {"datasource": stored, "id": stored["id"], "message": "Datasource added"}
 
     def _update_datasource(self, uid: str, body: dict) -> dict:
+        """Grafana's update replaces the datasource with the body: a field the
+        body leaves out gets its default, not the value it had."""
         have = self._datasource(uid)
+        if have["readOnly"]:
+            raise Answer(403, {"message": "Cannot update read-only data source"})
+        if not body.get("name") or not body.get("type") or not body.get("access"):
+            raise Answer(400, {"message": "bad request data"})
         if "version" in body and body["version"] != have["version"]:
             raise Answer(409, {"message": "Datasource has already been updated by someone else"})
-        stored = {**have, **body, "id": have["id"], "uid": uid, "version": have["version"] + 1}
+        fields = datasource_fields(body)
+        stored = {
+            **copy.deepcopy(DATASOURCE_DEFAULTS),
+            **fields,
+            "id": have["id"],
+            "uid": uid,
+            "orgId": have["orgId"],
+            "secureJsonFields": {**have["secureJsonFields"], **fields["secureJsonFields"]},
+            "version": have["version"] + 1,
+        }
         self.state.datasources[uid] = stored
         return {"datasource": stored, "id": stored["id"], "message": "Datasource updated"}
 

@@ -156,7 +156,6 @@ def test_operator_changes_are_counted_by_reason_and_held_is_exported(plane):
     for reason in ("set_lr", "resume", "pause", "policy_switch"):
         assert value(samples, "lrpilot_run_lr_changes_total", run="op", reason=reason) == 1
     assert value(samples, "lrpilot_run_lr_held", run="op") == 0
-    assert ("lrpilot_run_policy_info", (("kind", "cosine"),)) not in samples
     kinds = {dict(labels)["kind"] for name, labels in samples if name == "lrpilot_run_policy_info"}
     assert kinds == {"cosine"}
 
@@ -240,6 +239,57 @@ def test_label_values_are_escaped(plane):
     samples = scrape(DaemonCollector(plane, ttl=600))
     assert value(samples, "lrpilot_run_metric", run=run, metric="odd metric") == 1.5
     assert value(samples, "lrpilot_group_lr", run=run, group="a,b") == 0.1
+
+
+class RankThatLeavesMidScrape:
+    """A session whose ``step``, each time the scrape reads it, has "the
+    daemon loop" take rank 1 out of the run or put it back: what a thread
+    switch at that instant does. Deterministic, where a race is not."""
+
+    def __init__(self, session, run) -> None:
+        self._session, self._run, self._away = session, run, None
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    @property
+    def step(self) -> int:
+        if self._away is None:
+            self._away = self._run.sessions.pop(1)
+        else:
+            self._run.sessions[1], self._away = self._away, None
+        return self._session.step
+
+
+def test_a_scrape_reads_copies_while_the_loop_changes_sessions(plane):
+    a, b = start(plane, "churn", None, rank=0), start(plane, "churn", None, rank=1)
+    feed(plane, a, "churn", steps(1, 9, loss=1.0), rank=0)
+    feed(plane, b, "churn", steps(1, 5, loss=1.0), rank=1)
+    run = plane.registry.runs["churn"]
+    run.sessions[0] = RankThatLeavesMidScrape(run.sessions[0], run)
+    samples = scrape(DaemonCollector(plane, ttl=600))  # no "dictionary changed size"
+    assert value(samples, "lrpilot_run_step", run="churn") == 9
+    assert value(samples, "lrpilot_rank_lag_steps", run="churn", rank="1") == 4
+
+
+class NotIterable(dict):
+    """A dict that another scrape thread inserts into: iterating it may raise."""
+
+    def __iter__(self):
+        raise AssertionError("iterated a dict another scrape thread changes")
+
+    keys = values = items = __iter__
+
+
+def test_pruning_the_policy_cache_never_iterates_it(plane):
+    start(plane, "kept", {"kind": "step", "step_size": 100})
+    collector = DaemonCollector(plane, ttl=600)
+    collector.render_runs()
+    stale = {f"gone{i}": (None, 'kind="none",spec=""') for i in range(200)}
+    collector._policies = NotIterable({**collector._policies, **stale})
+    text = collector.render_runs()
+    assert set(collector._policies) == {"kept"}
+    assert 'lrpilot_run_policy_info{run="kept",kind="step"' in text
 
 
 # --- the HTTP endpoint of a real daemon -------------------------------------

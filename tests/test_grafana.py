@@ -32,7 +32,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from grafana_standin import GrafanaStandIn
-from procs import DaemonProcess, Training, free_port, lrpilot, ok, ok_json, wait_for
+from procs import (
+    DaemonProcess,
+    Training,
+    free_port,
+    lrpilot,
+    ok,
+    ok_json,
+    settled_history,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from lrpilot.daemon.cli import main as cli_main
@@ -187,6 +196,49 @@ def test_push_overwrites_an_edit_made_in_grafana_and_reports_text(lrpilot_exe, g
     assert grafana.state.dashboards["lrpilot-run"]["dashboard"]["title"] == "lrpilot run"
 
 
+def test_push_keeps_datasource_fields_set_by_someone_else(lrpilot_exe, grafana, dashboards):
+    ok(push(lrpilot_exe, grafana, "--dir", str(dashboards)))
+    # An admin turns on basic auth to Prometheus and makes it the default
+    # datasource, as Grafana's UI does: PUT the whole datasource, edited.
+    path = "/api/datasources/uid/lrpilot-prometheus"
+    edited = {
+        **grafana.state.datasources["lrpilot-prometheus"],
+        "basicAuth": True,
+        "basicAuthUser": "reader",
+        "withCredentials": True,
+        "isDefault": True,
+        "secureJsonData": {"basicAuthPassword": SECRET_WORDS},
+    }
+    edited["jsonData"] = {**edited["jsonData"], "timeout": 60}
+    request = urllib.request.Request(
+        grafana.url + path,
+        data=json.dumps(edited).encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+    before = grafana.state.datasources["lrpilot-prometheus"]
+
+    url = "http://prometheus:9090"
+    done = push(lrpilot_exe, grafana, "--dir", str(dashboards), "--prometheus-url", url, "--json")
+    assert outcomes(done)[("datasource", "lrpilot-prometheus")] == "updated"
+    puts = [r for r in grafana.requests if r.method == "PUT" and r.path == path]
+    assert puts[-1].body["version"] == before["version"]  # Grafana's 409 if changed since
+    after = grafana.state.datasources["lrpilot-prometheus"]
+    assert after["url"] == url
+    assert after["version"] == before["version"] + 1
+    kept = ("basicAuth", "basicAuthUser", "withCredentials", "isDefault", "secureJsonFields")
+    assert {k: after[k] for k in kept} == {
+        "basicAuth": True,
+        "basicAuthUser": "reader",
+        "withCredentials": True,
+        "isDefault": True,
+        "secureJsonFields": {"basicAuthPassword": True},
+    }
+    assert after["jsonData"] == {"httpMethod": "POST", "timeInterval": "15s", "timeout": 60}
+
+
 def test_basic_auth_and_flags_over_environment(lrpilot_exe, dashboards, monkeypatch):
     grafana = GrafanaStandIn(user="admin", password=SECRET_WORDS)
     try:
@@ -310,6 +362,33 @@ def test_no_secret_in_a_config_error(capsys):
 # --- the daemon's annotations -------------------------------------------------
 
 
+def test_the_works_again_line_counts_the_failures_no_line_counted(caplog):
+    from types import SimpleNamespace
+
+    from lrpilot.daemon.annotations import AnnotationPoster
+    from lrpilot.protocol import LRCommand
+
+    answers = iter([OSError("down")] * 4 + [None])
+
+    def post(time_ms: int, tags: list[str], text: str) -> None:
+        error = next(answers)
+        if error is not None:
+            raise error
+
+    poster = AnnotationPoster(post, where="grafana.test")
+    run = SimpleNamespace(run_id="r", engine=SimpleNamespace(last_cause="plateau"))
+    command = LRCommand(run="r", version=1, effective_step=1, state_step=1, lrs=[0.1])
+    with caplog.at_level("INFO", logger="lrpilot.daemon"):
+        for _ in range(5):
+            poster.on_change(run, command, [0.2])  # type: ignore[arg-type]
+        wait_for(lambda: poster.counts()["posted"] == 1, 5, "the fifth change to be posted")
+        poster.close()
+    lines = [r.getMessage() for r in caplog.records]
+    # The first failure is logged at once; the next three fall inside LOG_EVERY.
+    assert len(lines) == 2, lines
+    assert "works again" in lines[1] and "(3 more LR changes" in lines[1], lines[1]
+
+
 def start_training(where: Path, daemon: DaemonProcess, run: str, sync_timeout: float) -> Training:
     config = {
         "steps": 150,
@@ -426,7 +505,7 @@ def test_a_grafana_in_trouble_costs_the_daemon_nothing(
     summary = training.finish()
     stats = summary["stats"][run]
     assert (stats["sync_timeouts"], stats["commands_late"]) == (0, 0), stats
-    changes = history(lrpilot_exe, daemon, run)
+    changes = settled_history(lambda: history(lrpilot_exe, daemon, run))
     assert len(changes) >= 3, changes
     assert all(e["applied_step"] == e["effective_step"] for e in changes), changes
 
