@@ -9,7 +9,6 @@ step they name. It never waits for the daemon unless ``sync=True``.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
@@ -44,8 +43,6 @@ from .protocol import (
 )
 from .transport import POLLIN, POLLOUT, DaemonLink
 
-log = logging.getLogger("lrpilot")
-
 # Records per metrics message: big enough that a burst after the daemon comes
 # back drains in few messages, small enough that one stays well under 100 KiB.
 MAX_BATCH = 256
@@ -57,6 +54,10 @@ MAX_QUEUE = 100_000
 # A sync step that has heard nothing this long sends its unpersisted records
 # again (its daemon may have died with them); then again, until sync_timeout.
 RESEND_AFTER_MS = 500
+# After a report, an async pilot looks for the daemon's answer at every step
+# (the answer, or the persisted ack, comes within ~100 ms), but no longer
+# than this (seconds): a daemon that is away must not cost every step an I/O.
+DECISION_WAIT = 0.2
 
 ChangeCallback = Callable[[int, list[float], list[float], str, str], None]
 
@@ -168,7 +169,7 @@ class Pilot:
         self._unacked: deque = deque(maxlen=self._max_queue)
         self._last_io = 0.0
         self._io_seq = 0
-        self._awaiting_decision = False
+        self._await_until = 0.0  # report(): look for the answer every step until then
         self._pending: list[LRCommand] = []
         self._applied_version = 0
         self._processed_seq = 0
@@ -212,8 +213,8 @@ class Pilot:
         # daemon away the queue stays long, and I/O every step would cost.
         elif (
             self._seq - self._io_seq >= MAX_BATCH
-            or time.monotonic() - self._last_io >= IO_INTERVAL
-            or self._awaiting_decision
+            or (now := time.monotonic()) - self._last_io >= IO_INTERVAL
+            or now < self._await_until
         ):
             self._exchange()
         if self._pending:
@@ -232,9 +233,11 @@ class Pilot:
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick, and look for the answer at
         # every step until it comes (a decision, or the daemon's persisted
-        # ack, within ~100 ms) so a decision lands at the next step.
+        # ack, within ~100 ms) so a decision lands at the next step, or until
+        # DECISION_WAIT has passed (the daemon is away: the regular I/O will
+        # pick the answer up when it comes).
         self._exchange(wait_for=self._seq if self.sync else 0)
-        self._awaiting_decision = not self.sync
+        self._await_until = 0.0 if self.sync else self._last_io + DECISION_WAIT
         if self._pending:
             self._apply_due(self.step_count)
             self._write_current()
@@ -334,7 +337,7 @@ class Pilot:
         if frames is None:
             return
         self._daemon_silent = False
-        self._awaiting_decision = False
+        self._await_until = 0.0
         try:
             message = decode(frames)
         except ProtocolError as exc:
@@ -390,23 +393,36 @@ class Pilot:
     def _apply(self, command: LRCommand, n: int) -> None:
         old = list(self._left)
         policy, spec, base = self._policy, self._spec, self._policy_base
+        state = command.policy_state
         try:
             if command.policy is not None:
                 spec = parse_policy(command.policy)
                 base = command.base_lrs or self.base_lrs
                 policy = spec.build(base)
-            if policy is not None and command.policy_state is not None:
-                policy.load_state_dict(command.policy_state)
-                # The state is as of record state_step; this pilot is at n.
-                for _ in range(n - command.state_step):
-                    policy.step(NO_METRICS)
-        except (SpecError, ScheduleExhausted) as exc:
+            elif policy is not None and spec is not None and state is not None:
+                # A fresh one from the same spec and base: a state that fails
+                # to load leaves the running policy as it was.
+                policy = spec.build(base)
+            if policy is not None and state is not None:
+                policy.load_state_dict(state)
+        except SpecError as exc:
             self.stats.daemon_errors += 1
             self._warn_once("bad-command", f"could not apply command {command.version}: {exc}")
             return
+        exhausted = False
+        if policy is not None and state is not None:
+            # The state is as of record state_step; this pilot is at n. A
+            # finite schedule may run out on the way: that is a state (the
+            # last LRs hold, as in the daemon), not a reason to refuse.
+            try:
+                for _ in range(n - command.state_step):
+                    policy.step(NO_METRICS)
+            except ScheduleExhausted as exc:
+                exhausted = True
+                self._warn_once("exhausted", f"{exc}; holding the last LRs")
         self._policy, self._spec, self._policy_base = policy, spec, base
         self._held = list(command.lrs) if command.hold else None
-        self._exhausted = False
+        self._exhausted = exhausted
         self._applied_version = command.version
         late = n + 1 > command.effective_step
         self.stats.commands_applied += 1
@@ -429,11 +445,13 @@ class Pilot:
                     group["lr"].fill_(lr)
                 else:
                     group["lr"] = lr
-        else:
+        elif lrs is not self._left:
             for group, lr in zip(self._groups, lrs):
                 group["lr"] = lr
         # Policies replace their lrs list, never mutate it, so keeping the
-        # reference is safe and saves a copy per step.
+        # reference is safe and saves a copy per step; and the same list as
+        # last time is already in the groups (step() puts back what anything
+        # else wrote there, _foreign_write), so it need not be written again.
         self._left = lrs
 
     def _send_hello(self) -> None:
@@ -465,14 +483,22 @@ class Pilot:
         return sent
 
     def _foreign_write(self, group: dict[str, Any], left: float) -> None:
+        """``group`` does not hold the ``left`` LR lrpilot wrote there: count
+        it, warn once, and write lrpilot's back (with no policy and no hold,
+        nothing else would). Only for float LRs: tensor LRs are not compared
+        (that would wait on the device)."""
         self.stats.foreign_lr_writes += 1
-        name = self.group_names[self._groups.index(group)]
+        # By identity: == on groups compares their param tensors (ambiguous).
+        # Found here, off the hot path, rather than enumerated in step().
+        index = next(i for i, g in enumerate(self._groups) if g is group)
+        name = self.group_names[index]
         self._warn_once(
             "foreign",
             f"param group {name!r} has lr={group['lr']}, not the {left} lrpilot left: something "
             "else (a torch LR scheduler?) is setting the LR. lrpilot overrides it; remove the "
             "other scheduler and give its settings to lrpilot's policy (docs/hook.md)",
         )
+        group["lr"] = left
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -499,7 +525,7 @@ class Pilot:
             "policy": self._spec.model_dump() if self._spec else None,
             "policy_base_lrs": list(self._policy_base),
             "policy_state": self._policy.state_dict() if self._policy else None,
-            "held": self._held,
+            "held": None if self._held is None else list(self._held),
             "applied_version": self._applied_version,
         }
 
@@ -509,6 +535,7 @@ class Pilot:
             base = [float(lr) for lr in state.get("policy_base_lrs") or self.base_lrs]
             policy = spec.build(base) if spec else None
             held = state.get("held")
+            held = None if held is None else [float(lr) for lr in held]
             if policy is not None:
                 policy.load_state_dict(state["policy_state"])
             step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]

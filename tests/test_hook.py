@@ -5,6 +5,7 @@ thread of the test process."""
 from __future__ import annotations
 
 import socket
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,11 @@ from procs import wait_for
 
 import lrpilot
 from lrpilot.daemon.config import DaemonConfig
+from lrpilot.daemon.control_client import request
 from lrpilot.daemon.server import Daemon
+from lrpilot.hook import IO_INTERVAL
 from lrpilot.policies import parse_policy
+from lrpilot.protocol import LRCommand
 
 
 def nobody_listening() -> str:
@@ -253,6 +257,50 @@ def test_foreign_scheduler_is_overridden_with_one_warning():
     assert "scheduler" in messages[0]
 
 
+def test_an_outside_lr_change_to_a_later_group_of_the_same_shape_is_overridden():
+    # Groups with the same keys and equally many params: dict equality would
+    # compare their param tensors (ambiguous truth value), so a change to the
+    # second group must not be looked up by equality.
+    body, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([{"params": [body], "lr": 0.1}, {"params": [head], "lr": 0.02}])
+    spec = {"kind": "cosine", "T_max": 50}
+    reference = parse_policy(spec).build([0.1, 0.02])
+    with recording() as caught:
+        pilot = lrpilot.attach(optimizer, run="same-shape", policy=spec, daemon=nobody_listening())
+        try:
+            train_step(optimizer)
+            optimizer.param_groups[1]["lr"] = 0.5
+            pilot.step(loss=1.0)
+            reference.step()
+            assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
+            assert pilot.stats.foreign_lr_writes == 1
+        finally:
+            pilot.close()
+    messages = [m for m in lrpilot_warnings(caught) if "something else" in m]
+    assert len(messages) == 1
+    assert "param group '1'" in messages[0]
+
+
+def test_an_outside_lr_change_without_a_policy_is_undone_and_counted_once():
+    optimizer = two_groups()
+    with recording() as caught:
+        pilot = lrpilot.attach(optimizer, run="no-policy-foreign", daemon=nobody_listening())
+        try:
+            for _ in range(3):
+                train_step(optimizer)
+                pilot.step(loss=1.0)
+            optimizer.param_groups[0]["lr"] = 0.5  # once, behind lrpilot's back
+            for _ in range(20):
+                train_step(optimizer)
+                pilot.step(loss=1.0)
+                assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.02]
+            assert pilot.stats.foreign_lr_writes == 1
+            assert pilot.lrs == [0.1, 0.02]
+        finally:
+            pilot.close()
+    assert len([m for m in lrpilot_warnings(caught) if "lrpilot overrides it" in m]) == 1
+
+
 def test_no_foreign_write_is_counted_when_lrpilot_is_alone():
     optimizer = two_groups()
     with recording() as caught:
@@ -314,6 +362,119 @@ def test_metric_values_of_every_number_type_reach_the_daemon(daemon):
         assert engine.step == len(values)
     finally:
         pilot.close()
+
+
+def test_operator_commands_apply_to_a_run_whose_schedule_is_exhausted(daemon):
+    optimizer = two_groups()
+    spec = {"kind": "onecycle", "max_lr": 0.1, "total_steps": 10}
+    with recording() as caught:
+        pilot = lrpilot.attach(
+            optimizer,
+            run="exhausted-ops",
+            policy=spec,
+            daemon=daemon.bound_address,
+            sync=True,
+            sync_timeout=5.0,
+        )
+        try:
+            for _ in range(15):  # past total_steps: the last LRs are held
+                pilot.step(loss=1.0)
+            last = pilot.lrs
+            control = daemon.bound_control_address
+
+            def lrs_after_command(op: dict, applied: int) -> list[float]:
+                request(control, {"run": "exhausted-ops", **op})
+                # Lock-step: the command lands one step after the daemon's step.
+                for _ in range(3):
+                    pilot.step(loss=1.0)
+                assert pilot.stats.commands_applied == applied
+                return [g["lr"] for g in optimizer.param_groups]
+
+            assert lrs_after_command({"op": "set_lr", "lr": 0.05}, 1) == [0.05, 0.05]
+            assert lrs_after_command({"op": "resume"}, 2) == last
+            assert lrs_after_command({"op": "pause"}, 3) == last
+            assert pilot.stats.daemon_errors == 0
+            assert pilot.stats.sync_timeouts == 0
+        finally:
+            pilot.close()
+    messages = lrpilot_warnings(caught)
+    assert not [m for m in messages if "could not apply" in m], messages
+    assert len([m for m in messages if "holding the last LRs" in m]) == 1
+
+
+def test_a_command_whose_state_does_not_load_changes_nothing():
+    optimizer = two_groups()
+    spec = CHECKPOINTED["warmup-cosine"]
+    reference = parse_policy(spec).build([0.1, 0.02])
+    with recording() as caught:
+        pilot = lrpilot.attach(optimizer, run="bad-state", policy=spec, daemon=nobody_listening())
+        try:
+            for _ in range(5):
+                pilot.step(loss=1.0)
+                reference.step()
+            # A sequential state that gets as far as its step count, then
+            # lacks a field: rejected, and the running schedule is untouched.
+            state = {**reference.state_dict(), "last_epoch": 50}
+            del state["held_momenta"]
+            pilot._receive(
+                LRCommand(
+                    run="bad-state",
+                    version=1,
+                    effective_step=6,
+                    state_step=5,
+                    lrs=reference.lrs,
+                    policy_state=state,
+                )
+            )
+            for _ in range(40):
+                pilot.step(loss=1.0)
+                reference.step()
+                assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
+            assert pilot.stats.daemon_errors == 1
+            assert pilot.stats.commands_applied == 0
+        finally:
+            pilot.close()
+    assert len([m for m in lrpilot_warnings(caught) if "could not apply command 1" in m]) == 1
+
+
+def test_after_a_report_with_no_daemon_steps_stop_looking_for_the_answer():
+    pilot = lrpilot.attach(two_groups(), run="no-answer", daemon=nobody_listening())
+    exchanges = 0
+    exchange = pilot._exchange
+
+    def counted(*args, **kwargs):
+        nonlocal exchanges
+        exchanges += 1
+        return exchange(*args, **kwargs)
+
+    pilot._exchange = counted
+    try:
+        with recording():  # no daemon: the pipe may fill
+            pilot.step(loss=1.0)
+            reported = time.monotonic()
+            pilot.report(val_loss=1.0)
+            # Right after the report, every step looks for the decision.
+            exchanges = 0
+            for _ in range(20):
+                pilot.step(loss=1.0)
+            assert exchanges == 20
+            # The daemon never answers: soon (~0.2 s), steps stop looking; the
+            # regular I/O, once per IO_INTERVAL, would still pick an answer up.
+
+            def steps_stopped_looking() -> bool:
+                nonlocal exchanges
+                exchanges, steps = 0, 100
+                started = time.monotonic()
+                for _ in range(steps):
+                    pilot.step(loss=1.0)
+                elapsed = time.monotonic() - started
+                return exchanges <= elapsed / IO_INTERVAL + 2 and exchanges < steps / 2
+
+            wait_for(steps_stopped_looking, timeout=2.0, what="steps to stop exchanging")
+            assert time.monotonic() - reported < 1.0
+    finally:
+        with recording():
+            pilot.close()
 
 
 @pytest.mark.parametrize("bad", ["high", None, [1.0], object(), torch.ones(2)])
