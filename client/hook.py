@@ -150,6 +150,7 @@ class Pilot:
         self.base_lrs = [float(g["lr"]) for g in groups]
         self.stats = ClientStats()
         self.step_count = 0
+        self._optimizer = optimizer
         self._groups = groups
         # Capturable optimizers keep the LR in a tensor: write it in place, and
         # do not compare it (that would wait on the device every step).
@@ -194,6 +195,8 @@ class Pilot:
                 metrics[name] = as_float(name, value)
         if not self._said_hello:
             self._send_hello()  # as of before this step: the daemon takes it next
+        if self._optimizer.param_groups is not self._groups:
+            self._regroup()
         n = self.step_count = self.step_count + 1
         if not self._tensor_lrs:
             for group, lr in zip(self._groups, self._left):
@@ -229,6 +232,8 @@ class Pilot:
                 metrics[name] = as_float(name, value)
         if not self._said_hello:
             self._send_hello()
+        if self._optimizer.param_groups is not self._groups:
+            self._regroup()
         self._enqueue(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick, and look for the answer at
@@ -482,6 +487,22 @@ class Pilot:
             )
         return sent
 
+    def _regroup(self) -> None:
+        """``optimizer.load_state_dict()`` replaced the param groups with new
+        dicts (a resume that attached first): write to those from now on,
+        lrpilot's LRs first (the checkpoint's are the optimizer's old ones;
+        ``pilot.load_state_dict`` restores lrpilot's own)."""
+        groups = self._optimizer.param_groups
+        if len(groups) != len(self._groups):
+            raise ValueError(
+                f"lrpilot: the optimizer now has {len(groups)} param groups, "
+                f"not the {len(self._groups)} it was attached with"
+            )
+        self._groups = groups
+        self._tensor_lrs = any(hasattr(g["lr"], "fill_") for g in groups)
+        self._write_lrs(list(self._left))  # a new list: written whatever it holds
+        self._write_current()
+
     def _foreign_write(self, group: dict[str, Any], left: float) -> None:
         """``group`` does not hold the ``left`` LR lrpilot wrote there: count
         it, warn once, and write lrpilot's back (with no policy and no hold,
@@ -541,6 +562,8 @@ class Pilot:
             step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"lrpilot: not a pilot state_dict: {exc}") from None
+        if self._optimizer.param_groups is not self._groups:
+            self._regroup()
         if len(lrs) != len(self._groups):
             raise ValueError(
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"

@@ -619,3 +619,26 @@ def test_attach_takes_the_address_from_the_environment(daemon, monkeypatch):
         wait_for(lambda: "from-env" in daemon.plane.registry.runs, what="the hello")
     finally:
         pilot.close()
+
+
+def test_optimizer_load_state_dict_after_attach_keeps_the_schedule_in_the_groups():
+    """A resume that attaches first and then loads the optimizer's checkpoint:
+    torch puts new param group dicts in, and lrpilot must write to those."""
+    optimizer = two_groups()
+    checkpoint = optimizer.state_dict()  # its groups hold lr 0.1 and 0.02
+    spec = {"kind": "step", "step_size": 1, "gamma": 0.5}
+    pilot = lrpilot.attach(optimizer, run="reload", policy=spec, daemon=nobody_listening())
+    try:
+        old_groups = optimizer.param_groups
+        for _ in range(3):
+            train_step(optimizer)
+            pilot.step(loss=1.0)
+        optimizer.load_state_dict(checkpoint)
+        assert optimizer.param_groups is not old_groups  # what torch does
+        train_step(optimizer)
+        pilot.step(loss=1.0)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs == pytest.approx([0.1 * 0.5**4, 0.02 * 0.5**4])
+        assert pilot.stats.foreign_lr_writes == 0
+    finally:
+        pilot.close()
