@@ -187,7 +187,11 @@ class DataPlane:
             run.engine.step = step
             return
         engine = type(run.engine).from_row(run.run_id, snapshot, run.engine.lead_steps)
-        engine.replay(self.store.records(run.run_id, after=snapshot["step"], until=step))
+        engine.replay(
+            self.store.records(
+                run.run_id, after=snapshot["step"], until=step, after_seq=snapshot["seq"]
+            )
+        )
         engine.version, engine.held = run.engine.version, run.engine.held
         engine.last_change = run.engine.last_change
         run.engine = engine

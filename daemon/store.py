@@ -313,8 +313,10 @@ class Store:
         ).fetchone()
         return decode_row(row) if row else None
 
-    def records(self, run_id: str, after: int = 0, until: int | None = None) -> Iterator[tuple]:
-        return read_records(self._db, run_id, after, until)
+    def records(
+        self, run_id: str, after: int = 0, until: int | None = None, after_seq: int | None = None
+    ) -> Iterator[tuple]:
+        return read_records(self._db, run_id, after, until, after_seq)
 
     # --- the writer thread: batches of records and snapshots --------------
 
@@ -453,24 +455,35 @@ WRITERS = {
 
 
 def read_records(
-    db: sqlite3.Connection, run_id: str, after: int = 0, until: int | None = None
+    db: sqlite3.Connection,
+    run_id: str,
+    after: int = 0,
+    until: int | None = None,
+    after_seq: int | None = None,
 ) -> Iterator[tuple[int, str, dict[str, float]]]:
-    """(step, kind, metrics) of a run's recorded stream, in arrival order.
+    """(step, kind, metrics) of a run's recorded stream, in arrival order,
+    for the steps after ``after`` up to ``until``; with ``after_seq``, also
+    the records of step ``after`` itself whose seq is later (a snapshot taken
+    between a step and its report has the step, not the report).
 
     The stream is kept as the metrics batches came off the wire (decoding
     them to rows in the daemon's loop cost more than all the rest of ingest);
     records a batch repeated (``skip``) and non-finite ones are left out."""
     until = until if until is not None else 2**62
+    first = after if after_seq is not None else after + 1
     rows = db.execute(
-        "SELECT header, body, skip, valid_until FROM batches WHERE run_id = ? AND last_step > ?"
+        "SELECT header, body, skip, valid_until FROM batches WHERE run_id = ? AND last_step >= ?"
         " AND first_step <= ? ORDER BY rowid",
-        (run_id, after, until),
+        (run_id, first, until),
     )
     for header, body, skip, valid_until in rows:
         last = min(until, valid_until if valid_until is not None else until)
         parsed = MetricsHeader.model_validate_json(header)
+        seq = parsed.first_seq
         for i, (step, kind, metrics) in enumerate(decode_records(parsed, body)):
-            if i < skip or not after < step <= last or first_non_finite(metrics):
+            if i < skip or not first <= step <= last or first_non_finite(metrics):
+                continue
+            if step == after and (after_seq is None or seq + i <= after_seq):
                 continue
             yield step, kind, metrics
 

@@ -19,6 +19,7 @@ from lrpilot.daemon.config import DaemonConfig
 from lrpilot.daemon.control import ControlPlane, summary
 from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.store import read_records
+from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     MAX_MESSAGE_BYTES,
     REPORT,
@@ -420,3 +421,26 @@ def test_a_runs_lag_is_how_far_its_slowest_rank_is_behind(make_plane):
     plane.handle(b"r0", steps(0, 1, 5), 0.0)
     plane.handle(b"r1", steps(1, 1, 2), 0.0)
     assert summary(plane.registry.runs["ddp"])["lag_steps"] == 3
+
+
+def test_a_resume_at_a_step_snapshotted_between_its_step_and_its_report(make_plane):
+    """A tick can land between step k's record and k's report (separate
+    messages in lock-step); a resume at k must still fold that report in."""
+    plane = make_plane()
+    replies(plane, b"me", hello("back"))
+    sent = [
+        [(1, 1, STEP, {"loss": 1.0}), (2, 1, REPORT, {"val_loss": 1.0})],
+        [(3, 2, STEP, {"loss": 1.0})],
+        [(4, 2, REPORT, {"val_loss": 0.5})],
+        [(5, 3, STEP, {"loss": 1.0}), (6, 3, REPORT, {"val_loss": 0.9})],
+    ]
+    for i, records in enumerate(sent):
+        plane.handle(b"me", ENCODER.encode(records, {}), 0.0)
+        if i == 1:
+            plane.flush()  # the snapshot at step 2 has its step, not its report
+    plane.flush()
+    replies(plane, b"again", hello("back", step=2))
+    reference = parse_policy(PLATEAU).build([0.1])
+    reference.observe({"val_loss": 1.0})
+    reference.observe({"val_loss": 0.5})
+    assert plane.registry.runs["back"].engine.policy.state_dict() == reference.state_dict()
