@@ -9,8 +9,11 @@ step they name. It never waits for the daemon unless ``sync=True``.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
+import sys
 import time
 import uuid
 import warnings
@@ -23,6 +26,7 @@ from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecErr
 from .protocol import (
     DAEMON_ENV,
     DEFAULT_DAEMON,
+    MAX_NAME,
     PROTOCOL_VERSION,
     REPORT,
     STEP,
@@ -58,6 +62,9 @@ RESEND_AFTER_MS = 500
 # (the answer, or the persisted ack, comes within ~100 ms), but no longer
 # than this (seconds): a daemon that is away must not cost every step an I/O.
 DECISION_WAIT = 0.2
+
+# Control characters (ANSI escapes, newlines) in a name the daemon prints.
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 ChangeCallback = Callable[[int, list[float], list[float], str, str], None]
 
@@ -117,6 +124,47 @@ def as_float(name: str, value: Any) -> float:
     raise TypeError(f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}")
 
 
+def caller_stacklevel() -> int:
+    """The stacklevel that points a warning at the first frame outside
+    lrpilot (the user's training loop), however deep the call came from."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lrpilot"):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def check_run_id(run: str) -> None:
+    if not isinstance(run, str) or not 0 < len(run) <= MAX_NAME or UNPRINTABLE.search(run):
+        raise ValueError(
+            f"lrpilot.attach: run must be 1 to {MAX_NAME} printable characters, got {run!r}"
+        )
+
+
+def group_name(group: Mapping[str, Any], index: int) -> str:
+    """A param group's name as the daemon shows it: printable, bounded."""
+    name = UNPRINTABLE.sub("?", str(group.get("name", index)))[:MAX_NAME]
+    return name or str(index)
+
+
+def base_lr(group: Mapping[str, Any]) -> float:
+    """The LR a policy starts from: torch's ``initial_lr`` where a scheduler
+    left one (a warmup may have scaled ``lr`` down, even to 0), else ``lr``."""
+    lr = group.get("initial_lr", group["lr"])
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def uses_metrics(spec: PolicySpec) -> bool:
+    """Whether a policy's state depends on the metrics it is given."""
+    if spec.kind == "plateau":
+        return True
+    return any(uses_metrics(stage) for stage in getattr(spec, "policies", ()))
+
+
 def default_run_id() -> str:
     env = os.environ.get("LRPILOT_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
     if env and env != "none":
@@ -144,25 +192,47 @@ class Pilot:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all("lr" in g for g in groups):
             raise TypeError("lrpilot.attach: optimizer must have param_groups with an 'lr' each")
+        check_run_id(run)
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"lrpilot.attach: rank {rank} is not in 0..world_size-1 ({world_size})"
+            )
         self.run, self.rank, self.world_size, self.sync = run, rank, world_size, sync
         self.sync_timeout = sync_timeout
-        self.group_names = [str(g.get("name", i)) for i, g in enumerate(groups)]
-        self.base_lrs = [float(g["lr"]) for g in groups]
+        self.group_names = [group_name(g, i) for i, g in enumerate(groups)]
+        self.base_lrs = [base_lr(g) for g in groups]
         self.stats = ClientStats()
         self.step_count = 0
         self._optimizer = optimizer
         self._groups = groups
+        self._warned: set[str] = set()
         # Capturable optimizers keep the LR in a tensor: write it in place, and
         # do not compare it (that would wait on the device every step).
         self._tensor_lrs = any(hasattr(g["lr"], "fill_") for g in groups)
         self._spec = parse_policy(policy) if policy is not None else None
+        unusable = [
+            (name, lr)
+            for name, lr in zip(self.group_names, self.base_lrs)
+            if not (math.isfinite(lr) and lr > 0)
+        ]
+        if self._spec is not None and unusable:
+            # A training job must not die at attach for the LRs it had (a
+            # warmup that left 0 without initial_lr): it runs on, unsteered.
+            name, lr = unusable[0]
+            self._warn_once(
+                "base-lr",
+                f"param group {name!r} has lr={lr} at attach (and no torch initial_lr): a policy "
+                "needs positive base LRs, so this run goes on without one (telemetry only); "
+                "attach before any scheduler changes the LRs, or give the groups their LRs",
+            )
+            self._spec = None
         self._policy: Policy | None = self._spec.build(self.base_lrs) if self._spec else None
+        self._mirror = self._mirror_of(self._spec, self._policy, self.base_lrs)
         self._policy_base = list(self.base_lrs)  # an operator's switch rebases the policy
         self._held: list[float] | None = None  # LRs an operator holds (set-lr, pause)
         self._exhausted = False
         self._left: list[float] = list(self.base_lrs)
         self._on_change = on_change
-        self._warned: set[str] = set()
         self._seq = 0
         self._max_queue = max(1, max_queue)
         self._queue: deque = deque(maxlen=self._max_queue)
@@ -180,6 +250,12 @@ class Pilot:
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
         if self._policy is not None:
             self._write(self._policy)
+        # What optimizer.step() uses must be lrpilot's LR, also when something
+        # writes the groups between pilot.step() and optimizer.step()
+        # (Lightning steps a ReduceLROnPlateau there): torch's step pre-hook
+        # puts lrpilot's back just before the step reads it.
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        self._step_hook = register(self._before_optimizer_step) if callable(register) else None
         # Hello waits for the first step, report or load_state_dict: a pilot
         # about to load a checkpoint must not first tell the daemon it is at
         # step 0 (the daemon would take that for a restart from scratch).
@@ -209,6 +285,8 @@ class Pilot:
             except ScheduleExhausted as exc:
                 self._exhausted = True
                 self._warn_once("exhausted", f"{exc}; holding the last LRs")
+        if self._mirror is not None:
+            self._feed_mirror(metrics, step=True)
         self._enqueue(n, STEP, metrics)
         if self.sync:
             self._exchange(wait_for=self._seq)
@@ -224,6 +302,14 @@ class Pilot:
             self._apply_due(n)
         self._write_current()
 
+    def _before_optimizer_step(self, *_: Any) -> None:
+        if self._optimizer.param_groups is not self._groups:
+            self._regroup()
+        if not self._tensor_lrs:
+            for group, lr in zip(self._groups, self._left):
+                if group["lr"] != lr:
+                    self._foreign_write(group, lr)
+
     def report(self, **metrics: Any) -> None:
         """Metrics that are not a new step (a validation loss, say): they belong
         to the last step, and metric-driven policies act on them."""
@@ -234,6 +320,8 @@ class Pilot:
             self._send_hello()
         if self._optimizer.param_groups is not self._groups:
             self._regroup()
+        if self._mirror is not None:
+            self._feed_mirror(metrics, step=False)
         self._enqueue(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick, and look for the answer at
@@ -246,6 +334,31 @@ class Pilot:
         if self._pending:
             self._apply_due(self.step_count)
             self._write_current()
+
+    @staticmethod
+    def _mirror_of(
+        spec: PolicySpec | None, policy: Policy | None, base: list[float]
+    ) -> Policy | None:
+        """For a metric-driven policy, a copy that takes this rank's metrics
+        as the daemon's engine does. The policy that sets the LRs only steps
+        (its decisions come from the daemon, at the step they are due); the
+        mirror keeps what the metrics did to the state (plateau's best and
+        bad count), which a checkpoint must hold to resume as the run went."""
+        if spec is None or policy is None or not uses_metrics(spec):
+            return None
+        mirror = spec.build(base)
+        mirror.load_state_dict(policy.state_dict())
+        return mirror
+
+    def _feed_mirror(self, metrics: dict[str, float], step: bool) -> None:
+        mirror = self._mirror
+        try:
+            if step:
+                mirror.step(metrics)
+            else:
+                mirror.observe(metrics)
+        except ScheduleExhausted:
+            self._mirror = None  # ran out: the policy's own state is what there is
 
     def _enqueue(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         queue = self._queue
@@ -361,7 +474,9 @@ class Pilot:
             if message.command is not None:
                 self._receive(message.command)
         elif isinstance(message, Error):
-            if message.code == "unknown_session":
+            if message.code in ("unknown_session", "step_gap"):
+                # step_gap: the daemon steps through no gap that long; the
+                # hello carries this pilot's state past it.
                 self._reintroduce()
             else:
                 self.stats.daemon_errors += 1
@@ -396,14 +511,26 @@ class Pilot:
             self._apply(self._pending.pop(0), n)
 
     def _apply(self, command: LRCommand, n: int) -> None:
+        groups = len(self._groups)
+        bases = len(command.base_lrs) if command.base_lrs is not None else groups
+        if len(command.lrs) != groups or bases != groups:
+            # LRs for other groups would leave some groups stale and a
+            # checkpoint that no longer loads: refused whole, like a bad state.
+            self.stats.daemon_errors += 1
+            self._warn_once(
+                "bad-command",
+                f"could not apply command {command.version}: it has {len(command.lrs)} LRs "
+                f"and {bases} base LRs for {groups} param groups",
+            )
+            return
         old = list(self._left)
         policy, spec, base = self._policy, self._spec, self._policy_base
         state = command.policy_state
         try:
-            if command.policy is not None:
-                spec = parse_policy(command.policy)
+            if command.policy_set:
+                spec = parse_policy(command.policy) if command.policy is not None else None
                 base = command.base_lrs or self.base_lrs
-                policy = spec.build(base)
+                policy = spec.build(base) if spec is not None else None
             elif policy is not None and spec is not None and state is not None:
                 # A fresh one from the same spec and base: a state that fails
                 # to load leaves the running policy as it was.
@@ -425,6 +552,11 @@ class Pilot:
             except ScheduleExhausted as exc:
                 exhausted = True
                 self._warn_once("exhausted", f"{exc}; holding the last LRs")
+        if command.policy_set or self._mirror is None:
+            # A new policy, or the daemon's whole state (a client that missed
+            # commands): the mirror starts from it. A decision's command is
+            # one the mirror has made itself, from the same metrics.
+            self._mirror = self._mirror_of(spec, policy, base)
         self._policy, self._spec, self._policy_base = policy, spec, base
         self._held = list(command.lrs) if command.hold else None
         self._exhausted = exhausted
@@ -442,6 +574,13 @@ class Pilot:
         )
         if self._on_change is not None and self._left != old:
             self._on_change(n + 1, old, list(self._left), command.reason, command.actor)
+
+    def _policy_state(self) -> dict[str, Any] | None:
+        """The policy's state as the daemon's engine has it: with what this
+        rank's metrics did to it (the mirror), for hellos and checkpoints."""
+        if self._mirror is not None:
+            return self._mirror.state_dict()
+        return self._policy.state_dict() if self._policy else None
 
     def _write_lrs(self, lrs: list[float]) -> None:
         if self._tensor_lrs:
@@ -468,10 +607,14 @@ class Pilot:
                 world_size=self.world_size,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                groups=[GroupInfo(name=n, lr=lr) for n, lr in zip(self.group_names, self.base_lrs)],
+                groups=[
+                    # An LR the daemon cannot take (NaN at attach) is sent as 0.
+                    GroupInfo(name=n, lr=lr if math.isfinite(lr) and lr >= 0 else 0.0)
+                    for n, lr in zip(self.group_names, self.base_lrs)
+                ],
                 policy=self._spec.model_dump() if self._spec else None,
                 policy_base_lrs=self._policy_base,
-                policy_state=self._policy.state_dict() if self._policy else None,
+                policy_state=self._policy_state(),
                 step=self.step_count,
                 applied_version=self._applied_version,
                 sync=self.sync,
@@ -524,7 +667,7 @@ class Pilot:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"lrpilot: {message}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"lrpilot: {message}", RuntimeWarning, stacklevel=caller_stacklevel())
 
     # --- lifecycle and checkpoints ----------------------------------------
 
@@ -545,7 +688,7 @@ class Pilot:
             "lrs": list(self._left),
             "policy": self._spec.model_dump() if self._spec else None,
             "policy_base_lrs": list(self._policy_base),
-            "policy_state": self._policy.state_dict() if self._policy else None,
+            "policy_state": self._policy_state(),
             "held": None if self._held is None else list(self._held),
             "applied_version": self._applied_version,
         }
@@ -569,6 +712,7 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._spec, self._policy, self.step_count = spec, policy, step
+        self._mirror = self._mirror_of(spec, policy, base)
         self._policy_base, self._held = base, held
         self._exhausted = False
         self._applied_version = int(state.get("applied_version", 0))
@@ -602,6 +746,8 @@ class Pilot:
         bye = Bye(run=self.run, rank=self.rank, step=self.step_count, stats=self.stats)
         self._send(bye, warn=False)  # a daemon that is away learns it by silence
         self._link.close()
+        if self._step_hook is not None:
+            self._step_hook.remove()
 
     def __enter__(self) -> Pilot:
         return self

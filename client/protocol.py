@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 DEFAULT_DAEMON = "tcp://127.0.0.1:7311"
@@ -34,6 +34,21 @@ CONTROL_ENV = "LRPILOT_CONTROL"
 # A batch of 4096 records of 8 metrics packs to ~300 KiB; 4 MiB leaves room
 # for the largest hello (policy state of a long sequential) with a margin.
 MAX_MESSAGE_BYTES = 4 << 20
+# Every integer on the wire is bounded: steps, seq numbers and versions fit a
+# float64 exactly (JSON readers elsewhere) and SQLite's int64 with room; a
+# step count no training reaches (2**53 at 1 MHz is 285 years).
+MAX_COUNT = 2**53
+MAX_RANKS = 1 << 20  # world sizes: far above any cluster, far below a hostile int
+MAX_GROUPS = 1024  # param groups per optimizer
+MAX_METRICS = 256  # metric names in one record
+MAX_SHAPES = 64  # record shapes (kind + names) in one batch
+MAX_NAME = 200  # characters of a run, group, metric or host name
+# Names a client chooses end up in terminals, logs and Prometheus labels:
+# no control characters (ANSI escapes, newlines), C0, DEL or C1.
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=PRINTABLE)]
+FiniteLR = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 STEP = "s"  # a record that is one optimizer step
 REPORT = "r"  # metrics that are not a new step (pilot.report)
@@ -59,8 +74,8 @@ class Message(BaseModel):
 class GroupInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    lr: float
+    name: Name
+    lr: FiniteLR
 
 
 @dataclass(slots=True)
@@ -69,13 +84,13 @@ class ClientStats:
     A plain dataclass: the hook bumps these on its hot path; pydantic
     validates it on the daemon's side all the same."""
 
-    records_sent: int = 0
-    records_dropped: int = 0
-    sync_timeouts: int = 0
-    foreign_lr_writes: int = 0
-    commands_applied: int = 0
-    commands_late: int = 0
-    daemon_errors: int = 0
+    records_sent: Count = 0
+    records_dropped: Count = 0
+    sync_timeouts: Count = 0
+    foreign_lr_writes: Count = 0
+    commands_applied: Count = 0
+    commands_late: Count = 0
+    daemon_errors: Count = 0
 
 
 STAT_FIELDS = tuple(ClientStats.__dataclass_fields__)
@@ -92,19 +107,27 @@ class Hello(Message):
     says it does not know the session, e.g. it was restarted)."""
 
     t: Literal["hello"] = "hello"
-    run: str = Field(min_length=1, max_length=200)
-    rank: int = Field(0, ge=0)
-    world_size: int = Field(1, ge=1)
-    host: str = ""
-    pid: int = 0
-    groups: list[GroupInfo] = Field(min_length=1)
+    run: Name
+    rank: int = Field(0, ge=0, lt=MAX_RANKS)
+    world_size: int = Field(1, ge=1, le=MAX_RANKS)
+    host: str = Field("", max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
+    pid: int = Field(0, ge=0, le=2**31)
+    groups: list[GroupInfo] = Field(min_length=1, max_length=MAX_GROUPS)
     policy: dict[str, Any] | None = None
-    policy_base_lrs: list[float] | None = None  # when an operator's switch rebased it
+    # When an operator's switch rebased it; a policy is built from these, so
+    # they are LRs a policy takes (checked there, with the spec).
+    policy_base_lrs: list[FiniteLR] | None = Field(None, max_length=MAX_GROUPS)
     policy_state: dict[str, Any] | None = None
-    step: int = Field(0, ge=0)
-    applied_version: int = Field(0, ge=0)
+    step: Count = 0
+    applied_version: Count = 0
     sync: bool = False
-    client_version: str = ""
+    client_version: str = Field("", max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> Hello:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        return self
 
 
 class LRCommand(Message):
@@ -114,14 +137,17 @@ class LRCommand(Message):
 
     t: Literal["command"] = "command"
     run: str
-    version: int = Field(ge=1)
-    effective_step: int = Field(ge=0)
-    state_step: int = Field(ge=0)
-    lrs: list[float]
+    version: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+    effective_step: Count
+    state_step: Count
+    lrs: list[FiniteLR]  # written into the optimizer as they are
     policy: dict[str, Any] | None = None
+    # Whether this command sets the policy: then ``policy`` null means "no
+    # policy"; otherwise null means "the policy the client runs".
+    policy_set: bool = False
     # The LRs ``policy`` is built from (an operator's switch starts the new
     # policy from the LRs in effect, not the run's first ones).
-    base_lrs: list[float] | None = None
+    base_lrs: list[FiniteLR] | None = None
     policy_state: dict[str, Any] | None = None
     # An operator holds the LRs at ``lrs`` (set-lr, pause): the client keeps
     # stepping its policy but writes ``lrs`` until a command without hold.
@@ -145,7 +171,7 @@ class Processed(Message):
 
     t: Literal["processed"] = "processed"
     run: str
-    seq: int
+    seq: Count
 
 
 class Persisted(Message):
@@ -154,7 +180,7 @@ class Persisted(Message):
 
     t: Literal["persisted"] = "persisted"
     run: str
-    seq: int
+    seq: Count
 
 
 class Ack(Message):
@@ -162,18 +188,18 @@ class Ack(Message):
     ``applied_step``; ``late`` when that is after its effective step."""
 
     t: Literal["ack"] = "ack"
-    run: str
-    rank: int = 0
-    version: int
-    applied_step: int
+    run: Name
+    rank: int = Field(0, ge=0, lt=MAX_RANKS)
+    version: Count
+    applied_step: Count
     late: bool
 
 
 class Bye(Message):
     t: Literal["bye"] = "bye"
-    run: str
-    rank: int = 0
-    step: int = 0
+    run: Name
+    rank: int = Field(0, ge=0, lt=MAX_RANKS)
+    step: Count = 0
     stats: ClientStats = Field(default_factory=ClientStats)
 
 
@@ -189,11 +215,13 @@ class MetricsHeader(Message):
     the client's sequence number of the first record."""
 
     t: Literal["metrics"] = "metrics"
-    run: str
-    rank: int = 0
-    first_seq: int = Field(ge=1)
-    shapes: list[tuple[Literal["s", "r"], list[str]]]
-    blocks: list[tuple[int, Annotated[int, Field(ge=1)]]]
+    run: Name
+    rank: int = Field(0, ge=0, lt=MAX_RANKS)
+    first_seq: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+    shapes: list[tuple[Literal["s", "r"], Annotated[list[Name], Field(max_length=MAX_METRICS)]]] = (
+        Field(max_length=MAX_SHAPES)
+    )
+    blocks: list[tuple[Annotated[int, Field(ge=0, lt=MAX_SHAPES)], Annotated[int, Field(ge=1)]]]
     stats: ClientStats | None = None
 
 

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from lrpilot import __version__
+
+from .control import (
+    LR_RULE,
+    MAX_CONTROL_BYTES,
+    MAX_HISTORY_LIMIT,
+    MAX_POLICY_BYTES,
+    ascii_decimal,
+    lr_allowed,
+    policy_problem,
+)
+from .control_client import printable
 
 
 class CommandError(Exception):
@@ -24,36 +36,123 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; we promise one line on stderr."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see --help)\n")
 
 
-def positive_float(text: str) -> float:
+# --- what a flag may be ---------------------------------------------------------
+# Every number typed on the command line goes through one of these: float()
+# alone takes nan, inf and 1e308, int() takes '١٢' and 10**4000, and each of
+# those hung, crashed or flooded something downstream.
+
+# Seconds to wait for the daemon: ZeroMQ waits in whole milliseconds, and a
+# daemon that is alive answers in far less than an hour.
+TIMEOUT_S = (0.001, 3600.0)
+# Seconds between two frames of `lrpilot top`: more than 20 a second only burns CPU.
+INTERVAL_S = (0.05, 3600.0)
+MAX_DEMO_STEPS = 1_000_000  # `demo --steps`: hours of the demo's MLP (1500 by default)
+
+
+def number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"a learning rate must be a positive number, got {text}")
+
+
+def finite_float(text: str) -> float:
+    """A number, as float() reads it, but never nan or infinite."""
+    value = number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def whole_number(text: str, rule: str = "must have at most 18 digits") -> int:
+    """A whole number in ASCII digits (int() also reads '١٢'), with an
+    optional minus, of at most 18 digits (an int64); ``rule`` says what a
+    longer one breaks."""
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    value = ascii_decimal(digits)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+    return -value if text.startswith("-") else value
+
+
+def whole_number_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        rule = f"must be from {low} to {high}"
+        value = whole_number(text, rule)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+
+    return parse
+
+
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds from {low:g} to {high:g}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def lr_value(text: str) -> float:
+    """An LR a user may give, in the bounds the daemon takes (daemon/control.py)."""
+    value = number(text)
+    if not lr_allowed(value):
+        raise argparse.ArgumentTypeError(f"{LR_RULE}, got {text}")
     return value
 
 
 def load_policy_arg(text: str, source: str = "--policy") -> dict:
     """A policy is a JSON file, ``-`` for standard input, or the JSON itself
-    when it starts with ``{``."""
+    when it starts with ``{``; refused here when the daemon would refuse it
+    for its size or its numbers (MAX_POLICY_BYTES, 2**53)."""
     if text.lstrip().startswith("{"):
         raw = text
     elif text == "-":
-        raw = sys.stdin.read()
+        raw = sys.stdin.read(MAX_CONTROL_BYTES + 1)
     else:
         source = f"{source} {text}"
-        try:
-            raw = Path(text).read_text()
-        except OSError as exc:
-            raise CommandError(f"{source}: cannot read: {exc.strerror}") from None
+        raw = read_policy_file(text, source)
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise CommandError(
+            f"{source}: over {MAX_CONTROL_BYTES >> 20} MiB of text (a policy "
+            f"must be at most {MAX_POLICY_BYTES >> 10} KiB of JSON)"
+        )
     try:
-        return json.loads(raw)
+        policy = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CommandError(f"{source}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    except RecursionError:
+        raise CommandError(f"{source}: invalid JSON: nested too deeply") from None
+    if not isinstance(policy, dict):
+        raise CommandError(
+            f"{source}: a policy is a JSON object with a 'kind', got {raw.strip()[:20]!r}"
+        )
+    problem = policy_problem(policy)
+    if problem:
+        raise CommandError(f"{source}: {problem}")
+    return policy
+
+
+def read_policy_file(path: str, source: str) -> str:
+    """The file's text, read no further than what a policy can be (a FIFO or
+    /dev/zero would otherwise be read for ever)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read(MAX_CONTROL_BYTES + 1)
+    except OSError as exc:
+        raise CommandError(f"{source}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{source}: not UTF-8 text: {exc.reason}") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -126,9 +225,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         secret = (field.json_schema_extra or {}).get("secret", False)
         # A secret's default (from the environment) is never printed.
         default = "hidden" if secret else field.get_default(call_default_factory=True)
-        kind = field.annotation if field.annotation in (int, float) else str
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action="store_true", default=None, help=field.description
+            )
+            continue
+        kind = {int: whole_number, float: finite_float}.get(field.annotation, str)
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag,
             dest=name,
             type=kind,
             default=None,
@@ -144,7 +249,11 @@ def add_control_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -
         help="the daemon's control address (default: $LRPILOT_CONTROL, else tcp://127.0.0.1:7313)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default: 5)"
+        "--timeout",
+        type=seconds_in(*TIMEOUT_S),
+        metavar="SECONDS",
+        default=5.0,
+        help=f"seconds to wait for the daemon, {TIMEOUT_S[0]:g} to {TIMEOUT_S[1]:g} (default: 5)",
     )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -231,7 +340,11 @@ def add_dashboards_command(commands: argparse._SubParsersAction) -> None:
         "--password", default=None, help="basic auth password ($LRPILOT_GRAFANA_PASSWORD)"
     )
     push.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for each answer (default: 10)"
+        "--timeout",
+        type=seconds_in(*TIMEOUT_S),
+        metavar="SECONDS",
+        default=10.0,
+        help=f"seconds to wait for each answer, {TIMEOUT_S[0]:g} to {TIMEOUT_S[1]:g} (default: 10)",
     )
     export = actions.add_parser(
         "export",
@@ -249,16 +362,6 @@ def add_dashboards_command(commands: argparse._SubParsersAction) -> None:
         )
         action.add_argument("--json", action="store_true", help="print JSON for scripts")
         action.set_defaults(func=cmd_dashboards)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--base-lr",
         action="append",
-        type=positive_float,
+        type=lr_value,
         metavar="LR",
-        help="the LR a param group starts with; repeat once per group, in order",
+        help="the LR a param group starts with, 1e-12 to 1000; repeat once per group, in order",
     )
     sim.add_argument(
         "--input",
@@ -337,14 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
         op = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         for arg in positional:
             if arg == "lr":
-                op.add_argument("lr", type=positive_float, metavar="LR", help="the new LR")
+                op.add_argument(
+                    "lr",
+                    type=lr_value,
+                    metavar="LR",
+                    help="the new LR, 1e-12 to 1000: below, no float32 weight moves; above, "
+                    "no optimizer trains (docs/operations.md)",
+                )
             elif arg == "file":
                 op.add_argument(
                     "file",
                     nargs="?",
                     default=None,
                     metavar="FILE|-",
-                    help="policy JSON file, - for standard input, or inline JSON",
+                    help="policy JSON file, - for standard input, or inline JSON (at most "
+                    f"{MAX_POLICY_BYTES >> 10} KiB, what a command to the training can carry)",
                 )
             else:
                 op.add_argument(arg, metavar=arg.upper(), help="the run id")
@@ -356,7 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "history":
             op.add_argument(
-                "--limit", type=positive_int, default=None, help="only the last N changes"
+                "--limit",
+                type=whole_number_in(1, MAX_HISTORY_LIMIT),
+                metavar="N",
+                default=None,
+                help=f"only the last N changes (1 to {MAX_HISTORY_LIMIT})",
             )
         if name == "policy":
             op.add_argument(
@@ -382,7 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is not a terminal it prints one frame and exits.",
     )
     add_control_flags(top, json_flag=False)
-    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument(
+        "--interval",
+        type=seconds_in(*INTERVAL_S),
+        metavar="SECONDS",
+        default=1.0,
+        help=f"seconds between refreshes, {INTERVAL_S[0]:g} to {INTERVAL_S[1]:g} (default: 1)",
+    )
     top.set_defaults(func=cmd_top)
 
     daemon = commands.add_parser(
@@ -404,7 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         "training at a constant LR. Needs the demo extra (torch, scikit-learn).",
     )
     demo.add_argument(
-        "--steps", type=positive_int, default=None, help="optimizer steps to train (default: 1500)"
+        "--steps",
+        type=whole_number_in(1, MAX_DEMO_STEPS),
+        metavar="N",
+        default=None,
+        help=f"optimizer steps to train, 1 to {MAX_DEMO_STEPS} (default: 1500)",
     )
     demo.add_argument(
         "--policy",
@@ -435,10 +559,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (CommandError, ControlClientError, StoreError, ValueError) as exc:
-        print(f"lrpilot {args.command}: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a file name, a daemon's answer).
+        print(f"lrpilot {args.command}: {printable(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
-        print(f"lrpilot {args.command}: cannot read the store: {exc}", file=sys.stderr)
+        print(f"lrpilot {args.command}: cannot read the store: {printable(exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `lrpilot simulate ... | head` closes our stdout early; not an error.

@@ -12,9 +12,23 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from lrpilot.protocol import DEFAULT_CONTROL, DEFAULT_DAEMON, MAX_MESSAGE_BYTES
+from lrpilot.protocol import (
+    CONTROL_ENV,
+    DAEMON_ENV,
+    DEFAULT_CONTROL,
+    DEFAULT_DAEMON,
+    MAX_MESSAGE_BYTES,
+)
 
 from .store import default_state_dir
 
@@ -58,14 +72,37 @@ def check_http_url(value: str, what: str = "URL") -> str:
     return value.rstrip("/")
 
 
+def is_loopback(address: str) -> bool:
+    """A tcp:// address on this machine only, or an ipc:// / inproc:// one."""
+    parts = urlsplit(address)
+    if parts.scheme != "tcp":
+        return parts.scheme in ("ipc", "inproc")
+    host = parts.hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    address: str = Field(DEFAULT_DAEMON, description="ZeroMQ address the data plane (ROUTER) binds")
+    address: str = Field(
+        default_factory=lambda: _env(DAEMON_ENV) or DEFAULT_DAEMON,
+        description="ZeroMQ address the data plane (ROUTER) binds ($LRPILOT_DAEMON, which the "
+        "hook reads too); off loopback only with --insecure until clients have keys",
+    )
     control_address: str = Field(
-        DEFAULT_CONTROL,
-        description="ZeroMQ address of the control plane (lrpilot runs, set-lr, policy, ...); "
-        "loopback only until control traffic can be authenticated",
+        default_factory=lambda: _env(CONTROL_ENV) or DEFAULT_CONTROL,
+        description="ZeroMQ address of the control plane (lrpilot runs, set-lr, policy, ...; "
+        "$LRPILOT_CONTROL, which the CLI reads too); loopback only until control traffic can "
+        "be authenticated",
+    )
+    insecure: bool = Field(
+        False,
+        description="let the data plane bind an address other machines reach, with no "
+        "authentication: anyone who can connect can report for any run and steer its "
+        "metric-driven decisions (a warning is logged at every start)",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,
@@ -78,17 +115,52 @@ class DaemonConfig(BaseModel):
         "also survives power loss (an fsync per commit)",
     )
     silence_timeout: float = Field(
-        300.0, gt=0, description="seconds without a message after which a session ends"
+        300.0,
+        gt=0,
+        le=7 * 86400,
+        description="seconds without a message after which a session ends",
     )
     max_message_bytes: int = Field(
-        MAX_MESSAGE_BYTES, ge=1024, description="larger messages are refused with an error"
+        MAX_MESSAGE_BYTES,
+        ge=1024,
+        le=256 << 20,
+        description="larger messages are refused with an error (4 times this, the "
+        "connection is dropped before the message is read whole)",
     )
     command_lead_steps: int = Field(
         0,
         ge=0,
+        le=1_000_000,
         description="extra steps between a command and the step it takes effect (a policy's "
         "decision or an operator's): more gives every rank of a slow or far run time to apply "
         "it at the same step",
+    )
+    max_step_gap: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="steps a run's driver may skip between two records before the daemon "
+        "takes the policy's step-driven state from the client instead of stepping through "
+        "the gap (a gap costs ~0.35 us a step on the daemon's one loop)",
+    )
+    rank_takeover_after: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a rank's session must have been silent before a new connection "
+        "may take that rank over (a restarted process); a second live claim is refused",
+    )
+    max_runs: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="active runs (with a connected rank); a hello for more is refused",
+    )
+    max_metric_names: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="distinct metric names a run may report; values of more are not kept "
+        "(counted as too_many_metrics)",
     )
     log_level: str = Field("info", description="debug, info, warning or error")
     metrics_addr: str = Field(
@@ -144,18 +216,19 @@ class DaemonConfig(BaseModel):
     @classmethod
     def _loopback(cls, value: str) -> str:
         """Anyone who reaches the control plane can steer every run."""
-        parts = urlsplit(value)
-        if parts.scheme == "tcp":
-            host = parts.hostname or ""
-            try:
-                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                raise ValueError(
-                    f"the control plane must be on loopback (127.0.0.1), got {value!r}"
-                )
+        if not is_loopback(value):
+            raise ValueError(f"the control plane must be on loopback (127.0.0.1), got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _exposed_data_plane(self) -> DaemonConfig:
+        if not self.insecure and not is_loopback(self.address):
+            raise ValueError(
+                f"address {self.address!r} is reachable from other machines and clients have "
+                "no keys yet: anyone could report for and steer any run; pass --insecure to "
+                "bind it anyway (on a network you trust), or bind 127.0.0.1"
+            )
+        return self
 
     @field_validator("metrics_addr")
     @classmethod

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import site
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,25 @@ def dashboard_dirs() -> list[Path]:
     """Where the dashboards may be, in the order they are looked for."""
     import lrpilot.daemon
 
-    return [
-        Path(lrpilot.daemon.__file__).resolve().parents[1] / "dashboards",
-        Path(sys.prefix) / "share" / "lrpilot" / "dashboards",
-    ]
+    # A wheel's data files go under the prefix of the scheme pip installed
+    # it with: the environment's (sys.prefix), or the user's (`pip install
+    # --user`: site.USER_BASE), or a distribution's own (sysconfig's data).
+    prefixes = [Path(sys.prefix), Path(site.getuserbase())]
+    prefixes += [Path(sysconfig.get_paths(scheme)["data"]) for scheme in data_schemes()]
+    seen: list[Path] = [Path(lrpilot.daemon.__file__).resolve().parents[1] / "dashboards"]
+    for prefix in prefixes:
+        where = prefix / "share" / "lrpilot" / "dashboards"
+        if where not in seen:
+            seen.append(where)
+    return seen
+
+
+def data_schemes() -> list[str]:
+    schemes = [sysconfig.get_default_scheme()]
+    user = f"{os.name}_user"
+    if user in sysconfig.get_scheme_names():
+        schemes.append(user)
+    return schemes
 
 
 def find_dashboard_dir(explicit: Path | None = None) -> Path:

@@ -18,9 +18,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
+    MAX_COUNT,
     REPORT,
     Ack,
+    BatchEncoder,
     Bye,
     Error,
     Hello,
@@ -34,13 +37,13 @@ from lrpilot.protocol import (
     decode,
     decode_records,
     encode,
-    first_non_finite,
     record_layouts,
 )
 
 from .config import DaemonConfig
+from .engine import StepGapTooLarge
 from .registry import Run, RunRegistry, Session
-from .store import Store
+from .store import Store, StoreWriteError
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -63,15 +66,27 @@ class DataPlane:
         self.records_ingested = 0
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
+        self.journal_deferred = 0  # commands sent while the store could not write them
         self.change_listeners: list[ChangeListener] = []
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
         self._rows: list[tuple] = []  # records for the next tick's batch
         self._dirty: set[str] = set()  # runs whose state changed since the last tick
         self._to_ack: dict[bytes, tuple[str, int]] = {}  # sender -> (run, last seq)
         self._acks: Outgoing = []  # persisted messages not yet sent
+        self._told_metrics: set[str] = set()  # runs told they report too many names
         for row in self.store.load_runs():
-            run = Run.from_row(row, config.command_lead_steps)
-            run.engine.last_change = self.store.last_command(run.run_id)
+            try:
+                run = Run.from_row(row, config.command_lead_steps)
+            except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
+                # One run the daemon cannot build must not keep it from serving the rest.
+                self.store.quarantine(row["run_id"], f"the daemon cannot build the run: {exc}")
+                continue
+            engine = run.engine
+            engine.max_gap = config.max_step_gap
+            engine.last_change = last = self.store.last_command(run.run_id)
+            if last is not None and last.policy is not None and last.state_step >= engine.step:
+                # A switch journaled with its start ahead: it starts there still.
+                engine.starts_at = last.state_step + 1
             self.registry.add(run)
 
     # --- messages ---------------------------------------------------------
@@ -118,12 +133,27 @@ class DataPlane:
         return [(identity, error("unexpected", f"a client does not send {message.t!r}"))]
 
     def _hello(self, identity: bytes, hello: Hello, now: float) -> Outgoing:
-        self._asked.pop(identity, None)
         run = self.registry.runs.get(hello.run)
+        refusal = self._refusal(identity, hello, run, now)
+        if refusal is not None:
+            code, message = refusal
+            self.rejected[code] += 1
+            # The client says hello again when told unknown_session; not
+            # before a second has passed (see _unknown), not at every step.
+            self._asked[identity] = now
+            log.warning("run %s rank %d: hello refused: %s", hello.run, hello.rank, message)
+            return [(identity, error(code, message))]
+        self._asked.pop(identity, None)
         try:
             if run is None:
                 run = self.registry.new_run(hello)
-                self.store.save_run(run.row(time.time()))
+                run.engine.max_gap = self.config.max_step_gap
+                try:
+                    self.store.save_run(run.row(time.time()))
+                except StoreWriteError as exc:  # the next tick's row waits in the writer
+                    log.error("run %s: %s", hello.run, exc)
+            elif self._is_fresh_start(run, hello):
+                self._fresh_start(run, hello)
             elif len(hello.groups) != len(run.group_names):
                 log.warning(
                     "run %s came back with %d param groups, not %d: taking its state",
@@ -132,14 +162,19 @@ class DataPlane:
                     len(run.group_names),
                 )
                 self.registry.regroup(run, hello)
+                run.engine.max_gap = self.config.max_step_gap
             elif hello.step < run.engine.step and hello.rank <= min(run.sessions, default=0):
                 # Only the rank that drives (the lowest; rank 0 of a run that
                 # comes back) sets the run's step: another rank joining behind
                 # it does not take the policy back.
                 self._rewind(run, hello)
+            elif (
+                self._is_driver(identity, run) and hello.step > run.engine.step + run.engine.max_gap
+            ):
+                self._skip_to(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
-            return [(identity, error("bad_hello", str(exc)))]
+            return [(identity, error("bad_hello", f"run {hello.run}: {exc}"))]
         session = self.registry.join(identity, run, hello, now)
         if run.driver is session:
             # An async client has already set the LRs of its next step when a
@@ -163,6 +198,114 @@ class DataPlane:
         )
         return [(identity, [encode(welcome)])]
 
+    def _refusal(
+        self, identity: bytes, hello: Hello, run: Run | None, now: float
+    ) -> tuple[str, str] | None:
+        """Why a hello may not join, as (error code, one line), or None.
+
+        Until clients have keys, anything that reaches the data plane may say
+        hello; what it may not do is take a rank another live process holds,
+        or change what a live run is (its groups); nor start more runs than
+        the daemon serves."""
+        if run is None:
+            if self.registry.active_count() >= self.config.max_runs:
+                return "too_many_runs", (
+                    f"the daemon serves {self.config.max_runs} active runs (--max-runs); "
+                    f"run {hello.run!r} is refused"
+                )
+            return None
+        holder = run.sessions.get(hello.rank)
+        if holder is not None and holder.identity != identity:
+            same_process = (holder.host, holder.pid) == (hello.host, hello.pid)
+            silent = now - holder.last_seen
+            if not same_process and silent < self.config.rank_takeover_after:
+                return "rank_taken", (
+                    f"run {hello.run!r} rank {hello.rank} is held by a live session "
+                    f"(host {holder.host!r} pid {holder.pid}, heard {silent:.1f}s ago); "
+                    f"a second one is refused (a restarted process gets it after "
+                    f"{self.config.rank_takeover_after:g}s of silence)"
+                )
+        others = [s for rank, s in run.sessions.items() if rank != hello.rank]
+        if others and len(hello.groups) != len(run.group_names):
+            return "bad_hello", (
+                f"run {hello.run!r} is live with {len(run.group_names)} param group(s); "
+                f"this hello has {len(hello.groups)}"
+            )
+        return None
+
+    def _is_driver(self, identity: bytes, run: Run) -> bool:
+        driver = run.driver
+        return driver is not None and driver.identity == identity
+
+    @staticmethod
+    def _past_gap(run: Run, hello: Hello) -> bool:
+        return hello.step > run.engine.step + run.engine.max_gap
+
+    @staticmethod
+    def _is_fresh_start(run: Run, hello: Hello) -> bool:
+        """A script started again from scratch under a run id that has a
+        past (a common habit): no rank of the old one is connected, and the
+        client is at step 0 having applied nothing. A resume from a
+        checkpoint says the step it is at; a rank joining a live run joins."""
+        return (
+            not run.sessions
+            and hello.step == 0
+            and hello.applied_version == 0
+            and (run.engine.step > 0 or run.engine.version > 0)
+        )
+
+    def _fresh_start(self, run: Run, hello: Hello) -> None:
+        """Begin a new timeline for the run: the script's groups and policy,
+        step 0; the old timeline's records and snapshots go (the journal
+        keeps its changes, and a marker entry says where it ended). Versions
+        go on from the old ones, so no command of the old timeline can be
+        taken for one of the new."""
+        old = run.engine
+        ended_at = old.step
+        self.registry.restart(run, hello)
+        engine = run.engine
+        engine.max_gap = self.config.max_step_gap
+        engine.version = old.version
+        # Records not yet handed to the store are the old timeline's too.
+        self._rows = [row for row in self._rows if row[0] != run.run_id]
+        self.store.submit([("truncate", (run.run_id, 0))])
+        run.stored_seq = run.committed_seq = 0
+        engine.old_lrs = old.lrs
+        command = engine.command(
+            f"fresh start: the run's previous timeline ended at step {ended_at}",
+            actor="daemon",
+            lead=0,
+            policy_changed=True,
+            cause="fresh_start",
+        )
+        self.send_command(run, command)  # journaled; no rank is connected to send it to
+        log.info(
+            "run %s started afresh (its previous timeline ended at step %d, version %d)",
+            run.run_id,
+            ended_at,
+            old.version,
+        )
+
+    def _skip_to(self, run: Run, hello: Hello) -> None:
+        """The driver is further ahead than the engine steps through (it
+        dropped records while the daemon was away, or was told step_gap):
+        take the policy's state from it when it runs the same policy, else
+        move the clock alone. Version, hold and the last command stay."""
+        engine = run.engine
+        theirs = parse_policy(hello.policy) if hello.policy is not None else None
+        same = theirs == engine.spec
+        if same and hello.policy_state is not None and engine.policy is not None:
+            engine.load(hello.policy_state)
+        engine.step = hello.step
+        engine.exhausted = False
+        log.warning(
+            "run %s: the driver is at step %d, past a gap of more than %d steps: took %s from it",
+            run.run_id,
+            hello.step,
+            engine.max_gap,
+            "the policy's state" if same else "the step (not the policy: it runs another)",
+        )
+
     def _rewind(self, run: Run, hello: Hello) -> None:
         """A client came back at an earlier step (restarted from a checkpoint):
         rebuild the run's state at that step from the newest snapshot before
@@ -176,7 +319,15 @@ class DataPlane:
             why = f"rank {hello.rank} joined at step {step}, behind rank {driver.rank}"
         else:
             why = f"resumed from a checkpoint at step {step}"
-        self.flush()  # the snapshot and records up to now must be readable
+        if not self.flush():  # the snapshot and records up to now must be readable
+            log.warning(
+                "run %s %s: the store is behind (%s); the current state goes on from there",
+                run.run_id,
+                why,
+                self.store.error,
+            )
+            run.engine.step = step
+            return
         snapshot = self.store.snapshot_at(run.run_id, step)
         current = run.engine.spec.model_dump() if run.engine.spec else None
         # Either way, what was recorded after the step is a timeline that no
@@ -194,6 +345,7 @@ class DataPlane:
         )
         engine.version, engine.held = run.engine.version, run.engine.held
         engine.last_change = run.engine.last_change
+        engine.max_gap = self.config.max_step_gap  # a new engine steps through any gap
         run.engine = engine
         log.info(
             "run %s %s: state rebuilt from step %d and %d recorded steps",
@@ -225,59 +377,102 @@ class DataPlane:
             # A new client drives, with its own seq numbers.
             engine.driver, engine.seq = me, 0
             run.stored_seq = run.committed_seq = 0
-        bad: list[str] = []
-        seq = header.first_seq - 1
-        fresh = first_step = step = stepped = 0
+        # Every record may be max_gap ahead of the last: the gap budget is per
+        # batch, or a batch of records each just under it adds up to a stall.
+        engine.gap_budget = engine.max_gap
         try:
-            for step, kind, metrics in decode_records(header, body):
-                seq += 1
-                name = first_non_finite(metrics)
-                if name is not None:
-                    self.rejected["non_finite"] += 1
-                    bad.append(f"step {step}: {name}={metrics[name]}")
-                    continue
-                self.records_ingested += 1
-                if kind != REPORT:
-                    stepped = step
-                if not drives:
-                    continue  # telemetry only
-                if seq > run.stored_seq and not fresh:
-                    fresh, first_step = seq, step  # the store lacks it from here on
-                if seq <= engine.seq:
-                    continue  # folded in before a restart
-                engine.seq = seq
-                run.last_metrics.update(metrics)
+            records = list(decode_records(header, body))
+        except ProtocolError as exc:
+            self.rejected["malformed"] += 1
+            return [(identity, error("malformed", str(exc)))]
+        wild = next((step for step, _, _ in records if not 0 <= step <= MAX_COUNT), None)
+        if wild is not None:
+            self.rejected["malformed"] += 1
+            return [(identity, error("malformed", f"metrics: step {wild} is out of range"))]
+        seq = header.first_seq - 1
+        fresh = stepped = 0  # fresh: the index of the first record the store lacks
+        folded = len(records)
+        for i, (step, kind, metrics) in enumerate(records):
+            seq += 1
+            # A NaN or infinite metric is a training event (divergence), not
+            # a bad message: it is kept, shown and given to the policy.
+            self.records_ingested += 1
+            if kind != REPORT:
+                stepped = step
+            if not drives:
+                continue  # telemetry only
+            if seq > run.stored_seq and not fresh:
+                fresh = i + 1
+            if seq <= engine.seq:
+                continue  # folded in before a restart
+            try:
                 if kind == REPORT:
                     command = engine.on_report(step, metrics)
                 else:
                     command = engine.on_step(step, metrics)
-                if command is not None:
-                    out += self.send_command(run, command)
-        except ProtocolError as exc:
-            self.rejected["malformed"] += 1
-            out.append((identity, error("malformed", str(exc))))
+            except StepGapTooLarge as exc:
+                # Not folded in, not stored: the client sends these records
+                # again after its hello, which carries its state past the gap.
+                folded, seq = i, seq - 1
+                self.records_ingested -= len(records) - i
+                self.rejected["step_gap"] += 1
+                message = f"run {run.run_id}: {exc}; say hello again"
+                out.append((identity, error("step_gap", message)))
+                break
+            engine.seq = seq
+            self._keep_metrics(identity, run, metrics, out)
+            if command is not None:
+                out += self.send_command(run, command)
         if stepped:  # once a batch: the rate is measured between batches
             session.saw_step(stepped, now)
-        if fresh:
+        if fresh and fresh <= folded:
             run.stored_seq = seq
             self._dirty.add(run.run_id)
+            if folded < len(records):  # store what was folded in, no more
+                kept = [(header.first_seq + j, *records[j]) for j in range(fresh - 1, folded)]
+                raw, body = BatchEncoder(run.run_id, session.rank).encode(kept, header.stats or {})
+                skip = 0
+            else:
+                skip = fresh - 1
             self._rows.append(
-                (
-                    run.run_id,
-                    first_step,
-                    step,
-                    raw,  # the header frame as it came
-                    body,
-                    fresh - header.first_seq,
-                )
+                (run.run_id, records[fresh - 1][0], records[folded - 1][0], raw, body, skip)
             )
         self._to_ack[identity] = (run.run_id, seq)
-        if bad:
-            message = f"{len(bad)} record(s) with a non-finite metric were dropped, first {bad[0]}"
-            out.append((identity, error("non_finite", message)))
         if session.sync:
             out.append((identity, [encode(Processed(run=run.run_id, seq=seq))]))
         return out
+
+    def _keep_metrics(
+        self, identity: bytes, run: Run, metrics: dict[str, float], out: Outgoing
+    ) -> None:
+        """The last value of each metric, for /metrics, show and top; at most
+        --max-metric-names names a run (a client that invents names must not
+        grow every scrape without bound)."""
+        last = run.last_metrics
+        if len(last) + len(metrics) <= self.config.max_metric_names:
+            last.update(metrics)
+            return
+        dropped = 0
+        for name, value in metrics.items():
+            if name in last or len(last) < self.config.max_metric_names:
+                last[name] = value
+            else:
+                dropped += 1
+        if dropped:
+            self.rejected["too_many_metrics"] += dropped
+            if run.run_id not in self._told_metrics:
+                self._told_metrics.add(run.run_id)
+                out.append(
+                    (
+                        identity,
+                        error(
+                            "too_many_metrics",
+                            f"run {run.run_id} reports more than {self.config.max_metric_names} "
+                            "metric names (--max-metric-names); the values of the others are "
+                            "not kept",
+                        ),
+                    )
+                )
 
     def _unknown(self, identity: bytes, header: MetricsHeader, body: bytes, now: float) -> Outgoing:
         """A batch from a session this daemon does not know (it restarted, or
@@ -299,7 +494,17 @@ class DataPlane:
         to every rank. The state goes with it so that a daemon killed right
         after does not make the decision again from records sent again."""
         row = run.row(time.time(), stored_seq=run.committed_seq)
-        self.store.journal(run.run_id, command, run.engine.old_lrs, row)
+        try:
+            self.store.journal(run.run_id, command, run.engine.old_lrs, row)
+        except StoreWriteError as exc:
+            # The store cannot write (a full disk): the training is steered
+            # from memory all the same, and the entry waits in the writer's
+            # backlog (never trimmed) until the store takes writes again.
+            self.journal_deferred += 1
+            self.store.submit(
+                [("journal", (run.run_id, command, list(run.engine.old_lrs))), ("run", row)]
+            )
+            log.error("run %s v%d: journaled later: %s", run.run_id, command.version, exc)
         self._dirty.add(run.run_id)
         log.info(
             "run %s v%d from step %d: lrs %s (%s, %s)",
@@ -337,11 +542,13 @@ class DataPlane:
             self.store.submit(ops, notice=self._to_ack)
             self._to_ack = {}
 
-    def flush(self) -> None:
-        """Tick and wait until the store has committed it."""
+    def flush(self) -> bool:
+        """Tick and wait until the store has committed it; False when it
+        could not (the store is failing: what waits is kept and retried)."""
         self.tick(time.monotonic())
-        self.store.wait()
+        done = self.store.wait()
         self._note_committed()
+        return done
 
     def persisted(self) -> Outgoing:
         """`persisted` messages for every batch the store has committed."""

@@ -23,6 +23,11 @@ from lrpilot.policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, 
 from lrpilot.protocol import REPORT, LRCommand
 
 
+class StepGapTooLarge(ValueError):
+    """A record further ahead of the engine's step than the engine steps
+    through on the daemon's one loop; the driver's own state is taken instead."""
+
+
 class PolicyEngine:
     def __init__(
         self, run: str, spec: PolicySpec | None, base_lrs: Sequence[float], lead_steps: int = 0
@@ -38,6 +43,14 @@ class PolicyEngine:
         self.version = 0
         self.held: list[float] | None = None
         self.lead_steps = lead_steps
+        self.max_gap = 2**62  # the daemon sets --max-step-gap
+        # Steps the engine may still step through without records: the data
+        # plane sets it to max_gap for each batch (unbounded in a replay).
+        self.gap_budget = 2**62
+        # An operator's switch takes effect at a step ahead of the one it was
+        # asked at: the new policy starts at its step 0 there, so the records
+        # before it belong to the old one's tenure and do not step it.
+        self.starts_at = 0
         self.exhausted = False
         self.last_change: LRCommand | None = None
         # LR changes since the daemon started, by cause: a bounded label for
@@ -69,14 +82,26 @@ class PolicyEngine:
         if step <= self.step:
             return None
         policy = self.policy
-        if policy is None or self.exhausted:
+        if policy is None or self.exhausted or step < self.starts_at:
             self.step = step
             return None
+        position = max(self.step, self.starts_at - 1)  # where the policy's clock is
+        gap = step - position - 1
+        if gap > self.max_gap:
+            raise StepGapTooLarge(
+                f"step {step} is {gap} steps past the last ({position}); "
+                f"the limit is {self.max_gap}"
+            )
+        if gap > self.gap_budget:
+            raise StepGapTooLarge(
+                f"step {step} is {gap} steps past the last ({position}), more than the "
+                f"{self.gap_budget} this batch has left of its limit of {self.max_gap}"
+            )
+        self.gap_budget -= gap
         self._before = policy.lrs  # policies replace, never mutate, their lrs
         try:
-            while self.step < step - 1:
+            for _ in range(step - position - 1):
                 policy.step(NO_METRICS)
-                self.step += 1
             policy.step(metrics)
         except ScheduleExhausted:
             self.exhausted = True
@@ -86,7 +111,7 @@ class PolicyEngine:
     def on_report(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
         """A report belongs after record ``step``; one from before the engine's
         step is old news (replayed after a restart) and must not act again."""
-        if self.policy is None or step < self.step:
+        if self.policy is None or step < self.step or step < self.starts_at:
             return None
         self._before = self.policy.lrs
         self.policy.observe(metrics)
@@ -123,14 +148,17 @@ class PolicyEngine:
         )
 
     def switch(self, spec: PolicySpec | None, reason: str, actor: str, lead: int) -> LRCommand:
-        """Replace the policy; the new one starts, at its step 0, from the LRs
-        in effect now. The operator's hold, if any, ends."""
+        """Replace the policy; the new one is built from the LRs in effect now
+        and starts at its step 0 at the step the command takes effect (every
+        rank, and this engine, step it from there). The operator's hold, if
+        any, ends."""
         base = self.lrs
         policy = spec.build(base) if spec else None  # may raise SpecError: nothing changed yet
         self.old_lrs = base
         self.spec, self.policy, self.base_lrs = spec, policy, base
         self._fallback_lrs = base
         self.held, self.exhausted = None, False
+        self.starts_at = self.effective_step(lead)
         return self.command(reason, actor, lead=lead, policy_changed=True, cause="policy_switch")
 
     # --- commands ---------------------------------------------------------
@@ -147,23 +175,37 @@ class PolicyEngine:
         self.version += 1
         self.changes[cause] += 1
         self.last_cause = cause
-        lead = self.lead_steps if lead is None else lead
-        effective = self.step + 1 + lead
+        effective = self.effective_step(self.lead_steps if lead is None else lead)
+        command = self._snapshot(self.version, effective, reason, actor, policy_changed)
+        self.last_change = command
+        return command
+
+    def effective_step(self, lead: int) -> int:
+        """The first step a command made now can take effect at."""
+        effective = max(self.step + 1 + lead, self.starts_at)
         last = self.last_change
-        if last is not None and last.state_step <= self.step:
+        if last is not None and last.state_step <= self.state_step:
             # Clients apply commands in version order: never schedule a newer
             # one before an older one (unless the run went back to a
             # checkpoint before it, when the old one is history).
             effective = max(effective, last.effective_step)
-        command = self._snapshot(self.version, effective, reason, actor, policy_changed)
-        self.last_change = command
-        return command
+        return effective
+
+    @property
+    def state_step(self) -> int:
+        """The record the policy's state is as of: a switched-in policy that
+        has not started yet is as of the step before it starts."""
+        return max(self.step, self.starts_at - 1)
 
     def current(self) -> LRCommand:
         """The run's whole state as a command at the current version: for a
         client that comes back having missed commands."""
         return self._snapshot(
-            self.version, self.step + 1, "the daemon's state of the run", "daemon", True
+            self.version,
+            max(self.step + 1, self.starts_at),
+            "the daemon's state of the run",
+            "daemon",
+            True,
         )
 
     def _snapshot(
@@ -173,9 +215,10 @@ class PolicyEngine:
             run=self.run,
             version=version,
             effective_step=effective,
-            state_step=self.step,
+            state_step=self.state_step,
             lrs=self.lrs,
             policy=self.spec.model_dump() if (with_policy and self.spec) else None,
+            policy_set=with_policy,
             base_lrs=list(self.base_lrs) if with_policy else None,
             policy_state=self.policy.state_dict() if self.policy else None,
             hold=self.held is not None,

@@ -16,6 +16,11 @@ two together). Labels are bounded: ``run``, ``group``, ``rank`` where a
 metric is per group or per rank, ``metric`` (the names a script reports),
 ``reason`` (a fixed set). A run's series go away ``metrics_ttl`` seconds after
 its last rank left.
+
+A run whose series fail to render (a bug, or a policy state that slipped past
+its checks) is left out of that scrape, counted in
+``lrpilot_render_errors_total`` and logged once; the other runs' series and
+the daemon's own are served as usual.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -50,6 +56,7 @@ from lrpilot.policies.sequential import SequentialPolicy
 from .annotations import OUTCOMES as ANNOTATION_OUTCOMES
 from .dataplane import DataPlane
 from .registry import Run
+from .store import DROP_REASONS
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -61,7 +68,10 @@ REJECT_REASONS = (
     "malformed",
     "unknown_session",
     "bad_hello",
-    "non_finite",
+    "rank_taken",
+    "too_many_runs",
+    "too_many_metrics",
+    "step_gap",
     "unexpected",
     "internal_error",
     "reply_dropped",
@@ -93,6 +103,9 @@ class DaemonCollector:
         self.annotations = annotations
         self.clock = clock
         self._policies: dict[str, tuple[object, str]] = {}  # run -> (spec, its labels)
+        self.render_errors = 0  # runs left out of a scrape because they failed to render
+        self._render_errors_lock = threading.Lock()  # scrapes run on parallel threads
+        self._logged_failures: dict[str, None] = {}  # runs whose failure is logged already
 
     def describe(self) -> list[Metric]:
         return []  # generated at scrape time: nothing to check at registration
@@ -162,11 +175,17 @@ class DaemonCollector:
         for outcome in ANNOTATION_OUTCOMES:
             posted.add_metric([outcome], done.get(outcome, 0))
         yield posted
+        yield CounterMetricFamily(
+            "lrpilot_render_errors",
+            "runs left out of a scrape because their series failed to render",
+            value=self.render_errors,
+        )
         yield GaugeMetricFamily(
             "lrpilot_store_size_bytes",
             "size of the SQLite store and its write-ahead log",
             value=plane.store.size_bytes(),
         )
+        yield from store_health(plane)
 
     # --- runs, groups, ranks ------------------------------------------------
 
@@ -183,22 +202,48 @@ class DaemonCollector:
         runs = [r for r in list(self.plane.registry.runs.values()) if self._shown(r, now)]
         out = {name: [] for name, _, _ in RUN_FAMILIES}
         monotonic = time.monotonic()
+        families = list(out.values())
         for i, run in enumerate(runs):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 time.sleep(0)  # lets the daemon loop take the GIL
-            run_lines(out, run, monotonic, self._policy_labels(run))
+            sizes = [len(lines) for lines in families]
+            try:
+                run_lines(out, run, monotonic, self._policy_labels(run))
+            except Exception as exc:
+                for lines, size in zip(families, sizes):
+                    del lines[size:]  # the run's partial series: all of them or none
+                self._render_failed(run, exc)
         if len(self._policies) > 2 * len(runs) + 100:
             # Scrapes run in parallel (one thread each) and insert into
             # _policies: never iterate it, look the shown runs up in it.
             policies = self._policies
             kept = {run.run_id: policies.get(run.run_id) for run in runs}
             self._policies = {k: v for k, v in kept.items() if v is not None}
+        if len(self._logged_failures) > 2 * len(runs) + 100:
+            shown = {run.run_id for run in runs}
+            logged = list(self._logged_failures)  # a copy, as above
+            self._logged_failures = {k: None for k in logged if k in shown}
         parts = []
         for name, kind, doc in RUN_FAMILIES:
             full = name + "_total" if kind == "counter" else name
             parts.append(f"# HELP {full} {doc}\n# TYPE {full} {kind}\n")
             parts.append("".join(out[name]))
         return "".join(parts)
+
+    def _render_failed(self, run: Run, exc: Exception) -> None:
+        with self._render_errors_lock:
+            self.render_errors += 1
+        if run.run_id in self._logged_failures:
+            return  # every scrape would log it again
+        self._logged_failures[run.run_id] = None
+        log.error(
+            "metrics: the series of run %r failed to render and are left out of /metrics "
+            "(lrpilot_render_errors_total counts each scrape): %s: %s",
+            run.run_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
 
 
 YIELD_EVERY = 20  # runs rendered between two offers of the GIL (~1 ms of work)
@@ -250,11 +295,21 @@ RUN_FAMILIES = (
 
 
 def label(value: str) -> str:
-    """A label value as the text format quotes it."""
+    """A label value as the text format quotes it, valid UTF-8: a lone
+    surrogate (JSON can carry one) becomes "?" rather than failing the
+    scrape's encode."""
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
     return '"' + value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') + '"'
 
 
 def number(value: float) -> str:
+    """A sample value as the text format writes it. Anything but an int or a
+    float raises: a string would be copied into the exposition as is."""
+    if type(value) is not float:
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"a sample value must be a number, got {type(value).__name__}")
+        value = float(value)  # numpy's repr is not a number; an int past 1e308 raises
     if value != value:
         return "NaN"
     if value in (math.inf, -math.inf):
@@ -333,4 +388,56 @@ class Exposition:
             self.registry.register(standard)
 
     def text(self) -> str:
-        return generate_latest(self.registry).decode() + self.collector.render_runs()
+        runs = self.collector.render_runs()  # first: its failures count in this scrape
+        return generate_latest(self.registry).decode() + runs
+
+
+def store_health(plane: DataPlane) -> Iterator[Metric]:
+    """Whether the store takes writes, and what waits or was given up on."""
+    health = plane.store.health()
+    yield GaugeMetricFamily(
+        "lrpilot_store_up",
+        "1 while the store takes writes, 0 while they fail (a full disk)",
+        value=0 if health["error"] else 1,
+    )
+    yield GaugeMetricFamily(
+        "lrpilot_store_failing_since_seconds",
+        "unix time the current write failure began (0: none)",
+        value=health["error_since"] or 0,
+    )
+    yield CounterMetricFamily(
+        "lrpilot_store_failed_commits",
+        "store transactions that failed and were rolled back",
+        value=health["failed_commits"],
+    )
+    dropped = CounterMetricFamily(
+        "lrpilot_store_dropped_ops", "store writes given up on, by reason", labels=["reason"]
+    )
+    for reason in DROP_REASONS:
+        dropped.add_metric([reason], health["dropped"].get(reason, 0))
+    yield dropped
+    yield CounterMetricFamily(
+        "lrpilot_journal_deferred",
+        "LR commands sent while the store could not journal them (written once it can)",
+        value=plane.journal_deferred,
+    )
+    yield GaugeMetricFamily(
+        "lrpilot_store_backlog_batches",
+        "batches waiting for the store to take writes",
+        value=health["backlog_batches"],
+    )
+    yield GaugeMetricFamily(
+        "lrpilot_store_backlog_bytes",
+        "bytes waiting for the store to take writes",
+        value=health["backlog_bytes"],
+    )
+    yield GaugeMetricFamily(
+        "lrpilot_store_check_problems",
+        "problems PRAGMA quick_check found in the store at start",
+        value=len(health["check_problems"]),
+    )
+    yield GaugeMetricFamily(
+        "lrpilot_store_quarantined_runs",
+        "runs rows set aside at start because the daemon could not use them",
+        value=len(health["quarantined"]),
+    )

@@ -22,7 +22,7 @@ log = logging.getLogger("lrpilot.daemon")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SWITCH_INTERVAL = 0.0005  # seconds
-INDEX = b"lrpilot daemon: metrics at /metrics, liveness at /healthz\n"
+INDEX = b"lrpilot daemon: metrics at /metrics, health at /healthz, liveness at /livez\n"
 
 
 class MetricsServer:
@@ -32,11 +32,16 @@ class MetricsServer:
         host: str,
         port: int,
         health: Callable[[], str | None] = lambda: None,
+        liveness: Callable[[], str | None] | None = None,
     ) -> None:
         handler = type(
             "Handler",
             (MetricsHandler,),
-            {"render": staticmethod(render), "health": staticmethod(health)},
+            {
+                "render": staticmethod(render),
+                "health": staticmethod(health),
+                "liveness": staticmethod(liveness or health),
+            },
         )
         family_host = host.strip("[]")
         server_class = ThreadingHTTPServer
@@ -56,7 +61,10 @@ class MetricsServer:
         # default), so a loop message could wait that long behind a scrape.
         # 0.5 ms keeps a sync round trip within ~1 ms while a scrape of
         # 1,000 runs renders (bench/scrape.py).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        # The host's own setting comes back at close() (a program that runs
+        # the daemon in a thread keeps its own once the daemon is gone).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
 
     @property
     def url(self) -> str:
@@ -67,11 +75,13 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+        sys.setswitchinterval(self._switch_interval)
 
 
 class MetricsHandler(BaseHTTPRequestHandler):
     render: Callable[[], str]
-    health: Callable[[], str | None]  # None when healthy, else why not
+    health: Callable[[], str | None]  # None when healthy, else why not (/healthz)
+    liveness: Callable[[], str | None]  # the same for /livez: only what a restart mends
     server_version = "lrpilot"
 
     def do_GET(self) -> None:
@@ -84,8 +94,8 @@ class MetricsHandler(BaseHTTPRequestHandler):
                 self._reply(500, b"rendering the metrics failed; see the daemon log\n")
                 return
             self._reply(200, body, CONTENT_TYPE)
-        elif path == "/healthz":
-            problem = self.health()
+        elif path in ("/healthz", "/livez"):
+            problem = self.health() if path == "/healthz" else self.liveness()
             if problem is None:
                 self._reply(200, b"ok\n")
             else:

@@ -1,7 +1,12 @@
 """The operator's commands (``lrpilot runs``, ``show``, ``set-lr``, ``policy``,
 ``pause``, ``resume``, ``history``) and how their answers read on a terminal.
 Each takes the parsed arguments, asks the control plane, and prints either a
-table for people or, with ``--json``, the answer for scripts."""
+table for people or, with ``--json``, the answer for scripts.
+
+Run and group names, hosts, reasons and actors were chosen by whoever talked
+to the daemon: every one is printed through ``printable`` (escapes, not
+control characters), in tables by ``table`` itself, elsewhere where it is
+put in a line. JSON output escapes them already."""
 
 from __future__ import annotations
 
@@ -16,16 +21,27 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.policies import SpecError, parse_policy
+from lrpilot.protocol import REPORT, STEP
 
-from .control_client import control_address, request
-from .simulate import MetricRecord, replay
+from .control import MAX_NAME
+from .control_client import control_address, printable, request
+from .engine import PolicyEngine, StepGapTooLarge
 from .store import DB_NAME, open_readonly, read_records
 
+# Missing steps a replay steps through (~0.35 us each): a stream that jumps
+# further is one where the daemon took a client's state, not a gap to fill.
+REPLAY_MAX_GAP = 10_000_000
 PREVIEW_ROWS = 20  # rows of the human-readable preview; --json prints every step
 
 
 def actor() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
+    """Who makes a change, as the journal shows it: user@host, within what the
+    daemon takes (the user name comes from $LOGNAME or $USER when set)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no name, as in some containers
+        user = "unknown"
+    return printable(f"{user}@{socket.gethostname()}")[:MAX_NAME]
 
 
 def ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
@@ -43,7 +59,7 @@ def when(seconds: float | None) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    cells = [[printable(c) for c in headers], *[[printable(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells
@@ -82,14 +98,14 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def cmd_show(args: argparse.Namespace) -> None:
     run = ask(args, "show", run=args.run)["run"]
     lines = [
-        f"run        {run['run']} ({run['status']}, ranks {run['ranks'] or '-'} "
-        f"of {run['world_size']})",
-        f"step       {run['step']} ({run['steps_per_s']:.1f} steps/s)",
-        f"groups     {', '.join(run['groups'])}",
+        f"run        {printable(run['run'])} ({printable(run['status'])}, "
+        f"ranks {printable(run['ranks'] or '-')} of {printable(run['world_size'])})",
+        f"step       {printable(run['step'])} ({run['steps_per_s']:.1f} steps/s)",
+        f"groups     {printable(', '.join(run['groups']))}",
         f"lrs        {lrs_text(run['lrs'])}" + ("   HELD by an operator" if run["held"] else ""),
         f"policy     {json.dumps(run['policy'])}",
         f"requested  {json.dumps(run['requested_policy'])}",
-        f"version    {run['version']}",
+        f"version    {printable(run['version'])}",
         f"metrics    {json.dumps(run['last_metrics'])}",
         f"started    {when(run['created'])}",
     ]
@@ -139,7 +155,8 @@ def history_table(entries: Sequence[dict[str, Any]]) -> str:
 
 def cmd_history(args: argparse.Namespace) -> None:
     entries = ask(args, "history", run=args.run, limit=args.limit)["history"]
-    emit(args, entries, history_table(entries) if entries else f"no LR changes for {args.run}")
+    nothing = f"no LR changes for {printable(args.run)}"
+    emit(args, entries, history_table(entries) if entries else nothing)
 
 
 # --- changes -----------------------------------------------------------------
@@ -150,8 +167,10 @@ def report_change(args: argparse.Namespace, answer: dict[str, Any]) -> None:
     emit(
         args,
         c,
-        f"run {c['run']}: v{c['version']} from step {c['effective_step']}: "
-        f"lrs {lrs_text(c['lrs'])} ({c['reason']})",
+        printable(
+            f"run {c['run']}: v{c['version']} from step {c['effective_step']}: "
+            f"lrs {lrs_text(c['lrs'])} ({c['reason']})"
+        ),
     )
 
 
@@ -177,21 +196,6 @@ def cmd_policy(args: argparse.Namespace, policy: dict[str, Any] | None) -> None:
 # --- what-if ------------------------------------------------------------------
 
 
-def recorded_stream(db: Any, run_id: str) -> Iterator[MetricRecord]:
-    """A run's recorded metrics as `lrpilot simulate` records: one per step,
-    with the step's reports folded in (reports before step 1 are left out)."""
-    step, metrics = 0, {}
-    for record_step, kind, values in read_records(db, run_id):
-        if kind == "s" and record_step != step:
-            if step:
-                yield MetricRecord(step, metrics)
-            step, metrics = record_step, dict(values)
-        elif record_step == step:
-            metrics.update(values)
-    if step:
-        yield MetricRecord(step, metrics)
-
-
 def open_run_store(args: argparse.Namespace, run_id: str) -> tuple[Any, dict[str, Any]]:
     """The run's store, read-only, and its first base LRs: from --state-dir
     directly (no daemon needed), else where the daemon says its store is."""
@@ -212,14 +216,41 @@ def replay_run(
     spec: dict[str, Any],
     base_lrs: Sequence[float] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """What ``spec`` gives on the run's recorded stream, from its step 0."""
+    """What ``spec`` gives on the run's recorded stream, from its step 0: one
+    line a step, the LRs after it and its reports. Replayed by the daemon's
+    own engine (steps and reports as they came, missing steps stepped
+    without metrics), so the preview is what the daemon would have done."""
     db, run = open_run_store(args, run_id)
     try:
-        policy = parse_policy(spec).build(base_lrs or run["base_lrs"])
+        engine = PolicyEngine(run_id, parse_policy(spec), base_lrs or run["base_lrs"])
     except SpecError as exc:
         raise ValueError(f"policy: {exc}") from None
-    yield {"step": 0, "lrs": list(policy.lrs)}
-    yield from replay(policy, recorded_stream(db, run_id))
+    engine.max_gap = REPLAY_MAX_GAP
+    yield engine_line(engine, 0)
+    step = 0
+    for record_step, kind, values in read_records(db, run_id):
+        if kind == STEP and record_step > step:
+            if step:
+                yield engine_line(engine, step)
+            step = record_step
+        try:
+            (engine.on_report if kind == REPORT else engine.on_step)(record_step, values)
+        except StepGapTooLarge:
+            raise ValueError(
+                f"run {run_id}'s recorded stream jumps from step {engine.step} to {record_step} "
+                "(the daemon took the client's state there); a replay cannot step through it"
+            ) from None
+    if step:
+        yield engine_line(engine, step)
+
+
+def engine_line(engine: PolicyEngine, step: int) -> dict[str, Any]:
+    """A replay's output line, as ``lrpilot simulate`` writes one."""
+    line: dict[str, Any] = {"step": step, "lrs": engine.lrs}
+    momenta = engine.policy.momenta if engine.policy is not None else None
+    if momenta is not None:
+        line["momenta"] = list(momenta)
+    return line
 
 
 def preview(args: argparse.Namespace, spec: dict[str, Any] | None) -> None:
@@ -234,8 +265,10 @@ def preview(args: argparse.Namespace, spec: dict[str, Any] | None) -> None:
     changed = [b for a, b in itertools.pairwise(lines) if a["lrs"] != b["lrs"]]
     shown = [line for i, line in enumerate(lines) if i % every == 0 or i == len(lines) - 1]
     print(
-        f"preview: {spec.get('kind')} replayed on the {len(lines) - 1} recorded steps of "
-        f"{args.run} (nothing changed)"
+        printable(
+            f"preview: {spec.get('kind')} replayed on the {len(lines) - 1} recorded steps of "
+            f"{args.run} (nothing changed)"
+        )
     )
     print(table(("STEP", "LRS"), [(line["step"], lrs_text(line["lrs"])) for line in shown]))
     print(f"{len(changed)} steps change the LR; final lrs {lrs_text(lines[-1]['lrs'])}")

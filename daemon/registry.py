@@ -161,14 +161,39 @@ class RunRegistry:
 
     def regroup(self, run: Run, hello: Hello) -> None:
         """The run came back with other param groups: it is the client's run
-        now, groups, LRs and policy state as the client says."""
+        now, groups, LRs and policy state as the client says. Its versions go
+        on (the journal's are unique per run); an operator's hold, whose LRs
+        were for the old groups, ends."""
+        old = run.engine
+        engine = self.engine_from(hello)
+        engine.version = max(old.version, hello.applied_version)
+        engine.last_change = old.last_change
         run.group_names = [g.name for g in hello.groups]
         run.base_lrs = [g.lr for g in hello.groups]
+        run.engine = engine
+
+    def restart(self, run: Run, hello: Hello) -> None:
+        """A fresh start of the run: what the script says, as for a new run."""
+        run.group_names = [g.name for g in hello.groups]
+        run.base_lrs = [g.lr for g in hello.groups]
+        run.world_size = hello.world_size
+        run.requested_policy = hello.policy
         run.engine = self.engine_from(hello)
+        run.created = time.time()
+        run.last_metrics.clear()
+        run.loss_history.clear()
+
+    def active_count(self) -> int:
+        return sum(1 for run in self.runs.values() if run.sessions)
 
     def engine_from(self, hello: Hello) -> PolicyEngine:
-        """An engine that takes over where the client says it is."""
+        """An engine that takes over where the client says it is. ValueError
+        (SpecError) when the policy, its base LRs or its state do not hold."""
         base = hello.policy_base_lrs or [g.lr for g in hello.groups]
+        if len(base) != len(hello.groups):
+            raise ValueError(
+                f"policy_base_lrs has {len(base)} LRs for {len(hello.groups)} param groups"
+            )
         return PolicyEngine.from_client(
             hello.run,
             hello.policy,
@@ -180,6 +205,9 @@ class RunRegistry:
         )
 
     def join(self, identity: bytes, run: Run, hello: Hello, now: float) -> Session:
+        # A client that said hello for another run (or rank) before has left
+        # that one: its old session must not keep that run active forever.
+        self.end_session(identity, now)
         run.ended = None
         run.world_size = hello.world_size  # torchelastic may restart it at another size
         old = run.sessions.get(hello.rank)

@@ -18,8 +18,8 @@ import time
 import zmq
 
 from .annotations import AnnotationPoster
-from .config import DaemonConfig
-from .control import ControlPlane
+from .config import DaemonConfig, is_loopback
+from .control import MAX_CONTROL_BYTES, ControlPlane
 from .dataplane import DataPlane
 from .exporter import DaemonCollector, Exposition
 from .metrics_server import MetricsServer
@@ -33,6 +33,9 @@ SWEEP_EVERY = 1.0  # seconds between looks for silent sessions
 # /healthz fails when the loop has not turned for this long (a wedged loop; a
 # start that restores many runs happens before /metrics is served at all).
 LOOP_STALL_S = 10.0
+# Data-plane messages handled in one turn of the loop (some 10 ms of work)
+# before it answers the control plane, ticks and sends persisted acks.
+DRAIN_MAX = 1000
 # libzmq drops a peer that sends more than this; below it the data plane
 # answers an oversized message with an error instead.
 HARD_LIMIT_FACTOR = 4
@@ -67,10 +70,17 @@ class Daemon:
         self.control = ControlPlane(self.plane)
         self._post_annotations()
         self._context = zmq.Context()
+        if not is_loopback(self.config.address):
+            log.warning(
+                "the data plane is bound to %s with --insecure: anyone who can connect can "
+                "report for any run and steer its metric-driven decisions",
+                self.config.address,
+            )
         try:
-            self._sock = self._bind(self.config.address)
-            self._sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes * HARD_LIMIT_FACTOR)
-            self._control_sock = self._bind(self.config.control_address)
+            hard_limit = self.config.max_message_bytes * HARD_LIMIT_FACTOR
+            self._sock = self._bind(self.config.address, hard_limit)
+            control_limit = MAX_CONTROL_BYTES * HARD_LIMIT_FACTOR
+            self._control_sock = self._bind(self.config.control_address, control_limit)
         except DaemonError:
             self.close()
             raise
@@ -94,7 +104,9 @@ class Daemon:
         counts = self.annotations.counts if self.annotations else None
         collector = DaemonCollector(self.plane, self.config.metrics_ttl, annotations=counts)
         try:
-            self.metrics = MetricsServer(Exposition(collector).text, *where, self.health)
+            self.metrics = MetricsServer(
+                Exposition(collector).text, *where, self.health, self.liveness
+            )
         except OSError as exc:
             self.close()
             raise DaemonError(
@@ -119,10 +131,14 @@ class Daemon:
         self.plane.change_listeners.append(self.annotations.on_change)
         log.info("posting LR changes to Grafana at %s as annotations", c.grafana_url)
 
-    def _bind(self, address: str) -> zmq.Socket:
+    def _bind(self, address: str, max_bytes: int) -> zmq.Socket:
         assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # Before bind: libzmq applies it to connections as they are accepted,
+        # and drops a peer whose message grows past it before it is buffered
+        # whole (set after bind it did not hold).
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         # Replies to a peer whose pipe is full are dropped, never block the loop.
         sock.setsockopt(zmq.SNDHWM, 10_000)
         try:
@@ -157,9 +173,13 @@ class Daemon:
                 next_sweep = now + SWEEP_EVERY
 
     def _drain_data(self, now: float) -> None:
-        """Handle what is waiting, before looking at the clock again."""
+        """Handle what is waiting, before looking at the clock again: at
+        most DRAIN_MAX messages, so that clients sending faster than the
+        loop handles them cannot keep it from the control plane, the store
+        and its persisted acks (what they sent waits in ZeroMQ's bounded
+        pipes, and then in theirs, rather than in the daemon's memory)."""
         sock, plane = self._sock, self.plane
-        while True:
+        for _ in range(DRAIN_MAX):
             try:
                 identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -196,13 +216,24 @@ class Daemon:
             except zmq.ZMQError:
                 self.plane.rejected["reply_dropped"] += 1
 
-    def health(self) -> str | None:
+    def liveness(self) -> str | None:
         """None while the loop goes round (it does at least every POLL_MS),
-        else why not: what /healthz answers, for liveness probes."""
+        else why not: what /livez answers, for liveness probes (a restart
+        mends a wedged loop)."""
         silent = time.monotonic() - self._loop_at
         if silent > LOOP_STALL_S:
             return f"the daemon loop has not turned for {silent:.0f} s"
         return None
+
+    def health(self) -> str | None:
+        """None when the daemon serves and its store takes writes, else why
+        not: what /healthz answers (readiness, alerting). A failing store is
+        not a reason to restart: the daemon steers from memory and keeps
+        what waits, which a restart would lose."""
+        problem = self.liveness()
+        if problem is None and self.plane is not None:
+            problem = self.plane.store.error
+        return problem
 
     def stop(self) -> None:
         self._stop.set()

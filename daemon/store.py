@@ -8,6 +8,15 @@ snapshots) in batches handed to it once per tick, so the loop never waits on
 the disk for telemetry. Each batch says which client records it made durable;
 the loop tells those clients (``persisted``) so they can forget them.
 
+Faults. A write the store cannot take (disk full, file not writable or
+damaged) is the store's fault: the writer keeps the batches (up to
+``backlog_bytes``, then it lets the oldest records go first), says so in
+``error`` and tries again every RETRY_S, in order. A write that fails by
+itself (a value SQLite cannot hold, a constraint) is the op's fault: only
+that run's ops of that batch are dropped and counted in ``dropped``; the
+other runs' go in. At open the file is checked (``check_problems``) and a
+runs row the daemon cannot use is moved to the ``quarantine`` table.
+
 The schema has a version; ``MIGRATIONS[i]`` takes a store from version i to
 i + 1, and opening a store applies whatever it lacks.
 """
@@ -22,11 +31,13 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.protocol import MetricsHeader, decode_records, first_non_finite
+from lrpilot.protocol import MetricsHeader, decode_records
 
 DB_NAME = "lrpilot.sqlite3"
 log = logging.getLogger("lrpilot.daemon")
@@ -96,6 +107,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX snapshots_by_run ON snapshots (run_id, step);
     """,
+    # 1 -> 2: runs rows the daemon could not use, moved out of runs at open
+    # (``row`` is the row as it was, as JSON) so that the others start.
+    """
+    CREATE TABLE quarantine (
+        run_id TEXT,
+        row TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        time REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 RUN_COLUMNS = (
@@ -131,6 +152,20 @@ JSON_COLUMNS = {
     "old_lrs",
     "new_lrs",
 }
+BATCH_COLUMNS = ("run_id", "first_step", "last_step", "header", "body", "skip")
+JOURNAL_COLUMNS = (
+    "run_id",
+    "version",
+    "effective_step",
+    "state_step",
+    "old_lrs",
+    "new_lrs",
+    "reason",
+    "actor",
+    "time",
+    "policy",
+    "hold",
+)
 SNAPSHOT_COLUMNS = (
     "run_id",
     "step",
@@ -147,10 +182,60 @@ SNAPSHOT_COLUMNS = (
 # checkpoint, and for older ones the first of every SNAPSHOT_SPACING steps
 # (ticks seldom land on a multiple), so a resume replays about that many at most.
 SNAPSHOTS_KEPT, SNAPSHOT_SPACING = 200, 1000
+# While the store cannot be written, the writer keeps what it could not write
+# (about this many bytes, the records first to go) and tries again this often.
+BACKLOG_BYTES, RETRY_S = 64 * 2**20, 1.0
+INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
+PROBLEMS_SHOWN = 20  # quick_check lines kept and logged
+# Why the store gave an op up (``Store.dropped``): it failed by itself (the
+# first three), waited past backlog_bytes, or was waiting when the store closed.
+DROP_REASONS = ("out_of_range", "constraint", "bad_op", "backlog_full", "closed")
 
 
 class StoreError(RuntimeError):
-    """The store cannot be opened (bad path, newer schema, not a store)."""
+    """The store cannot be opened or read (bad path, newer schema, not a store)."""
+
+
+class StoreWriteError(StoreError):
+    """A write on the loop's connection failed (disk full, file not writable,
+    a value the store cannot hold); nothing of it was written."""
+
+
+class OutOfRange(ValueError):
+    """A value the store cannot hold: an int beyond SQLite's 64 bits (Python's
+    sqlite3 raises OverflowError for it, mid-statement, naming nothing)."""
+
+
+class BadRow(ValueError):
+    """A runs row the daemon cannot use (not JSON, a field missing or of the
+    wrong type)."""
+
+
+def is_store_fault(exc: BaseException) -> bool:
+    """Whether a failed write is the store's fault (disk full, file read-only,
+    damaged or locked, a table missing), so that the same write may work
+    later; anything else (a value out of range, a constraint) is the op's,
+    and would fail again every time."""
+    if isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)):
+        return True
+    return type(exc) is sqlite3.DatabaseError  # a damaged file, "not a database"
+
+
+def drop_reason(exc: BaseException) -> str:
+    """The ``dropped`` counter's key for an op that failed by itself."""
+    if isinstance(exc, (OutOfRange, OverflowError)):
+        return "out_of_range"
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "constraint"
+    return "bad_op"
+
+
+def storable(values: Sequence[Any], names: Sequence[str], what: str) -> tuple:
+    """``values`` as a row SQLite can hold, else OutOfRange naming the field."""
+    for name, value in zip(names, values):
+        if isinstance(value, int) and value not in INT64:
+            raise OutOfRange(f"{what}: {name} {value} is beyond the store's 64-bit integers")
+    return tuple(values)
 
 
 def default_state_dir() -> Path:
@@ -168,8 +253,10 @@ def dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value)
 
 
-def connect(path: Path, durability: str = "normal") -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
+def connect(
+    path: Path, durability: str = "normal", thread_bound: bool = True
+) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=thread_bound)
     db.execute("PRAGMA journal_mode=WAL")
     # normal: a commit survives the daemon being killed (it is in the WAL
     # file); full: it also survives power loss, at an fsync per commit.
@@ -192,11 +279,11 @@ def transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Itera
     db.execute("COMMIT")
 
 
-def migrate(db: sqlite3.Connection) -> int:
+def migrate(db: sqlite3.Connection, where: Path | str = "the store") -> int:
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise StoreError(
-            f"the store has schema version {version}; this lrpilot knows up to {SCHEMA_VERSION}"
+            f"{where} has schema version {version}; this lrpilot knows up to {SCHEMA_VERSION}"
         )
     for target in range(version, SCHEMA_VERSION):
         with transaction(db):
@@ -207,6 +294,16 @@ def migrate(db: sqlite3.Connection) -> int:
     return SCHEMA_VERSION
 
 
+def quick_check(db: sqlite3.Connection) -> list[str]:
+    """What ``PRAGMA quick_check`` finds wrong with the file (empty: nothing).
+    On some damage SQLite stops the check with an error: that is the finding."""
+    try:
+        found = [line for (line,) in db.execute(f"PRAGMA quick_check({PROBLEMS_SHOWN})")]
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    return [] if found == ["ok"] else found
+
+
 def decode_row(row: sqlite3.Row) -> dict[str, Any]:
     names = row.keys()  # iterating a sqlite3.Row gives its values, not its names
     return {
@@ -215,21 +312,156 @@ def decode_row(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(test(v) for v in value)
+
+
+def _or_null(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or test(value)
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+# What each runs column must hold, as the daemon builds a run from it.
+RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "run_id": ("text", lambda v: isinstance(v, str) and v != ""),
+    "created": ("a number", _is_number),
+    "updated": ("a number", _is_number),
+    "ended": ("a number or null", _or_null(_is_number)),
+    "group_names": ("a list of names", _list_of(lambda v: isinstance(v, str))),
+    "base_lrs": ("a list of numbers", _list_of(_is_number)),
+    "world_size": ("an integer", _is_int),
+    "requested_policy": ("an object or null", _or_null(_is_object)),
+    "policy": ("an object or null", _or_null(_is_object)),
+    "policy_base_lrs": ("a list of numbers", _list_of(_is_number)),
+    "policy_state": ("an object or null", _or_null(_is_object)),
+    "step": ("an integer", _is_int),
+    "driver": ("text or null", _or_null(lambda v: isinstance(v, str))),
+    "seq": ("an integer", _is_int),
+    "stored_seq": ("an integer", _is_int),
+    "rev": ("an integer", _is_int),
+    "version": ("an integer", _is_int),
+    "lrs": ("a list of numbers", _list_of(_is_number)),
+    "held": ("a list of numbers or null", _or_null(_list_of(_is_number))),
+}
+
+
+def decode_run(raw: sqlite3.Row) -> dict[str, Any]:
+    """A runs row as the daemon builds a run from it, else BadRow saying
+    which field is wrong."""
+    row = {}
+    for name in RUN_COLUMNS:
+        value = raw[name]
+        if name in JSON_COLUMNS and value is not None:
+            try:
+                value = json.loads(value)
+            except (TypeError, ValueError) as exc:
+                raise BadRow(f"{name} is not JSON ({exc})") from None
+        what, fits = RUN_FIELDS[name]
+        if not fits(value):
+            raise BadRow(f"{name} is {_shown(value)}, not {what}")
+        row[name] = value
+    return row
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Pending:
+    """A submitted batch the writer has not committed yet."""
+
+    ops: list[tuple[str, Any]]
+    notice: Any
+    _size: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds, about (only asked for while the store fails)."""
+        if self._size is None:
+            self._size = sum(op_size(op, arg) for op, arg in self.ops)
+        return self._size
+
+    def replace_ops(self, ops: list[tuple[str, Any]]) -> None:
+        self.ops, self._size = ops, None
+
+
+class Waiter:
+    """wait()'s marker in the writer's queue."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.committed = False
+
+
 class Store:
-    def __init__(self, state_dir: Path, durability: str = "normal") -> None:
+    def __init__(
+        self, state_dir: Path, durability: str = "normal", backlog_bytes: int = BACKLOG_BYTES
+    ) -> None:
+        self.path = state_dir / DB_NAME
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            self.path = state_dir / DB_NAME
-            self._db = connect(self.path, durability)
-            migrate(self._db)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open the store in {state_dir}: {exc}") from None
-        self._durability = durability
+        self.check_problems: list[str] = []  # what PRAGMA quick_check found at open
+        self._db, writer_db = self._open(durability)
+        # Health, for the daemon's /metrics and /healthz.
+        self.error: str | None = None  # why writes fail, since when; None once one works
+        self.error_since: float | None = None  # time.time() of the first failure
+        self.failed_commits = 0  # transactions rolled back, on either connection
+        self.dropped: Counter[str] = Counter()  # ops given up on, by reason
+        self.backlog_batches = self.backlog_bytes = 0  # kept until the store works again
+        self.quarantined: list[str] = []  # runs whose row was moved to quarantine
+        self._backlog: list[Pending] = []  # the writer's alone
+        self._backlog_limit = backlog_bytes
+        self._next_try = 0.0  # time.monotonic() of the next try while the store fails
+        self._logged: set[tuple[str, str, str]] = set()  # (run, ops, error) logged once
+        self._trim_logged = False
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
         self.committed: queue.SimpleQueue = queue.SimpleQueue()  # notices for the loop
-        self.write_errors = 0
-        self._writer = threading.Thread(target=self._write_loop, name="lrpilot-store", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(writer_db,), name="lrpilot-store", daemon=True
+        )
         self._writer.start()
+
+    def _open(self, durability: str) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        """The loop's connection and the writer's, the file checked and
+        migrated; StoreError naming the file if it is not a store we can use."""
+        db = None
+        try:
+            db = connect(self.path, durability)
+            self.check_problems = quick_check(db)
+            if self.check_problems:
+                log.warning(
+                    "the store %s fails its check (PRAGMA quick_check): %s; the daemon goes on"
+                    " with what it can read (see 'When the store fails' in docs/operations.md)",
+                    self.path,
+                    "; ".join(self.check_problems),
+                )
+            migrate(db, self.path)
+            # Opened here so that a file it cannot open fails the start; used
+            # by the writer thread alone.
+            return db, connect(self.path, durability, thread_bound=False)
+        except (OSError, sqlite3.Error) as exc:
+            if db is not None:
+                db.close()
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+        except StoreError:
+            if db is not None:
+                db.close()
+            raise
 
     # --- the loop's connection: small writes that must land before a send --
 
@@ -242,39 +474,84 @@ class Store:
     ) -> None:
         """The command, and the run's state that made it, in one transaction.
         A version already journaled (the same decision made again from records
-        a client sent again after a crash) is kept as it was."""
-        with transaction(self._db):
+        a client sent again after a crash) is kept as it was. StoreWriteError
+        if it cannot be written."""
+
+        def write() -> None:
             self._insert_journal(run_id, command, old_lrs)
             if row is not None:
                 _write_run(self._db, row)
 
+        self._write_now(f"run {run_id}'s journal entry v{command.version}", write)
+
     def _insert_journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO journal (run_id, version, effective_step, state_step,"
-            " old_lrs, new_lrs, reason, actor, time, policy, hold)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                run_id,
-                command.version,
-                command.effective_step,
-                command.state_step,
-                dumps(list(old_lrs)),
-                dumps(command.lrs),
-                command.reason,
-                command.actor,
-                time.time(),
-                dumps(command.policy),
-                int(command.hold),
-            ),
-        )
+        _write_journal(self._db, (run_id, command, old_lrs))
 
     def save_run(self, row: dict[str, Any]) -> None:
-        """Write a run's whole state now, with a snapshot (a new run)."""
-        with transaction(self._db):
-            _write_run(self._db, row)
+        """Write a run's whole state now, with a snapshot (a new run).
+        StoreWriteError if it cannot be written."""
+        self._write_now(f"run {row.get('run_id')}'s state", lambda: _write_run(self._db, row))
+
+    def _write_now(self, what: str, write: Callable[[], None]) -> None:
+        """One transaction on the loop's connection. A failure is rolled back
+        (the connection stays usable) and raised as StoreWriteError."""
+        try:
+            with transaction(self._db):
+                write()
+        except Exception as exc:
+            self.failed_commits += 1
+            if is_store_fault(exc):
+                self._failing(exc)
+            raise StoreWriteError(f"cannot write {what} to {self.path}: {exc}") from exc
+        if not self._backlog:  # else the store works again once the writer says so
+            self._works()
 
     def load_runs(self) -> list[dict[str, Any]]:
-        return [decode_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created")]
+        """Every run's row. A row the daemon cannot use is moved to the
+        quarantine table, so that the daemon starts with the others."""
+        try:
+            raws = self._db.execute("SELECT rowid, * FROM runs ORDER BY created").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot read the runs in {self.path}: {exc}") from None
+        rows = []
+        for raw in raws:
+            try:
+                rows.append(decode_run(raw))
+            except BadRow as exc:
+                self._quarantine(raw, str(exc))
+        return rows
+
+    def quarantine(self, run_id: str, reason: str) -> None:
+        """Move a run's row to the quarantine table: for the daemon, when it
+        cannot build the run from a row that decodes (a policy that does not
+        parse, a state it does not take). The run's journal, snapshots and
+        records stay; if it comes back, it goes on from what its client says."""
+        raw = self._db.execute("SELECT rowid, * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if raw is not None:
+            self._quarantine(raw, reason)
+
+    def _quarantine(self, raw: sqlite3.Row, reason: str) -> None:
+        run_id = raw["run_id"]
+        self.quarantined.append(str(run_id))
+        log.warning(
+            "the store %s: run %s's row cannot be used (%s); it is moved to the quarantine"
+            " table and the daemon goes on without it",
+            self.path,
+            run_id,
+            reason,
+        )
+        names = raw.keys()  # iterating a sqlite3.Row gives its values, not its names
+        row = json.dumps({k: raw[k] for k in names if k != "rowid"}, default=repr)
+        try:
+            with transaction(self._db):
+                self._db.execute(
+                    "INSERT INTO quarantine (run_id, row, reason, time) VALUES (?,?,?,?)",
+                    (run_id, row, reason, time.time()),
+                )
+                self._db.execute("DELETE FROM runs WHERE rowid = ?", (raw["rowid"],))
+        except sqlite3.Error as exc:  # left out all the same; it is tried again at the next start
+            self.failed_commits += 1
+            log.error("the store %s: cannot quarantine run %s's row: %s", self.path, run_id, exc)
 
     def history(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         rows = self._db.execute(
@@ -321,44 +598,255 @@ class Store:
     # --- the writer thread: batches of records and snapshots --------------
 
     def submit(self, ops: list[tuple[str, Any]], notice: Any = None) -> None:
-        """Queue ops for one transaction; ``notice`` comes back on ``committed``."""
-        self._batches.put((ops, notice))
+        """Queue ops for the writer; ``notice`` comes back on ``committed``
+        once they are committed. A notice that is a dict of ``{key: (run_id,
+        ...)}`` comes back without the entries of runs whose ops failed: those
+        runs' clients must not be told their records are persisted."""
+        self._batches.put(Pending(list(ops), notice))
 
-    def _write_loop(self) -> None:
-        db = connect(self.path, self._durability)
-        while True:
-            item = self._batches.get()
-            if item is None:
-                break
-            batches = [item]
-            while not self._batches.empty():  # one transaction for all that waits
-                more = self._batches.get()
-                if more is None:
-                    self._commit(db, batches)
-                    db.close()
-                    return
-                batches.append(more)
-            self._commit(db, batches)
-        db.close()
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Block until the writer has tried to commit everything submitted so
+        far: True when all of it is committed; False when some of it waits
+        for the store to work again (see ``error``), or after ``timeout``."""
+        waiter = Waiter()
+        self._batches.put(waiter)
+        return waiter.done.wait(timeout) and waiter.committed
 
-    def _commit(self, db: sqlite3.Connection, batches: list) -> None:
+    def _write_loop(self, db: sqlite3.Connection) -> None:
+        try:
+            running = True
+            while running:
+                running, waiters = self._take()
+                try:
+                    self._write_if_due(db, force=bool(waiters) or not running)
+                except Exception:  # a bug: the writer must live on (wait() and close() need it)
+                    log.exception("internal error in the store's writer")
+                    self._next_try = time.monotonic() + RETRY_S
+                for waiter in waiters:
+                    waiter.committed = not self._backlog
+                    waiter.done.set()
+            if self._backlog:
+                self._give_up()
+        finally:
+            db.close()
+
+    def _write_if_due(self, db: sqlite3.Connection, force: bool) -> None:
+        # While the store fails it is tried every RETRY_S, and when someone
+        # waits or the store closes; not at every tick.
+        if self._backlog and (force or time.monotonic() >= self._next_try):
+            self._write(db)
+
+    def _take(self) -> tuple[bool, list[Waiter]]:
+        """Move what was submitted to the backlog, waiting for the first item
+        (until the next try, while the store fails): (still open, waiters)."""
+        timeout = max(0.0, self._next_try - time.monotonic()) if self._backlog else None
+        items: list[Any] = []
+        with contextlib.suppress(queue.Empty):
+            items.append(self._batches.get(timeout=timeout))
+            while True:
+                items.append(self._batches.get_nowait())
+        self._backlog += [item for item in items if isinstance(item, Pending)]
+        waiters = [item for item in items if isinstance(item, Waiter)]
+        return not any(item is None for item in items), waiters
+
+    def _write(self, db: sqlite3.Connection) -> None:
+        """Commit the backlog, or keep it for the next try if the store fails."""
+        pending = self._backlog
+        try:
+            failures = self._commit(db, pending)
+        except Exception as exc:  # the store's fault (see _commit): keep it all
+            self.failed_commits += 1
+            self._next_try = time.monotonic() + RETRY_S
+            self._failing(exc)
+            self._trim_backlog()
+            return
+        self._backlog = []
+        self.backlog_batches = self.backlog_bytes = 0
+        self._works()
+        for batch, failed in zip(pending, failures):
+            for run_id, ops, exc in failed:
+                self._dropped(run_id, ops, exc)
+            self._notify(batch.notice, {run_id for run_id, _, _ in failed})
+
+    def _commit(self, db: sqlite3.Connection, pending: list[Pending]) -> list[list[tuple]]:
+        """All of it in one transaction; if an op fails by itself, all of it
+        again, one run's ops of a batch at a time, so that only those that
+        fail are left out. Per batch, the (run, ops, error) left out. Raises
+        when the store fails."""
         try:
             with transaction(db, "BEGIN"):
-                for ops, _ in batches:
-                    for op, arg in ops:
-                        WRITERS[op](db, arg)
-        except Exception:  # the writer must live on: flush() waits for it
-            self.write_errors += 1
-            log.exception("the store could not commit %d batch(es); they are lost", len(batches))
-            for _, notice in batches:  # nobody may wait forever on a lost batch
-                if isinstance(notice, threading.Event):
-                    notice.set()
+                for batch in pending:
+                    apply_ops(db, batch.ops)
+            return [[] for _ in pending]
+        except Exception as exc:
+            if is_store_fault(exc):
+                raise
+            self.failed_commits += 1
+        return self._commit_each(db, pending)
+
+    def _commit_each(self, db: sqlite3.Connection, pending: list[Pending]) -> list[list[tuple]]:
+        failures: list[list[tuple]] = []
+        with transaction(db, "BEGIN"):
+            for batch in pending:
+                failed = []
+                for run_id, ops in ops_by_run(batch.ops):
+                    db.execute("SAVEPOINT one_run")
+                    try:
+                        apply_ops(db, ops)
+                    except Exception as exc:
+                        if is_store_fault(exc):
+                            raise
+                        db.execute("ROLLBACK TO one_run")
+                        failed.append((run_id, ops, exc))
+                    db.execute("RELEASE one_run")
+                failures.append(failed)
+        return failures
+
+    def _notify(self, notice: Any, failed_runs: set[str]) -> None:
+        if isinstance(notice, dict) and failed_runs:
+            notice = {key: v for key, v in notice.items() if run_of("notice", v) not in failed_runs}
+        if notice:
+            self.committed.put(notice)
+
+    def _dropped(self, run_id: str, ops: list[tuple[str, Any]], exc: BaseException) -> None:
+        """Count an op that failed by itself; log it once per run and error."""
+        reason = drop_reason(exc)
+        self.dropped[reason] += len(ops)
+        names = " and ".join(sorted({OP_NAMES.get(op, op) for op, _ in ops}))
+        key = (run_id, names, type(exc).__name__)
+        if key in self._logged:
             return
-        for _, notice in batches:
-            if isinstance(notice, threading.Event):
-                notice.set()
-            elif notice is not None:
-                self.committed.put(notice)
+        self._logged.add(key)
+        log.error(
+            "the store left out run %s's %s (%s: %s); the other runs' went in"
+            " (counted as dropped %s; logged once per run and error)",
+            run_id,
+            names,
+            type(exc).__name__,
+            exc,
+            reason,
+        )
+
+    # --- the store's health -------------------------------------------------
+
+    def _failing(self, exc: BaseException) -> None:
+        """The store takes no writes: say so (logged when it starts, and when
+        the cause changes)."""
+        if self.error_since is None:
+            self.error_since = time.time()
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.error_since))
+        error = f"cannot write to {self.path} since {started}: {exc}"
+        if error != self.error:
+            log.error(
+                "%s; the daemon keeps what it could not write (up to %s) and tries"
+                " again every %g s",
+                error,
+                mib(self._backlog_limit),
+                RETRY_S,
+            )
+        self.error = error
+
+    def _works(self) -> None:
+        if self.error_since is None:
+            return
+        log.warning(
+            "the store %s takes writes again, after %.0f s; what waited is written",
+            self.path,
+            time.time() - self.error_since,
+        )
+        self.error = self.error_since = None
+        self._trim_logged = False
+
+    def _trim_backlog(self) -> None:
+        """Keep the backlog within its bytes. The oldest records go first
+        (lost to the recorded stream), then run rows that a newer row of the
+        same run supersedes (lost: snapshot history only). Journal marks,
+        truncations and each run's newest row always stay: without them the
+        store's runs and journal would be wrong, not just thinner."""
+        total = sum(batch.size for batch in self._backlog)
+        if total > self._backlog_limit:
+            total = self._drop_oldest_records(total)
+        if total > self._backlog_limit:
+            total = self._drop_superseded_rows(total)
+        self.backlog_batches, self.backlog_bytes = len(self._backlog), total
+
+    def _drop_oldest_records(self, total: int) -> int:
+        for batch in self._backlog:
+            kept: list[tuple[str, Any]] = []
+            for op, arg in batch.ops:
+                if op == "batches":
+                    rows = list(arg)
+                    while rows and total > self._backlog_limit:
+                        total -= op_size(op, [rows[0]])
+                        self._note_trimmed(f"run {rows.pop(0)[0]}'s records")
+                    if rows:
+                        kept.append((op, rows))
+                else:
+                    kept.append((op, arg))
+            batch.replace_ops(kept)
+            if total <= self._backlog_limit:
+                break
+        return total
+
+    def _drop_superseded_rows(self, total: int) -> int:
+        newest = {}
+        for batch in self._backlog:
+            for op, arg in batch.ops:
+                if op == "run":
+                    newest[run_of(op, arg)] = arg
+        for batch in self._backlog:
+            kept: list[tuple[str, Any]] = []
+            for op, arg in batch.ops:
+                superseded = op == "run" and newest[run_of(op, arg)] is not arg
+                if superseded and total > self._backlog_limit:
+                    total -= op_size(op, arg)
+                    self._note_trimmed(f"run {run_of(op, arg)}'s snapshots")
+                else:
+                    kept.append((op, arg))
+            batch.replace_ops(kept)
+        return total
+
+    def _note_trimmed(self, what: str) -> None:
+        self.dropped["backlog_full"] += 1
+        if not self._trim_logged:
+            self._trim_logged = True
+            log.error(
+                "the store %s has taken no writes for a while and what waits is over %s:"
+                " dropping the oldest records and snapshots first (%s first); the recorded"
+                " stream will lack them",
+                self.path,
+                mib(self._backlog_limit),
+                what,
+            )
+
+    def _give_up(self) -> None:
+        """The store closes with a backlog it could not write: the clients
+        were not told those records are persisted, and send them again to
+        the next daemon."""
+        ops = sum(len(batch.ops) for batch in self._backlog)
+        self.dropped["closed"] += ops
+        log.error(
+            "the store %s closes with %d batch(es) (%d ops) it could not write: %s",
+            self.path,
+            len(self._backlog),
+            ops,
+            self.error,
+        )
+        self._backlog = []
+
+    def health(self) -> dict[str, Any]:
+        """The store's health now, for /metrics and /healthz: a copy, as the
+        writer thread changes it."""
+        return {
+            "error": self.error,
+            "error_since": self.error_since,
+            "failed_commits": self.failed_commits,
+            "dropped": dict(self.dropped),
+            "backlog_batches": self.backlog_batches,
+            "backlog_bytes": self.backlog_bytes,
+            "check_problems": list(self.check_problems),
+            "quarantined": list(self.quarantined),
+        }
 
     def size_bytes(self) -> int:
         """The database file plus its write-ahead log, on disk now."""
@@ -367,12 +855,6 @@ class Store:
             with contextlib.suppress(OSError):  # no WAL yet, or checkpointed away
                 total += os.stat(f"{self.path}{suffix}").st_size
         return total
-
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Block until everything submitted so far is committed."""
-        done = threading.Event()
-        self._batches.put(([], done))
-        return done.wait(timeout)
 
     def close(self) -> None:
         self._batches.put(None)
@@ -391,14 +873,13 @@ def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
         f" VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
         f" ON CONFLICT (run_id) DO UPDATE SET {updates} WHERE excluded.rev > runs.rev"
     )
-    return sql, values
+    return sql, storable(values, RUN_COLUMNS, f"run {row['run_id']}'s row")
 
 
 def _write_batches(db: sqlite3.Connection, rows: list[tuple]) -> None:
     db.executemany(
-        "INSERT INTO batches (run_id, first_step, last_step, header, body, skip)"
-        " VALUES (?,?,?,?,?,?)",
-        rows,
+        f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) VALUES (?,?,?,?,?,?)",
+        [storable(row, BATCH_COLUMNS, f"run {row[0]}'s records") for row in rows],
     )
 
 
@@ -412,7 +893,7 @@ def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
     db.execute(
         f"INSERT INTO snapshots ({', '.join(SNAPSHOT_COLUMNS)})"
         f" VALUES ({', '.join('?' * len(SNAPSHOT_COLUMNS))})",
-        snap,
+        storable(snap, SNAPSHOT_COLUMNS, f"run {row['run_id']}'s snapshot"),
     )
     db.execute(
         "DELETE FROM snapshots WHERE run_id = ?1"
@@ -424,12 +905,40 @@ def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
     )
 
 
+def _write_journal(db: sqlite3.Connection, arg: tuple[str, Any, Sequence[float]]) -> None:
+    """A journal entry; also the writer's op for one the loop could not write
+    (the store was failing): it waits in the backlog, never trimmed."""
+    run_id, command, old_lrs = arg
+    values = (
+        run_id,
+        command.version,
+        command.effective_step,
+        command.state_step,
+        dumps(list(old_lrs)),
+        dumps(command.lrs),
+        command.reason,
+        command.actor,
+        time.time(),
+        dumps(command.policy),
+        int(command.hold),
+    )
+    db.execute(
+        f"INSERT OR IGNORE INTO journal ({', '.join(JOURNAL_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(JOURNAL_COLUMNS))})",
+        storable(values, JOURNAL_COLUMNS, f"run {run_id}'s journal"),
+    )
+
+
 def _write_applied(db: sqlite3.Connection, arg: tuple[str, int, int, bool]) -> None:
     run_id, version, applied_step, late = arg
     db.execute(
         "UPDATE journal SET applied_step = ?, late = ? WHERE run_id = ? AND version = ?"
         " AND applied_step IS NULL",
-        (applied_step, int(late), run_id, version),
+        storable(
+            (applied_step, int(late), run_id, version),
+            ("applied_step", "late", "run_id", "version"),
+            f"run {run_id}'s journal",
+        ),
     )
 
 
@@ -437,6 +946,7 @@ def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
     """A run resumed from a checkpoint at ``step``: its later records and
     snapshots belong to a timeline that no longer is."""
     run_id, step = arg
+    storable((step,), ("step",), f"run {run_id}'s truncation")
     db.execute("DELETE FROM batches WHERE run_id = ? AND first_step > ?", (run_id, step))
     db.execute(  # MIN: an earlier resume's cut stands
         "UPDATE batches SET valid_until = MIN(COALESCE(valid_until, ?1), ?1)"
@@ -446,12 +956,57 @@ def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
     db.execute("DELETE FROM snapshots WHERE run_id = ? AND step > ?", (run_id, step))
 
 
+OP_NAMES = {
+    "journal": "journal entry",
+    "batches": "records",
+    "run": "row and snapshot",
+    "applied": "applied mark",
+    "truncate": "truncation",
+}
 WRITERS = {
+    "journal": _write_journal,
     "batches": _write_batches,
     "run": _write_run,
     "applied": _write_applied,
     "truncate": _truncate,
 }
+
+
+def apply_ops(db: sqlite3.Connection, ops: list[tuple[str, Any]]) -> None:
+    for op, arg in ops:
+        WRITERS[op](db, arg)
+
+
+def run_of(op: str, arg: Any) -> str:
+    """The run an op writes for ("?" for one too broken to say)."""
+    try:
+        return str(arg["run_id"] if op == "run" else arg[0])
+    except (KeyError, IndexError, TypeError):
+        return "?"
+
+
+def ops_by_run(ops: list[tuple[str, Any]]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """A batch's ops by run, each run's in their order. A run's records and
+    its row (whose stored_seq counts them) go in together or not at all."""
+    by_run: dict[str, list[tuple[str, Any]]] = {}
+    for op, arg in ops:
+        if op == "batches":
+            for row in arg:
+                by_run.setdefault(run_of(op, row), []).append((op, [row]))
+        else:
+            by_run.setdefault(run_of(op, arg), []).append((op, arg))
+    return list(by_run.items())
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
+def op_size(op: str, arg: Any) -> int:
+    """About how many bytes an op holds in memory while it waits."""
+    if op == "batches":
+        return sum(len(row[3]) + len(row[4]) + 100 for row in arg)
+    return len(repr(arg)) + 100
 
 
 def read_records(
@@ -468,7 +1023,8 @@ def read_records(
 
     The stream is kept as the metrics batches came off the wire (decoding
     them to rows in the daemon's loop cost more than all the rest of ingest);
-    records a batch repeated (``skip``) and non-finite ones are left out."""
+    records a batch repeated (``skip``) are left out. Non-finite metrics are
+    data (a diverged loss) and come back as they were."""
     until = until if until is not None else 2**62
     first = after if after_seq is not None else after + 1
     rows = db.execute(
@@ -481,7 +1037,7 @@ def read_records(
         parsed = MetricsHeader.model_validate_json(header)
         seq = parsed.first_seq
         for i, (step, kind, metrics) in enumerate(decode_records(parsed, body)):
-            if i < skip or not first <= step <= last or first_non_finite(metrics):
+            if i < skip or not first <= step <= last:
                 continue
             if step == after and (after_seq is None or seq + i <= after_seq):
                 continue

@@ -11,6 +11,9 @@ keeps asking.
 
 The drawing is one pure function, :func:`render`, so it is tested without a
 terminal; :func:`main` only asks, reads keys and hands ``render`` the answer.
+Everything it draws from an answer goes through ``printable`` (control
+characters as escapes) into a rich ``Text``, which rich never reads as markup:
+a run named ``[bold]`` or ``\x1b[2J`` is shown as those characters.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .control_client import control_address
+from .control_client import control_address, printable
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 24  # loss samples shown (the daemon samples once a second)
@@ -89,7 +92,7 @@ def _num(value: Any, spec: str = ".4g") -> str:
 def lrs_cell(groups: Sequence[Any] | None, lrs: Sequence[Any] | None) -> str:
     """``body=0.1 head=0.01``; a single group shows its value alone."""
     lrs = list(lrs or [])
-    names = [str(g) for g in (groups or [])]
+    names = [printable(g) for g in (groups or [])]
     if not lrs:
         return "-"
     if len(lrs) == 1:
@@ -104,10 +107,10 @@ def change_cell(change: dict[str, Any] | None) -> str:
     """``v3 @120 policy: plateau ...``: version, step, actor, reason."""
     if not change:
         return "-"
-    reason = str(change.get("reason") or "")
+    reason = printable(change.get("reason") or "")
     if len(reason) > REASON_WIDTH:
         reason = reason[: REASON_WIDTH - 1] + "…"
-    version, step, actor = (change.get(k, "?") for k in ("version", "step", "actor"))
+    version, step, actor = (printable(change.get(k, "?")) for k in ("version", "step", "actor"))
     return f"v{version} @{step} {actor}: {reason}"
 
 
@@ -119,22 +122,24 @@ def loss_cell(history: Sequence[Any] | None) -> Text:
 
 
 def run_row(run: dict[str, Any]) -> list[RenderableType]:
-    status = str(run.get("status", "?"))
-    policy = Text(str(run.get("policy_kind") or "-"))
+    """One row; every cell a Text (a str cell would be read as rich markup)."""
+    status = printable(run.get("status", "?"))
+    policy = Text(printable(run.get("policy_kind") or "-"))
     if run.get("held"):
         policy.append(" HELD", style="bold yellow")
-    ranks = run.get("ranks") or []
+    ranks = run.get("ranks")
+    ranks = ranks if isinstance(ranks, list) else []
     return [
-        Text(str(run.get("run", "?")), style="bold"),
+        Text(printable(run.get("run", "?")), style="bold"),
         Text(status, style="green" if status == "active" else "dim"),
-        str(run.get("step", "-")),
-        _num(run.get("steps_per_s"), ".1f"),
+        Text(printable(run.get("step", "-"))),
+        Text(_num(run.get("steps_per_s"), ".1f")),
         loss_cell(run.get("loss_history")),
-        lrs_cell(run.get("groups"), run.get("lrs")),
+        Text(lrs_cell(run.get("groups"), run.get("lrs"))),
         policy,
         Text(change_cell(run.get("last_change")), no_wrap=True, overflow="ellipsis"),
-        f"{len(ranks)}/{run.get('world_size', '?')}",
-        str(run.get("lag_steps", "-")),
+        Text(printable(f"{len(ranks)}/{run.get('world_size', '?')}")),
+        Text(printable(run.get("lag_steps", "-"))),
     ]
 
 
@@ -147,10 +152,10 @@ def render(
     count = f"{len(runs)} run" + ("" if len(runs) == 1 else "s")
     clock = time.strftime("%H:%M:%S", time.localtime(now))
     parts: list[RenderableType] = [
-        Text.assemble(("lrpilot top", "bold"), f"  daemon {address}  {clock}  {count}")
+        Text.assemble(("lrpilot top", "bold"), f"  daemon {printable(address)}  {clock}  {count}")
     ]
     if error:
-        parts.append(Text(error, style="bold red"))
+        parts.append(Text(printable(error), style="bold red"))
     if runs:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
         right = {"STEP", "STEPS/S", "RANKS", "LAG"}
@@ -173,6 +178,15 @@ def render(
 
 
 # --- asking the daemon ---------------------------------------------------------
+
+
+def runs_in(answer: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The run summaries of a ``runs`` answer (what is not one is left out),
+    or None when it has no list of them."""
+    runs = answer.get("runs")
+    if not isinstance(runs, list):
+        return None
+    return [run for run in runs if isinstance(run, dict)]
 
 
 class Asker:
@@ -204,7 +218,10 @@ class Asker:
         if not isinstance(answer, dict) or not answer.get("ok"):
             why = answer.get("error") if isinstance(answer, dict) else None
             return None, f"daemon at {self.address} refused: {why or 'no reason'} — retrying"
-        return list(answer.get("runs") or []), None
+        runs = runs_in(answer)
+        if runs is None:
+            return None, f"daemon at {self.address} answered no list of runs — retrying"
+        return runs, None
 
     def reset(self) -> None:
         if self.socket is not None:
@@ -333,7 +350,9 @@ def main(args: argparse.Namespace) -> None:
         from .control_client import request
 
         answer = request(address, {"op": "runs"}, timeout=timeout)
-        Console(width=160).print(render(answer["runs"], address, None, time.time()))
+        runs = runs_in(answer)
+        error = None if runs is not None else f"daemon at {address} answered no list of runs"
+        Console(width=160).print(render(runs or [], address, error, time.time()))
         return
     try:
         with interrupt_pipe() as wake_fd, keys_mode(sys.stdin) as key_fd:

@@ -553,6 +553,7 @@ def overview() -> dict[str, Any]:
             size=(8, 8),
             log=True,
         ),
+        *store_panels(),
     ]
     job = query_variable(
         "job",
@@ -569,6 +570,72 @@ def overview() -> dict[str, Any]:
         panels,
         [job],
     )
+
+
+def store_panels() -> list[Panel]:
+    """The daemon's store: whether it takes writes, and what waits or was lost."""
+    return [
+        row("Store"),
+        stat(
+            "Store",
+            "Whether the daemon's SQLite store takes writes. While it does not (a full disk), "
+            "the daemon steers the training from memory and keeps the writes for later; "
+            "/healthz fails.",
+            target(f"lrpilot_store_up{{{JOB}}}", "{{instance}}"),
+            size=(4, 8),
+            mappings=value_map({0: ("FAILING", "red"), 1: ("writes", "green")}),
+        ),
+        stat(
+            "Store failing since",
+            "When the store's current write failure began; 'no failure' while it takes writes.",
+            target(f"lrpilot_store_failing_since_seconds{{{JOB}}} * 1000", "{{instance}}"),
+            size=(4, 8),
+            unit="dateTimeAsIso",
+            mappings=value_map({0: ("no failure", "green")}),
+        ),
+        stat(
+            "Store at start",
+            "Problems PRAGMA quick_check found in the store, and runs rows set aside "
+            "(quarantined) because the daemon could not use them, at the daemon's start: "
+            "the daemon log says which.",
+            target(f"lrpilot_store_check_problems{{{JOB}}}", "check problems {{instance}}"),
+            target(f"lrpilot_store_quarantined_runs{{{JOB}}}", "quarantined {{instance}}"),
+            size=(4, 8),
+        ),
+        timeseries(
+            "Store backlog",
+            "What waits for the store to take writes again (bounded at 64 MiB: past that the "
+            "oldest records go); 0 when the store is well.",
+            target(f"lrpilot_store_backlog_bytes{{{JOB}}}", "waiting {{instance}}"),
+            size=(6, 8),
+            unit="bytes",
+        ),
+        timeseries(
+            "Store and scrape problems",
+            "Per second: store transactions that failed, writes given up on by reason, LR "
+            "commands sent before they could be journaled, batches waiting, runs a scrape "
+            "left out (a render error, see the daemon log). All 0 when well.",
+            target(
+                f"rate(lrpilot_store_failed_commits_total{{{JOB}}}[$__rate_interval])",
+                "failed commits",
+            ),
+            target(
+                "sum by (reason) "
+                f"(rate(lrpilot_store_dropped_ops_total{{{JOB}}}[$__rate_interval]))",
+                "dropped: {{reason}}",
+            ),
+            target(
+                f"rate(lrpilot_journal_deferred_total{{{JOB}}}[$__rate_interval])",
+                "journaled late",
+            ),
+            target(f"lrpilot_store_backlog_batches{{{JOB}}}", "batches waiting"),
+            target(
+                f"rate(lrpilot_render_errors_total{{{JOB}}}[$__rate_interval])",
+                "runs left out of a scrape",
+            ),
+            size=(6, 8),
+        ),
+    ]
 
 
 # --- one run -------------------------------------------------------------------------

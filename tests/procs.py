@@ -200,14 +200,15 @@ def settled_history(
 
 
 def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
-    db = sqlite3.connect(f"file:{state_dir / 'lrpilot.sqlite3'}?mode=ro", uri=True, timeout=10)
+    """(step, kind, metrics) of a run's recorded stream, read from the daemon's
+    store (while it runs) as the daemon reads it: metrics batches, not rows."""
+    from lrpilot.daemon.store import DB_NAME, open_readonly, read_records
+
+    db = open_readonly(state_dir / DB_NAME)
     try:
-        rows = db.execute(
-            "SELECT step, kind, metrics FROM records WHERE run_id = ? ORDER BY rowid", (run,)
-        ).fetchall()
+        return list(read_records(db, run))
     finally:
         db.close()
-    return [(step, kind, json.loads(metrics)) for step, kind, metrics in rows]
 
 
 TRAIN_STREAM = Path(__file__).resolve().parent / "live" / "train_stream.py"

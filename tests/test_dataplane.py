@@ -196,14 +196,6 @@ def test_a_plane_restarted_on_the_store_skips_what_it_folded_in(make_plane, tmp_
 def test_bad_input_is_counted_by_reason(make_plane):
     plane = make_plane(max_message_bytes=2048)
     replies(plane, b"c", hello("counted"))
-    frames = BatchEncoder("counted", 0).encode(
-        [(1, 1, STEP, {"loss": math.nan}), (2, 2, STEP, {"loss": math.inf}), (3, 3, STEP, {})],
-        {},
-    )
-    [error] = replies(plane, b"c", frames)
-    assert error.code == "non_finite"
-    assert "2 record(s)" in error.message
-    assert "step 1: loss=nan" in error.message
     [error] = replies(plane, b"c", [b"nope"])
     assert error.code == "malformed"
     [error] = replies(plane, b"c", [b"x" * 4096])
@@ -218,19 +210,49 @@ def test_bad_input_is_counted_by_reason(make_plane):
         [encode(Hello(run="x", groups=[GroupInfo(name="0", lr=0.1)], policy={"kind": "nope"}))],
     )
     assert error.code == "bad_hello"
+    # A step out of range refuses the whole batch: nothing of it is folded in.
+    wild = BatchEncoder("counted", 0).encode([(1, 1, STEP, {}), (2, -5, STEP, {})], {})
+    [error] = replies(plane, b"c", wild)
+    assert (error.code, error.message) == ("malformed", "metrics: step -5 is out of range")
     assert plane.rejected == {
-        "non_finite": 2,
-        "malformed": 1,
+        "malformed": 2,
         "oversized": 1,
         "unknown_session": 1,
         "unexpected": 1,
         "bad_hello": 1,
     }
-    assert plane.records_ingested == 1
-    # The non-finite records are not part of the recorded stream.
+    assert plane.records_ingested == 0
+
+
+def test_non_finite_metrics_are_data(make_plane):
+    """A NaN or infinite loss is a training event, not a malformed message:
+    folded in (plateau counts it as no improvement, as torch does), kept as
+    the run's last value, and recorded."""
+    plane = make_plane()
+    replies(plane, b"c", hello("diverged"))
+    records = [(1, 1, STEP, {"loss": 1.0}), (2, 1, REPORT, {"val_loss": 1.0})]
+    records += [(3, 2, STEP, {"loss": math.inf}), (4, 2, REPORT, {"val_loss": math.nan})]
+    out = replies(plane, b"c", BatchEncoder("diverged", 0).encode(records, {}))
+    [cut] = commands(out)  # patience 0: the NaN is not an improvement on 1.0
+    assert cut.lrs == [0.05]
+    assert not [m for m in out if isinstance(m, Error)]
+    assert plane.records_ingested == 4
+    assert plane.rejected == {}
+    run = plane.registry.runs["diverged"]
+    assert run.last_metrics["loss"] == math.inf and math.isnan(run.last_metrics["val_loss"])
+    reference = parse_policy(PLATEAU).build([0.1])
+    reference.observe({"val_loss": 1.0})
+    reference.observe({"val_loss": math.nan})
+    assert run.engine.policy.state_dict() == reference.state_dict()
     plane.flush()
-    db = plane.store._db
-    assert [step for step, _, _ in read_records(db, "counted")] == [3]
+    recorded = list(read_records(plane.store._db, "diverged"))
+    assert [(step, kind) for step, kind, _ in recorded] == [
+        (1, STEP),
+        (1, REPORT),
+        (2, STEP),
+        (2, REPORT),
+    ]
+    assert math.isnan(recorded[-1][2]["val_loss"])
 
 
 def test_sweep_ends_silent_sessions(make_plane):
@@ -444,3 +466,233 @@ def test_a_resume_at_a_step_snapshotted_between_its_step_and_its_report(make_pla
     reference.observe({"val_loss": 1.0})
     reference.observe({"val_loss": 0.5})
     assert plane.registry.runs["back"].engine.policy.state_dict() == reference.state_dict()
+
+
+# --- what a client may not do (issue: trust nothing from the wire) ----------
+
+
+def hello_from(run: str, host: str, pid: int, **fields) -> list[bytes]:
+    fields.setdefault("groups", [GroupInfo(name="0", lr=0.1)])
+    fields.setdefault("policy", PLATEAU)
+    return [encode(Hello(run=run, host=host, pid=pid, **fields))]
+
+
+def test_a_second_session_claiming_a_live_rank_is_refused(make_plane):
+    """A second connection saying it is rank 0 of a live run, a step ahead
+    with bad reports, must not take the driver's seat; a restarted process
+    (the old session silent for --rank-takeover-after) may."""
+    plane = make_plane(rank_takeover_after=10.0)
+    replies(plane, b"real", hello_from("live", "node-a", 100), now=0.0)
+    plane.handle(b"real", ENCODER_LIVE.encode([(1, 1, STEP, {"loss": 1.0})], {}), 1.0)
+    engine = plane.registry.runs["live"].engine
+    [refused] = replies(plane, b"evil", hello_from("live", "node-b", 666, step=50), now=2.0)
+    assert isinstance(refused, Error) and refused.code == "rank_taken"
+    assert "node-a" in refused.message and "\n" not in refused.message
+    # Its reports are not the run's: it has no session (and it is not asked
+    # for another hello within the second: that would make a loop of them).
+    bad = BatchEncoder("live", 0).encode([(1, 51, REPORT, {"val_loss": 9.0})], {})
+    assert replies(plane, b"evil", bad, now=2.5) == []
+    [unknown] = replies(plane, b"evil", bad, now=3.5)
+    assert unknown.code == "unknown_session"
+    run = plane.registry.runs["live"]
+    assert run.engine is engine and run.driver.identity == b"real" and engine.step == 1
+    assert plane.rejected["rank_taken"] == 1
+    # The real process goes quiet for longer than the takeover window: a new
+    # process (a restart) takes the rank.
+    [welcome] = replies(plane, b"restart", hello_from("live", "node-c", 7, step=1), now=11.5)
+    assert isinstance(welcome, Welcome)
+    assert run.driver.identity == b"restart"
+    assert plane.registry.session(b"real") is None
+
+
+ENCODER_LIVE = BatchEncoder("live", 0)
+
+
+def test_a_hello_never_replaces_a_live_runs_groups_version_or_hold(make_plane):
+    plane = make_plane()
+    replies(plane, b"r0", hello_from("held", "a", 1))
+    plane.handle(b"r0", BatchEncoder("held", 0).encode([(1, 1, STEP, {"loss": 1.0})], {}), 0.0)
+    control = ControlPlane(plane)
+    answer, _ = control.handle(json.dumps({"op": "set_lr", "run": "held", "lr": 0.01}).encode())
+    assert answer["ok"], answer
+    engine = plane.registry.runs["held"].engine
+    before = (engine.version, engine.held, engine.spec)
+    two_groups = [GroupInfo(name="a", lr=49.5), GroupInfo(name="b", lr=49.5)]
+    evil = hello_from("held", "b", 2, rank=1, world_size=2, groups=two_groups, applied_version=0)
+    [refused] = replies(plane, b"evil", evil)
+    assert refused.code == "bad_hello" and "live with 1 param group" in refused.message
+    # Rank 1 with the run's groups joins, and changes nothing of the run.
+    other = hello_from("held", "b", 2, rank=1, world_size=2, policy={"kind": "cosine", "T_max": 3})
+    [welcome] = replies(plane, b"rank1", other)
+    assert isinstance(welcome, Welcome) and welcome.command is not None  # it is told the hold
+    run = plane.registry.runs["held"]
+    assert run.engine is engine and (engine.version, engine.held, engine.spec) == before
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"lrs": [math.nan], "best": 1.0, "num_bad_steps": 0, "cooldown_counter": 0},
+        {"lrs": "abc", "best": 1.0, "num_bad_steps": 0, "cooldown_counter": 0},
+        {"lrs": [0.1], "best": "x", "num_bad_steps": 0, "cooldown_counter": 0},
+        {"lrs": [0.1], "best": 1.0, "num_bad_steps": -3, "cooldown_counter": 0},
+    ],
+)
+def test_a_hello_with_hostile_policy_state_is_refused(make_plane, state):
+    plane = make_plane()
+    [refused] = replies(plane, b"x", hello_from("planted", "a", 1, policy_state=state))
+    assert refused.code == "bad_hello" and "\n" not in refused.message
+    assert "planted" not in plane.registry.runs
+
+
+def test_a_record_far_ahead_is_not_stepped_through(make_plane):
+    """A record 2**52 steps ahead must not make the daemon's one loop step
+    the policy once per missing step: past --max-step-gap the driver is told
+    step_gap, and its hello (its own state at its step) moves the run."""
+    plane = make_plane(max_step_gap=1000)
+    cosine = {"kind": "cosine", "T_max": 100}
+    replies(plane, b"me", hello_from("far", "a", 1, policy=cosine))
+    encoder = BatchEncoder("far", 0)
+    far = 2**52
+    started = time.perf_counter()
+    out = replies(plane, b"me", encoder.encode([(1, 1, STEP, {}), (2, far, STEP, {})], {}))
+    assert time.perf_counter() - started < 1.0
+    assert [m.code for m in out if isinstance(m, Error)] == ["step_gap"]
+    engine = plane.registry.runs["far"].engine
+    assert (engine.step, engine.seq) == (1, 1)
+    reference = parse_policy(cosine).build([0.1])
+    for _ in range(7):
+        reference.step()
+    replies(
+        plane,
+        b"me",
+        hello_from("far", "a", 1, policy=cosine, step=far - 1, policy_state=reference.state_dict()),
+    )
+    assert engine.step == far - 1
+    assert replies(plane, b"me", encoder.encode([(2, far, STEP, {})], {})) == []
+    assert engine.step == far and plane.rejected["step_gap"] == 1
+    reference.step()
+    assert engine.policy.lrs == reference.lrs
+    # What was not folded in was not recorded either.
+    plane.flush()
+    assert [s for s, _, _ in plane.store.records("far")] == [1, far]
+
+
+def test_a_batch_of_records_each_just_under_the_gap_is_not_stepped_through(make_plane):
+    """The gap is a budget per batch, not per record: 100 records each 999
+    steps past the last would step the policy 100,000 times for one message
+    of 1.6 KB (found by tests/test_fuzz.py: a replicated batch stalled the
+    loop). The first gap is taken, the next is told step_gap."""
+    plane = make_plane(max_step_gap=1000)
+    cosine = {"kind": "cosine", "T_max": 100}
+    replies(plane, b"me", hello_from("strided", "a", 1, policy=cosine))
+    records = [(k, 1000 * k, STEP, {}) for k in range(1, 101)]
+    out = replies(plane, b"me", BatchEncoder("strided", 0).encode(records, {}))
+    assert [m.code for m in out if isinstance(m, Error)] == ["step_gap"]
+    engine = plane.registry.runs["strided"].engine
+    assert (engine.step, engine.seq) == (1000, 1)
+    # The next batch has a budget of its own.
+    out = replies(plane, b"me", BatchEncoder("strided", 0).encode(records[1:2], {}))
+    assert out == [] and engine.step == 2000
+
+
+def test_a_run_resumed_from_a_checkpoint_keeps_the_step_gap_limit(make_plane):
+    """The engine a resume rebuilds from a snapshot is bounded by
+    --max-step-gap like every other (found by tests/test_fuzz.py: after a
+    rewind a record 2**53 steps ahead stalled the daemon)."""
+    plane = make_plane(max_step_gap=10)
+    cosine = {"kind": "cosine", "T_max": 100}
+    replies(plane, b"me", hello_from("resumed", "a", 1, policy=cosine))
+    encoder = BatchEncoder("resumed", 0)
+    replies(plane, b"me", encoder.encode([(k, k, STEP, {}) for k in range(1, 6)], {}))
+    replies(plane, b"again", hello_from("resumed", "a", 1, policy=cosine, step=2))
+    engine = plane.registry.runs["resumed"].engine
+    assert engine.step == 2 and engine.max_gap == 10
+    out = replies(plane, b"again", BatchEncoder("resumed", 0).encode([(1, 100, STEP, {})], {}))
+    assert [m.code for m in out if isinstance(m, Error)] == ["step_gap"]
+    assert engine.step == 2
+
+
+def test_a_client_that_moves_to_another_run_leaves_the_first(make_plane):
+    plane = make_plane()
+    replies(plane, b"c", hello_from("first", "a", 1))
+    replies(plane, b"c", hello_from("second", "a", 1))
+    assert plane.registry.runs["first"].sessions == {}
+    assert plane.registry.runs["first"].ended is not None
+    assert [s.run for s in plane.registry.sessions.values()] == ["second"]
+
+
+def test_active_runs_and_metric_names_are_capped(make_plane):
+    plane = make_plane(max_runs=2, max_metric_names=3)
+    for i in range(2):
+        replies(plane, b"c%d" % i, hello_from(f"r{i}", "a", i))
+    [refused] = replies(plane, b"c9", hello_from("r9", "a", 9))
+    assert refused.code == "too_many_runs"
+    assert "r9" not in plane.registry.runs
+    names = {f"m{i}": float(i) for i in range(5)}
+    out = replies(plane, b"c0", BatchEncoder("r0", 0).encode([(1, 1, STEP, names)], {}))
+    assert [m.code for m in out if isinstance(m, Error)] == ["too_many_metrics"]
+    assert plane.registry.runs["r0"].last_metrics == {"m0": 0.0, "m1": 1.0, "m2": 2.0}
+    assert plane.rejected["too_many_metrics"] == 2
+    # A run that ended makes room.
+    replies(plane, b"c1", [encode(Bye(run="r1"))])
+    assert isinstance(replies(plane, b"c9", hello_from("r9", "a", 9))[0], Welcome)
+
+
+def test_a_fresh_start_under_a_used_run_id_is_a_new_timeline(make_plane):
+    """The same script started again with the same run id: not a resume at
+    step 0. Its own policy runs, no command of the old timeline reaches it,
+    and the journal marks where the old timeline ended."""
+    plane = make_plane()
+    replies(plane, b"old", hello_from("again", "a", 1))
+    plane.handle(b"old", BatchEncoder("again", 0).encode(
+        [(1, 1, STEP, {}), (2, 1, REPORT, {"val_loss": 1.0}), (3, 2, STEP, {}),
+         (4, 2, REPORT, {"val_loss": 2.0})], {}), 0.0)  # fmt: skip
+    control = ControlPlane(plane)
+    control.handle(json.dumps({"op": "set_lr", "run": "again", "lr": 0.3}).encode())
+    replies(plane, b"old", [encode(Bye(run="again", step=2))])
+    cosine = {"kind": "cosine", "T_max": 10}
+    [welcome] = replies(plane, b"new", hello_from("again", "a", 2, policy=cosine))
+    run = plane.registry.runs["again"]
+    assert run.engine.spec.kind == "cosine" and run.engine.held is None
+    assert run.engine.step == 0 and run.requested_policy == cosine
+    command = welcome.command
+    assert command is not None and not command.hold and command.lrs == [0.1]
+    assert command.policy == parse_policy(cosine).model_dump()
+    assert (command.version, command.effective_step, command.state_step) == (3, 1, 0)
+    history = plane.store.history("again")
+    assert [e["actor"] for e in history] == ["policy", "operator", "daemon"]
+    assert history[-1]["reason"] == "fresh start: the run's previous timeline ended at step 2"
+    plane.flush()
+    assert list(plane.store.records("again")) == []
+
+
+def test_a_switched_policy_starts_at_its_step_0_where_it_takes_effect(make_plane):
+    """The operator's new policy is as of the step before it takes effect:
+    the client loads it and steps it by nothing when on time, and the daemon
+    does not step it for the records before (they are the old policy's)."""
+    plane = make_plane()
+    replies(plane, b"me", hello_from("switch", "a", 1))
+    encoder = BatchEncoder("switch", 0)
+    plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(1, 11)], {}), 0.0)
+    plane.registry.runs["switch"].sessions[0].steps_per_s = 150.0  # lead: 15 steps
+    warmup = {"kind": "linear", "start_factor": 0.05, "end_factor": 1.0, "total_iters": 50}
+    answer, _ = ControlPlane(plane).handle(
+        json.dumps({"op": "policy", "run": "switch", "policy": warmup}).encode()
+    )
+    command = LRCommand.model_validate(answer["command"])
+    assert command.effective_step == 10 + 1 + 15
+    assert command.state_step == command.effective_step - 1
+    assert command.lrs == [pytest.approx(0.005)]  # the warmup's first LR, used at that step
+    reference = parse_policy(warmup).build([0.1])
+    assert command.policy_state == reference.state_dict()
+    # Records up to the step before it starts leave the new policy at step 0.
+    plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(11, 26)], {}), 0.1)
+    engine = plane.registry.runs["switch"].engine
+    assert engine.policy.state_dict() == reference.state_dict()
+    plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(26, 31)], {}), 0.2)
+    for _ in range(5):
+        reference.step()
+    assert engine.policy.state_dict() == reference.state_dict()
+    history = plane.store.history("switch")
+    assert history[-1]["new_lrs"] == [pytest.approx(0.005)]

@@ -521,9 +521,12 @@ def test_deployment_command_line_with_the_configmap_environment(monkeypatch):
     assert tcp_port(config.address) == ports["data"]
     assert config.metrics_host_port == ("0.0.0.0", ports["metrics"])
     assert config.state_dir == STATE_DIR
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Liveness asks only whether the loop turns (a restart mends that, not a
+    # full disk); readiness and startup ask /healthz, which the store fails.
+    paths = {"startupProbe": "/healthz", "readinessProbe": "/healthz", "livenessProbe": "/livez"}
+    for probe, path in paths.items():
         check = container()[probe]["httpGet"]
-        assert (check["path"], check["port"]) == ("/healthz", "metrics"), probe
+        assert (check["path"], check["port"]) == (path, "metrics"), probe
 
 
 def test_service_and_servicemonitor_reach_the_pods_ports_by_name():

@@ -9,21 +9,31 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import signal
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Training, daemon_process, free_port, wait_for
+import zmq
+from procs import Training, daemon_process, free_port, store_row, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from lrpilot.daemon.config import DaemonConfig
 from lrpilot.daemon.control import ControlPlane
+from lrpilot.daemon.control_client import request as control_request
 from lrpilot.daemon.dataplane import DataPlane
-from lrpilot.daemon.exporter import REJECT_REASONS, DaemonCollector, Exposition
+from lrpilot.daemon.exporter import (
+    REJECT_REASONS,
+    DaemonCollector,
+    Exposition,
+    label,
+    number,
+)
 from lrpilot.daemon.metrics_server import MetricsServer
 from lrpilot.protocol import REPORT, STEP, BatchEncoder, Bye, ClientStats, GroupInfo, Hello, encode
 
@@ -233,7 +243,9 @@ def test_an_ended_run_stays_for_the_ttl_then_its_series_go(plane):
 
 
 def test_label_values_are_escaped(plane):
-    run = 'quote" back\\slash\nnewline'
+    # A newline cannot be in a run name (the protocol refuses control
+    # characters); quotes and backslashes can, and label() escapes newlines.
+    run = 'quote" back\\slash'
     me = start(plane, run, None, groups=("a,b",))
     feed(plane, me, run, steps(1, 2, **{"odd metric": 1.5}))
     samples = scrape(DaemonCollector(plane, ttl=600))
@@ -448,5 +460,129 @@ def test_metrics_serve_on_ipv4_names_and_ipv6(host):
     try:
         assert server.url.startswith(f"http://{host}:")
         assert get(server.url)[0::2] == (200, b"x 1\n")
+    finally:
+        server.close()
+
+
+# --- a run that fails to render ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "broken"),
+    [
+        pytest.param({"kind": "cosine_restarts", "T_0": 4}, "T_i", 0, id="division-by-zero"),
+        pytest.param({"kind": "plateau"}, "best", "x", id="non-numeric-sample"),
+    ],
+)
+def test_a_run_that_fails_to_render_leaves_the_others_and_is_counted(
+    plane, caplog, policy, field, broken
+):
+    """A policy state that slipped past its checks (set here behind the
+    engine's back) costs that run its series, not every run the scrape."""
+    bad = start(plane, "bad", policy)
+    good = start(plane, "good", {"kind": "step", "step_size": 100})
+    feed(plane, bad, "bad", steps(1, 3, loss=1.0))
+    feed(plane, good, "good", steps(1, 3, loss=1.0))
+    setattr(plane.registry.runs["bad"].engine.policy, field, broken)
+    collector = DaemonCollector(plane, ttl=600)
+    with caplog.at_level("ERROR", logger="lrpilot.daemon"):
+        first, second = scrape(collector), scrape(collector)
+    for samples, failures in ((first, 1), (second, 2)):
+        assert names(samples, "bad") == set()  # none of its series, not a part of them
+        assert value(samples, "lrpilot_run_step", run="good") == 3
+        assert value(samples, "lrpilot_render_errors_total") == failures
+        assert value(samples, "lrpilot_runs", state="active") == 2
+    logged = [r for r in caplog.records if "'bad'" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_sample_values_are_numbers_and_labels_valid_utf8():
+    assert number(3) == "3.0" and number(True) == "1.0" and number(-math.inf) == "-Inf"
+    for not_a_number in ("0.5", None, [1.0]):
+        with pytest.raises(TypeError):
+            number(not_a_number)  # type: ignore[arg-type]
+    with pytest.raises(OverflowError):
+        number(10**400)  # Go's ParseFloat, promtool's, refuses such a literal
+    assert label("run\ud800").encode() == b'"run?"'
+
+
+def test_the_metrics_server_gives_the_switch_interval_back_at_close():
+    """A host that runs the daemon in a thread keeps its own setting."""
+    import sys
+
+    from lrpilot.daemon.metrics_server import MetricsServer
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.01)
+    try:
+        server = MetricsServer(lambda: "", "127.0.0.1", 0)
+        assert sys.getswitchinterval() < 0.01
+        server.close()
+        assert sys.getswitchinterval() == pytest.approx(0.01)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_a_burst_faster_than_the_loop_leaves_it_free_to_serve(lrpilot_exe, tmp_path):
+    """A client that sends faster than the daemon handles (here 300,000
+    one-record batches, sent while the daemon was stopped, so they all wait
+    for it at once): the loop works through them a slice at a time, and in
+    between answers the control plane and hands the records to the store.
+    Worked through in one go, they kept it from both for seconds (and the
+    records in memory), however long the client kept sending."""
+    burst = 300_000
+    with daemon_process(lrpilot_exe, tmp_path / "s", tmp_path / "d.log") as daemon:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # the client's side keeps whatever it sends
+        sock.connect(daemon.address)
+        try:
+            sock.send_multipart([encode(Hello(run="burst", groups=[GroupInfo(name="0", lr=0.1)]))])
+            assert sock.poll(10_000), "no welcome"
+            encoder = BatchEncoder("burst", 0)
+            frames = [
+                encoder.encode([(k, k, STEP, {"loss": 1.0})], {}) for k in range(1, burst + 1)
+            ]
+            daemon.proc.send_signal(signal.SIGSTOP)
+            try:
+                for frame in frames:
+                    sock.send_multipart(frame)
+            finally:
+                daemon.proc.send_signal(signal.SIGCONT)
+            # An operator asks again and again while the daemon works through it.
+            waits, stored, step = [], [], 0
+            while step < burst:
+                began = time.monotonic()
+                answer = control_request(daemon.control, {"op": "show", "run": "burst"}, 30)
+                waits.append(time.monotonic() - began)
+                step = answer["run"]["step"]
+                row = store_row(tmp_path / "s", "burst")
+                if step < burst and row is not None:
+                    stored.append(row["step"])
+            assert max(waits) < 0.5, f"the control plane took up to {max(waits):.1f} s"
+            assert len(waits) >= 5, waits
+            # ...and the store took the records as they were handled.
+            assert any(0 < s < burst for s in stored), stored
+        finally:
+            sock.close()
+            context.term()
+
+
+def test_livez_asks_only_whether_the_loop_turns_and_healthz_also_the_store():
+    """A full disk fails /healthz (readiness, alerts) but not /livez: a
+    restart would not mend it and would lose what the daemon keeps."""
+    problems = {"health": None, "live": None}
+    server = MetricsServer(
+        lambda: "x 1\n", "127.0.0.1", 0, lambda: problems["health"], lambda: problems["live"]
+    )
+    try:
+        base = server.url.removesuffix("/metrics")
+        assert get(base + "/livez")[0::2] == (200, b"ok\n")
+        problems["health"] = "cannot write to the store since 12:00: database or disk is full"
+        assert get(base + "/healthz")[0] == 503
+        assert get(base + "/livez")[0::2] == (200, b"ok\n")
+        problems["live"] = "the daemon loop has not turned for 12 s"
+        assert get(base + "/livez")[0::2] == (503, b"the daemon loop has not turned for 12 s\n")
     finally:
         server.close()

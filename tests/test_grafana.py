@@ -389,8 +389,11 @@ def test_the_works_again_line_counts_the_failures_no_line_counted(caplog):
     assert "works again" in lines[1] and "(3 more LR changes" in lines[1], lines[1]
 
 
-def start_training(where: Path, daemon: DaemonProcess, run: str, sync_timeout: float) -> Training:
+def start_training(
+    where: Path, daemon: DaemonProcess, run: str, sync_timeout: float, gates: tuple[int, ...] = ()
+) -> Training:
     config = {
+        "gates": list(gates),
         "steps": 150,
         "report_every": 5,
         "seed": 7,
@@ -442,10 +445,12 @@ def test_every_journaled_change_becomes_one_annotation(
     started.append(daemon)
     daemon.wait_ready()
     run = "graf-ann"
-    training = start_training(tmp_path, daemon, run, sync_timeout=10.0)
+    training = start_training(tmp_path, daemon, run, sync_timeout=10.0, gates=(140,))
     started.append(training)
-    training.finish()
+    training.at(140)  # an operator's change reaches a run while its training is live
     ok(lrpilot(lrpilot_exe, "set-lr", run, "0.01", "--control", daemon.control))
+    training.go(140)
+    training.finish()
     changes = history(lrpilot_exe, daemon, run)
     assert len(changes) >= 3, changes
     wait_for(

@@ -437,6 +437,36 @@ def test_a_command_whose_state_does_not_load_changes_nothing():
     assert len([m for m in lrpilot_warnings(caught) if "could not apply command 1" in m]) == 1
 
 
+@pytest.mark.parametrize(
+    "counts", [{"lrs": [0.05]}, {"lrs": []}, {"lrs": [0.05, 0.01, 0.3]}, {"base_lrs": [0.1]}]
+)
+def test_a_command_for_another_number_of_groups_changes_nothing(counts):
+    """LRs for one group of two would leave the other stale and a checkpoint
+    that no longer loads (found by tests/test_fuzz.py): refused whole."""
+    optimizer = two_groups()
+    spec = {"kind": "step", "step_size": 2, "gamma": 0.5}
+    reference = parse_policy(spec).build([0.1, 0.02])
+    with recording() as caught:
+        pilot = lrpilot.attach(optimizer, run="groups", policy=spec, daemon=nobody_listening())
+        try:
+            pilot.step(loss=1.0)
+            reference.step()
+            fields = {"lrs": [0.05, 0.01], "hold": True, **counts}
+            pilot._receive(
+                LRCommand(run="groups", version=1, effective_step=2, state_step=1, **fields)
+            )
+            for _ in range(4):
+                pilot.step(loss=1.0)
+                reference.step()
+                assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
+            assert pilot.stats.daemon_errors == 1
+            assert pilot.stats.commands_applied == 0
+            pilot.load_state_dict(pilot.state_dict())  # the checkpoint still loads
+        finally:
+            pilot.close()
+    assert len([m for m in lrpilot_warnings(caught) if "could not apply command 1" in m]) == 1
+
+
 def test_after_a_report_with_no_daemon_steps_stop_looking_for_the_answer():
     pilot = lrpilot.attach(two_groups(), run="no-answer", daemon=nobody_listening())
     exchanges = 0
@@ -640,5 +670,170 @@ def test_optimizer_load_state_dict_after_attach_keeps_the_schedule_in_the_groups
         lrs = [g["lr"] for g in optimizer.param_groups]
         assert lrs == pytest.approx([0.1 * 0.5**4, 0.02 * 0.5**4])
         assert pilot.stats.foreign_lr_writes == 0
+    finally:
+        pilot.close()
+
+
+def test_an_lr_written_between_pilot_step_and_optimizer_step_is_not_used():
+    """Lightning steps a ReduceLROnPlateau between the pilot's step and the
+    optimizer's: the LR optimizer.step() uses must still be lrpilot's."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    spec = {"kind": "cosine", "T_max": 20}
+    reference = parse_policy(spec).build([0.1])
+    with recording() as caught:
+        pilot = lrpilot.attach(optimizer, run="late-write", policy=spec, daemon=nobody_listening())
+        try:
+            for _ in range(10):
+                before = param.item()
+                param.grad = torch.ones(1)
+                optimizer.param_groups[0]["lr"] = 0.5  # after pilot.step, before the step
+                optimizer.step()
+                used = before - param.item()  # SGD without momentum: lr * grad
+                assert used == pytest.approx(reference.lrs[0], rel=1e-6), used
+                pilot.step(loss=1.0)
+                reference.step()
+            assert pilot.stats.foreign_lr_writes == 10
+        finally:
+            pilot.close()
+    assert len([m for m in lrpilot_warnings(caught) if "something else" in m]) == 1
+    # Closed, the pilot leaves the optimizer alone.
+    optimizer.param_groups[0]["lr"] = 0.5
+    optimizer.step()
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_the_base_lr_is_torchs_initial_lr_when_a_scheduler_left_one():
+    optimizer = two_groups()
+    torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.002])
+    spec = {"kind": "cosine", "T_max": 30}
+    pilot = lrpilot.attach(optimizer, run="initial-lr", policy=spec, daemon=nobody_listening())
+    try:
+        assert pilot.lrs == parse_policy(spec).build([0.1, 0.02]).lrs
+    finally:
+        pilot.close()
+
+
+def test_attach_after_a_warmup_that_left_lr_0_warns_and_training_goes_on():
+    optimizer = two_groups()
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # a warmup's first value, without torch's initial_lr
+    with recording() as caught:
+        pilot = lrpilot.attach(
+            optimizer,
+            run="lr-zero",
+            policy={"kind": "cosine", "T_max": 5},
+            daemon=nobody_listening(),
+        )
+        try:
+            for _ in range(3):
+                train_step(optimizer)
+                pilot.step(loss=1.0)
+            assert pilot.policy is None and pilot.step_count == 3
+        finally:
+            pilot.close()
+    [message] = [m for m in lrpilot_warnings(caught) if "lr=0.0" in m]
+    assert "without one" in message
+    # The warning points at the caller's line, not inside lrpilot.
+    [where] = [w for w in caught if "lr=0.0" in str(w.message)]
+    assert where.filename == __file__
+
+
+@pytest.mark.parametrize("run", ["evil\x1b[31m", "a\nb", "x" * 201])
+def test_attach_refuses_a_run_id_the_daemon_would_refuse(run):
+    with pytest.raises(ValueError, match="run must be 1 to 200 printable characters"):
+        lrpilot.attach(two_groups(), run=run, daemon=nobody_listening())
+
+
+def test_a_checkpoint_holds_what_the_metrics_did_to_a_plateau():
+    """pilot.state_dict() after val_loss 1.0, 1.1, 1.2 holds what torch's
+    ReduceLROnPlateau holds (best 1.0, 2 bad), daemon or not."""
+    optimizer = two_groups()
+    spec = {"kind": "plateau", "metric": "val_loss", "patience": 3}
+    torch_optimizer = two_groups()
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(torch_optimizer, patience=3)
+    pilot = lrpilot.attach(optimizer, run="plateau-ckpt", policy=spec, daemon=nobody_listening())
+    try:
+        for value in (1.0, 1.1, 1.2):
+            train_step(optimizer)
+            pilot.step(loss=1.0)
+            pilot.report(val_loss=value)
+            reference.step(value)
+        state = pilot.state_dict()["policy_state"]
+        assert (state["best"], state["num_bad_steps"]) == (1.0, 2)
+        assert (reference.best, reference.num_bad_epochs) == (1.0, 2)
+        assert pilot.lrs == [0.1, 0.02]  # no decision without the daemon
+    finally:
+        pilot.close()
+
+
+def test_a_resume_against_a_fresh_store_cuts_where_the_uninterrupted_run_did(tmp_path):
+    """The checkpoint's plateau progress reaches the daemon in the hello: a
+    resume against a daemon that never saw the run cuts at the same step."""
+    spec = {"kind": "plateau", "metric": "val_loss", "patience": 2, "factor": 0.5}
+    losses = [1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0, 1.01, 1.02]
+
+    def train(pilot, optimizer, values, lrs):
+        for value in values:
+            train_step(optimizer)
+            pilot.step(loss=1.0)
+            pilot.report(val_loss=value)
+            lrs.append(list(pilot.lrs))
+
+    uninterrupted: list[list[float]] = []
+    with serving(tmp_path / "one") as daemon:
+        optimizer = two_groups()
+        with lrpilot.attach(
+            optimizer, run="whole", policy=spec, daemon=daemon.bound_address, sync=True
+        ) as pilot:
+            train(pilot, optimizer, losses, uninterrupted)
+    resumed: list[list[float]] = []
+    with serving(tmp_path / "two") as daemon:
+        optimizer = two_groups()
+        with lrpilot.attach(
+            optimizer, run="halves", policy=spec, daemon=daemon.bound_address, sync=True
+        ) as pilot:
+            train(pilot, optimizer, losses[:4], resumed)
+            checkpoint = pilot.state_dict()
+    with serving(tmp_path / "three") as daemon:  # a fresh store: it never saw the run
+        optimizer = two_groups()
+        with lrpilot.attach(
+            optimizer, run="halves", policy=spec, daemon=daemon.bound_address, sync=True
+        ) as pilot:
+            pilot.load_state_dict(checkpoint)
+            train(pilot, optimizer, losses[4:], resumed)
+    assert resumed == uninterrupted
+    assert uninterrupted[-1] != uninterrupted[0]  # it did cut
+
+
+def test_a_command_that_sets_no_policy_is_told_from_one_that_keeps_it():
+    """policy null means "no policy" only when the command sets the policy."""
+    params = [{"params": [], "lr": 0.1}]
+
+    class Groups:
+        param_groups = params
+
+    spec = {"kind": "exponential", "gamma": 0.5}
+    pilot = lrpilot.attach(Groups(), run="policy-set", policy=spec, daemon=nobody_listening())
+    try:
+        pilot.step()
+        keep = LRCommand(run="policy-set", version=1, effective_step=2, state_step=1, lrs=[0.05])
+        pilot._receive(keep)
+        pilot.step()
+        assert pilot.policy is not None and pilot.lrs == [0.025]
+        drop = LRCommand(
+            run="policy-set",
+            version=2,
+            effective_step=3,
+            state_step=2,
+            lrs=[0.025],
+            policy_set=True,
+            hold=True,
+        )
+        pilot._receive(drop)
+        pilot.step()
+        pilot.step()
+        assert pilot.policy is None and pilot.lrs == [0.025]
     finally:
         pilot.close()

@@ -519,6 +519,11 @@ def test_errors_are_one_line_exit_non_zero_and_change_nothing(op, lrpilot_exe, f
         (("policy", run, '{"kind": "plateau", "factor": 3}'), "policy", 1, ["factor"]),
         (("policy", run, '{"kind": "warp"}'), "policy", 1, ["warp"]),
         (("history", run, "--limit", "0"), "history", 2, ["--limit"]),
+        # The run has ended: a change would apply to nothing (or to the next
+        # script that reuses the id), so it is refused.
+        (("set-lr", run, "0.1"), "set-lr", 1, ["no connected rank"]),
+        (("pause", run), "pause", 1, ["no connected rank"]),
+        (("policy", run, json.dumps(COSINE)), "policy", 1, ["no connected rank"]),
         (
             ("simulate", "--from-run", "nope", "--policy", json.dumps(COSINE)),
             "simulate",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -65,3 +67,19 @@ def test_no_command_is_a_one_line_usage_error(lrpilot_exe):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "COMMAND" in done.stderr
+
+
+def test_the_dashboards_are_looked_for_where_pip_install_user_puts_them(tmp_path):
+    """A wheel's data files land under the install scheme's prefix: with
+    `pip install --user` that is the user base, which must be searched."""
+    code = (
+        "from lrpilot.daemon.dashboards import dashboard_dirs; print(*dashboard_dirs(), sep='\\n')"
+    )
+    env = {**os.environ, "PYTHONUSERBASE": str(tmp_path / "user")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    dirs = done.stdout.splitlines()
+    assert str(tmp_path / "user" / "share" / "lrpilot" / "dashboards") in dirs
+    assert str(Path(sys.prefix) / "share" / "lrpilot" / "dashboards") in dirs

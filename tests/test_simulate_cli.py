@@ -11,6 +11,7 @@ import pytest
 import torch
 
 PLATEAU = json.dumps({"kind": "plateau", "metric": "val_loss", "patience": 1, "factor": 0.5})
+PATIENT_0 = json.dumps({"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5})
 
 
 def simulate(exe, *args, stdin=""):
@@ -126,10 +127,6 @@ def test_step_numbers_are_echoed_not_used(lrpilot_exe):
         ('{"step": "3"}', "line 3: step: expected an integer"),
         ('{"step": 3, "metrics": [1]}', "line 3: metrics: expected an object"),
         ('{"step": 3, "metrics": {"val_loss": "low"}}', "line 3: metrics.val_loss: expected a num"),
-        (
-            '{"step": 3, "metrics": {"val_loss": NaN}}',
-            "line 3: metrics.val_loss: expected a finite",
-        ),
         ('{"step": 3, "metrics": {"val_loss": true}}', "line 3: metrics.val_loss: expected a num"),
     ],
 )
@@ -211,3 +208,14 @@ def test_closed_pipe_is_not_a_traceback(lrpilot_exe):
     done = subprocess.run(cmd, shell=True, input=stream, capture_output=True, text=True)
     assert done.stdout.count("\n") == 1
     assert "Traceback" not in done.stderr
+
+
+def test_a_nan_or_infinite_metric_is_data_as_torch_takes_it(lrpilot_exe):
+    """A diverged loss is not a bad line: plateau counts NaN and inf as no
+    improvement (torch's ReduceLROnPlateau does), so patience 0 cuts."""
+    stream = records({"val_loss": 1.0}) + '{"step": 2, "metrics": {"val_loss": NaN}}\n'
+    stream += '{"step": 3, "metrics": {"val_loss": Infinity}}\n'
+    done = simulate(lrpilot_exe, "--policy", PATIENT_0, "--base-lr", "0.1", stdin=stream)
+    assert done.returncode == 0, done.stderr
+    lrs = [json.loads(line)["lrs"][0] for line in done.stdout.splitlines()]
+    assert lrs == [0.1, 0.05, 0.025]

@@ -1,10 +1,15 @@
 """The daemon's store (daemon/store.py) on real SQLite files in tmp dirs:
 schema version and migrations, the journal, snapshots, the recorded stream
-and its truncation when a run resumes from a checkpoint, WAL mode."""
+and its truncation when a run resumes from a checkpoint, WAL mode; and its
+faults: an op that fails alone, a full disk and its return, a runs row the
+daemon cannot use, a damaged file."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -15,18 +20,22 @@ import pytest
 
 from lrpilot.daemon.store import (
     DB_NAME,
+    DROP_REASONS,
+    MIGRATIONS,
     SCHEMA_VERSION,
     SNAPSHOT_SPACING,
     SNAPSHOTS_KEPT,
     Store,
     StoreError,
+    StoreWriteError,
     open_readonly,
     read_records,
+    upsert_run,
 )
 from lrpilot.protocol import REPORT, STEP, BatchEncoder, LRCommand
 
 PLATEAU = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}
-TABLES = {"runs", "journal", "snapshots", "batches"}
+TABLES = {"runs", "journal", "snapshots", "batches", "quarantine"}
 
 
 @pytest.fixture
@@ -34,8 +43,10 @@ def opened(tmp_path: Path) -> Iterator:
     """Store(dir), closed at the end of the test."""
     stores: list[Store] = []
 
-    def open_store(state_dir: Path = tmp_path / "state", durability: str = "normal") -> Store:
-        store = Store(state_dir, durability)
+    def open_store(
+        state_dir: Path = tmp_path / "state", durability: str = "normal", **options
+    ) -> Store:
+        store = Store(state_dir, durability, **options)
         stores.append(store)
         return store
 
@@ -347,26 +358,40 @@ def break_store(path: Path) -> None:
     db.close()
 
 
-def test_a_failed_commit_is_logged(opened, caplog):
+def test_a_store_that_takes_no_writes_says_so_and_keeps_the_batch(opened, caplog):
     store = opened()
     break_store(store.path)
+    tick = [("batches", [batch("r", records(1, range(1, 3)))])]
     with caplog.at_level("WARNING"):
-        store.submit([("batches", [batch("r", records(1, range(1, 3)))])])
-        assert store.wait(timeout=2)
-        assert store.write_errors == 1
-        assert any(r.levelname in ("WARNING", "ERROR") for r in caplog.records), caplog.text
+        store.submit(tick, notice={b"client": ("r", 4)})
+        assert not store.wait(timeout=5)  # tried, and kept
+    assert store.error is not None and str(store.path) in store.error
+    assert "no such table: batches" in store.error
+    assert "no such table: batches" in caplog.text
+    assert store.failed_commits >= 1 and store.backlog_batches == 1
+    assert store.committed.empty()  # nobody is told it is persisted
+    # Mended: the batch goes in, and only then is its client told.
+    db = sqlite3.connect(store.path)
+    db.execute(next(sql for sql in MIGRATIONS[0].split(";") if "CREATE TABLE batches" in sql))
+    db.close()
+    assert store.wait(timeout=5)
+    assert store.error is None and store.backlog_batches == 0
+    assert len(steps_of(store, "r")) == 4
+    assert store.committed.get_nowait() == {b"client": ("r", 4)}
 
 
 def test_the_writer_outlives_a_batch_it_cannot_write(opened, caplog):
-    """Not only SQLite errors: a bad row loses its batch, not the writer."""
+    """Not only SQLite errors: a bad row loses its own op, not the writer."""
     store = opened()
     with caplog.at_level("WARNING"):
         store.submit([("run", {"run_id": "broken"})])  # no columns: a KeyError
         assert store.wait(timeout=5)
-    assert store.write_errors == 1
+    assert store.dropped == {"bad_op": 1}
+    assert "run broken" in caplog.text
     store.submit([("run", run_row("r", 5))])
     assert store.wait(timeout=5)
     assert [r["run_id"] for r in store.load_runs()] == ["r"]
+    assert store.error is None
 
 
 def test_a_failed_save_leaves_the_journal_writable(opened):
@@ -376,10 +401,334 @@ def test_a_failed_save_leaves_the_journal_writable(opened):
     db = sqlite3.connect(store.path)
     db.execute("DROP TABLE snapshots")
     db.close()
-    with pytest.raises(sqlite3.OperationalError, match="snapshots"):
+    with pytest.raises(StoreWriteError, match="snapshots") as failed:
         store.save_run(run_row("r", 5))
+    assert "run r's state" in str(failed.value) and str(store.path) in str(failed.value)
     store.journal("r", command(1), [0.1, 0.01])
     assert [e["version"] for e in store.history("r")] == [1]
+
+
+# --- one bad op fails alone --------------------------------------------------
+
+
+def bad_seq(run: str) -> list:
+    """The run's row with a seq SQLite cannot hold (a client's first_seq 2**70)."""
+    return [("run", run_row(run, 5, seq=2**70, stored_seq=2**70))]
+
+
+def bad_skip(run: str) -> list:
+    run_id, first, last, header, body, _ = batch(run, records(1, range(1, 3)))
+    return [("batches", [(run_id, first, last, header, body, 2**70)])]
+
+
+def bad_constraint(run: str) -> list:
+    return [("run", run_row(run, 5, created=None))]  # runs.created is NOT NULL
+
+
+@pytest.mark.parametrize(
+    ("bad_ops", "reason"),
+    [(bad_seq, "out_of_range"), (bad_skip, "out_of_range"), (bad_constraint, "constraint")],
+)
+def test_a_bad_op_of_one_run_keeps_no_other_runs_data_out(opened, caplog, bad_ops, reason):
+    store = opened()
+    # One tick's batch, as the data plane hands it over: both runs' records
+    # in one op, each run's row, and who to tell when it is committed.
+    tick = [
+        (
+            "batches",
+            [batch("good", records(1, range(1, 4))), batch("bad", records(1, range(1, 4)))],
+        ),
+        ("run", run_row("good", 3)),
+        ("run", run_row("bad", 3)),
+        *bad_ops("bad"),
+    ]
+    with caplog.at_level("ERROR"):
+        store.submit(tick, notice={b"g": ("good", 6), b"b": ("bad", 6)})
+        assert store.wait(timeout=5)
+    # The good run is all in; the bad run's ops of that batch went together
+    # (its row must not count records the store lacks), and are counted.
+    assert len(steps_of(store, "good")) == 6
+    assert store.snapshot_at("good", 100)["step"] == 3
+    assert steps_of(store, "bad") == []
+    assert [r["run_id"] for r in store.load_runs()] == ["good"]
+    assert store.dropped[reason] >= 1 and set(store.dropped) <= set(DROP_REASONS)
+    assert store.error is None
+    assert "run bad" in caplog.text and "run good" not in caplog.text
+    # Only the good run's client hears that its records are persisted.
+    assert store.committed.get_nowait() == {b"g": ("good", 6)}
+    # The bad run's next batch, fine this time, goes in.
+    store.submit([("batches", [batch("bad", records(7, range(4, 6)))]), ("run", run_row("bad", 5))])
+    assert store.wait(timeout=5)
+    assert [step for step, _, _ in steps_of(store, "bad")] == [4, 4, 5, 5]
+
+
+def test_an_op_failure_is_logged_once_per_run_and_error(opened, caplog):
+    store = opened()
+    with caplog.at_level("ERROR"):
+        for _ in range(5):
+            store.submit(bad_seq("bad"))
+            assert store.wait(timeout=5)
+    assert store.dropped["out_of_range"] == 5
+    assert len(caplog.records) == 1, caplog.text
+
+
+def test_the_loop_is_told_which_value_the_store_cannot_hold(opened):
+    store = opened()
+    with pytest.raises(StoreWriteError, match="version 1180591620717411303424"):
+        # (model_copy: the protocol itself refuses such a version)
+        store.journal("r", command(1).model_copy(update={"version": 2**70}), [0.1, 0.01])
+    store.journal("r", command(1), [0.1, 0.01])
+    assert [e["version"] for e in store.history("r")] == [1]
+
+
+# --- a full disk, and its return -----------------------------------------------
+
+
+class FullDisk:
+    """SQLite's own limit as a disk that fills: once fill() is called, every
+    store connection opened in the test fails with SQLITE_FULL ('database
+    or disk is full') as soon as the file would grow, as on a full disk,
+    until free(). (The connections are opened thread-free so that the test
+    can set the limit on the writer's.)"""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.connections: list[sqlite3.Connection] = []
+        real = sqlite3.connect
+
+        def connect(*args, **kwargs) -> sqlite3.Connection:
+            db = real(*args, **{**kwargs, "check_same_thread": False})
+            self.connections.append(db)
+            return db
+
+        monkeypatch.setattr(sqlite3, "connect", connect)
+
+    def _limit(self, pages: str) -> None:
+        for db in self.connections:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed
+                db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def fill(self) -> None:
+        self._limit("1")  # raised by SQLite to the pages the file has now
+
+    def free(self) -> None:
+        self._limit(str(2**31))
+
+
+@pytest.fixture
+def disk(monkeypatch) -> FullDisk:
+    return FullDisk(monkeypatch)
+
+
+WIDE = {f"m{i}": float(i) for i in range(200)}
+
+
+def wide_batch(run: str, tick: int) -> tuple:
+    """A tick's records of a run, about 8 KB: steps 5k-4..5k, 200 metrics a step."""
+    steps = range(5 * tick - 4, 5 * tick + 1)
+    return batch(run, [(step, step, STEP, WIDE) for step in steps])
+
+
+def tick_ops(tick: int) -> list:
+    return [
+        ("batches", [wide_batch("a", tick), wide_batch("b", tick)]),
+        ("run", run_row("a", 5 * tick)),
+        ("run", run_row("b", 5 * tick)),
+    ]
+
+
+def test_a_full_disk_loses_nothing_once_it_has_room_again(opened, disk, caplog):
+    store = opened()
+    store.save_run(run_row("a", 0))
+    store.save_run(run_row("b", 0))
+    disk.fill()
+    ticks = range(1, 9)
+    notices = [{b"a": ("a", 5 * t), b"b": ("b", 5 * t)} for t in ticks]
+    with caplog.at_level("WARNING"):
+        for t in ticks:
+            store.submit(tick_ops(t), notice=notices[t - 1])
+        assert not store.wait(timeout=5)
+        assert store.error is not None
+        assert "database or disk is full" in store.error and str(store.path) in store.error
+        assert store.backlog_batches == len(ticks) and store.backlog_bytes > 8 * 8000
+        health = store.health()  # what the daemon exports and /healthz answers
+        assert health["error"] == store.error and health["backlog_batches"] == len(ticks)
+        assert store.committed.empty() and steps_of(store, "a") == []
+        # The loop's own writes fail too, saying why, and leave nothing behind.
+        with pytest.raises(StoreWriteError, match="disk is full"):
+            store.journal("a", command(1, reason="x" * 100_000), [0.1, 0.01])
+        assert store.history("a") == []
+        # Room again: the writer finds out by itself (it tries every RETRY_S).
+        disk.free()
+        deadline = time.monotonic() + 10
+        while store.error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert store.error is None, store.error
+    assert store.wait(timeout=5) and store.backlog_batches == 0
+    assert "takes writes again" in caplog.text
+    # Every record and snapshot, once, in order; every client told, in order.
+    steps = [s for t in ticks for s in range(5 * t - 4, 5 * t + 1)]
+    for run in ("a", "b"):
+        assert [step for step, _, _ in steps_of(store, run)] == steps
+        snapshots = store._db.execute(
+            "SELECT step FROM snapshots WHERE run_id = ? ORDER BY rowid", (run,)
+        )
+        assert [step for (step,) in snapshots] == [0] + [5 * t for t in ticks]
+    assert sorted((r["run_id"], r["step"]) for r in store.load_runs()) == [("a", 40), ("b", 40)]
+    assert [store.committed.get_nowait() for _ in ticks] == notices
+    store.journal("a", command(1), [0.1, 0.01])
+    assert [e["version"] for e in store.history("a")] == [1]
+
+
+def test_what_waits_for_a_full_disk_is_bounded_records_first(opened, disk):
+    """Past backlog_bytes the oldest records go, then run rows a newer one
+    supersedes; the journal marks and each run's newest row stay."""
+    store = opened(backlog_bytes=40_000)
+    store.save_run(run_row("a", 0))
+    store.journal("a", command(1), [0.1, 0.01])
+    disk.fill()
+    for t in range(1, 21):
+        ops = [("batches", [wide_batch("a", t)]), ("run", run_row("a", 5 * t))]
+        if t == 10:
+            ops.append(("applied", ("a", 1, 11, False)))
+        store.submit(ops)
+    assert not store.wait(timeout=5)
+    assert 0 < store.backlog_bytes <= 40_000
+    assert store.dropped["backlog_full"] > 0
+    disk.free()
+    assert store.wait(timeout=5)
+    kept = sorted({step for step, _, _ in steps_of(store, "a")})
+    assert kept and kept == list(range(kept[0], 101)) and kept[0] > 1  # the newest, no gap
+    assert [r["step"] for r in store.load_runs()] == [100]
+    assert [e["applied_step"] for e in store.history("a")] == [11]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a disk that really fills up (root only)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_really_full_disk_keeps_the_records_until_it_has_room(tiny_disk, opened):
+    store = opened(tiny_disk / "state")
+    ticks = 0
+    while store.error is None and ticks < 400:
+        ticks += 1
+        store.submit([("batches", [wide_batch("a", ticks)]), ("run", run_row("a", 5 * ticks))])
+        store.wait(timeout=5)
+    assert store.error is not None and str(store.path) in store.error, ticks
+    with pytest.raises(StoreWriteError):
+        store.journal("a", command(1, reason="x" * 100_000), [0.1, 0.01])
+    remount = ["mount", "-o", "remount,size=64m", str(tiny_disk)]
+    subprocess.run(remount, check=True, capture_output=True)
+    assert store.wait(timeout=10), store.error
+    assert [step for step, _, _ in steps_of(store, "a")] == list(range(1, 5 * ticks + 1))
+    assert store.snapshot_at("a", 10**9)["step"] == 5 * ticks
+    store.close()
+
+
+# --- a store that does not open as it was --------------------------------------
+
+
+def test_runs_rows_the_daemon_cannot_use_are_quarantined_and_the_others_load(opened, caplog):
+    store = opened()
+    for run in ("a", "b", "c", "d"):
+        store.save_run(run_row(run, 5))
+    store.close()
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE runs SET policy_state = '{\"best\": ' WHERE run_id = 'b'")
+    db.execute("UPDATE runs SET world_size = 'many' WHERE run_id = 'c'")
+    db.commit()
+    db.close()
+    with caplog.at_level("WARNING"):
+        again = opened()
+        assert [r["run_id"] for r in again.load_runs()] == ["a", "d"]
+    assert again.quarantined == ["b", "c"]
+    for run, why in (("b", "policy_state is not JSON"), ("c", "world_size is 'many'")):
+        assert f"run {run}'s row" in caplog.text and why in caplog.text
+    assert str(again.path) in caplog.text
+    kept = again._db.execute("SELECT run_id, row, reason FROM quarantine ORDER BY run_id")
+    [(b, b_row, b_why), (c, _, c_why)] = kept.fetchall()
+    assert (b, c) == ("b", "c") and "not JSON" in b_why and "an integer" in c_why
+    assert '\\"best\\": ' in b_row  # the row as it was
+    # Their history stays; the next start has nothing left to say.
+    assert again.snapshot_at("b", 100)["step"] == 5
+    again.close()
+    third = opened()
+    assert [r["run_id"] for r in third.load_runs()] == ["a", "d"] and third.quarantined == []
+
+
+def test_the_daemon_can_quarantine_a_run_it_cannot_build(opened):
+    store = opened()
+    store.save_run(run_row("a", 5))
+    store.save_run(run_row("b", 5, policy={"kind": "no-such-kind"}))
+    store.journal("b", command(1, run="b"), [0.1, 0.01])
+    store.quarantine("b", "policy: unknown kind 'no-such-kind'")
+    assert [r["run_id"] for r in store.load_runs()] == ["a"]
+    assert store.quarantined == ["b"]
+    assert [e["version"] for e in store.history("b")] == [1]  # its journal stays
+    store.quarantine("nobody", "no such run")  # nothing to do
+    assert store.quarantined == ["b"]
+
+
+def test_a_version_1_store_is_upgraded_with_its_runs(opened, tmp_path):
+    state = tmp_path / "v1"
+    state.mkdir()
+    db = sqlite3.connect(state / DB_NAME)
+    db.executescript(MIGRATIONS[0])
+    db.execute(*upsert_run(run_row("r", 5)))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = opened(state)
+    assert pragma(store.path, "user_version") == SCHEMA_VERSION
+    assert tables(store.path) >= TABLES
+    assert [r["run_id"] for r in store.load_runs()] == ["r"]
+
+
+def test_damaged_pages_are_reported_at_open_naming_the_file(opened, tmp_path, caplog):
+    store = opened()
+    store.save_run(run_row("r", 5))
+    for t in range(1, 61):
+        store.submit([("batches", [wide_batch("r", t)])])
+    assert store.wait()
+    store.close()
+    assert not Path(f"{store.path}-wal").exists()  # all of it in the file
+    damaged = tmp_path / "damaged" / DB_NAME
+    damaged.parent.mkdir()
+    shutil.copy(store.path, damaged)
+    page = pragma(store.path, "page_size")
+    pages = damaged.stat().st_size // page
+    with damaged.open("r+b") as f:  # the records' pages, late in the file
+        for number in range(pages * 2 // 3, pages * 2 // 3 + 4):
+            f.seek(number * page)
+            f.write(b"\xde\xad\xbe\xef" * (page // 4))
+    assert opened().check_problems == []  # the original is fine
+    with caplog.at_level("WARNING"):
+        again = opened(damaged.parent)
+    assert again.check_problems
+    assert str(damaged) in caplog.text and "quick_check" in caplog.text
+    assert again.check_problems[0] in caplog.text
+    # The daemon starts with what it can read.
+    assert [r["run_id"] for r in again.load_runs()] == ["r"]
+
+
+def test_a_file_that_is_not_a_store_is_refused_naming_it(opened, tmp_path):
+    state = tmp_path / "garbage"
+    state.mkdir()
+    (state / DB_NAME).write_bytes(b"not an SQLite file " * 1000)
+    with pytest.raises(StoreError) as refused:
+        opened(state)
+    assert str(state / DB_NAME) in str(refused.value)
+    assert "not a database" in str(refused.value)
 
 
 def test_simulate_from_run_on_an_unreadable_store_is_one_line(opened, lrpilot_exe):

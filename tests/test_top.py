@@ -179,6 +179,19 @@ def test_a_long_reason_is_cut_and_keeps_one_line_per_run():
     assert len(text.splitlines()) == 5  # header, column names, rule, the row, footer
 
 
+def test_names_with_markup_or_control_characters_are_drawn_as_escaped_text():
+    """A client chose these: rich markup is shown as typed (an unbalanced
+    "[/]" would make rich raise), control characters as their escapes."""
+    last = {"version": 1, "step": 2, "lrs": [0.1], "reason": "why\x1b[2J", "actor": "a\nb"}
+    run = summary("[bold]x[/] \x1b[31mred", groups=["[/]", "\u202eh"], last_change=last)
+    text = text_of([run])
+    row = row_of(text, "[bold]x[/]")
+    assert "[bold]x[/] \\x1b[31mred" in row
+    assert "[/]=0.1 \\u202eh=0.01" in row
+    assert "v1 @2 a\\x0ab: why\\x1b[2J" in row
+    assert "\x1b" not in text and "\u202e" not in text
+
+
 # --- in a real terminal ---------------------------------------------------------
 
 

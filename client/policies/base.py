@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar
 
@@ -18,10 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
+# Step counts, in specs and in states, are bounded as on the wire (2**53: a
+# float64 holds them exactly), so no product of a few leaves the float range.
+MAX_COUNT = 2**53
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 # torch accepts "float or list per group" for these fields; so do we.
 PositivePerGroup = PositiveFloat | list[PositiveFloat]
 NonNegativePerGroup = NonNegativeFloat | list[NonNegativeFloat]
@@ -35,7 +39,10 @@ class SpecError(ValueError):
 
 
 class ScheduleExhausted(RuntimeError):
-    """A finite schedule (``onecycle``) was stepped past its end, as torch refuses."""
+    """A finite schedule (``onecycle``) was stepped past its end, as torch refuses,
+    or a step would take the LRs out of the finite range (a ``gamma > 1`` that
+    compounds to infinity): either way the schedule has nothing more to give
+    and the last LRs hold."""
 
 
 class PolicySpec(BaseModel):
@@ -79,6 +86,18 @@ def check_not_below(spec: PolicySpec, low: str, high: str) -> None:
             raise ValueError(f"{high} ({hi}) must not be below {low} ({lo})")
 
 
+def all_finite(values: Sequence[float]) -> bool:
+    # sum() is one pass in C; only a non-finite sum (or finite values that
+    # overflow when added) needs a look at each value.
+    return math.isfinite(sum(values)) or all(map(math.isfinite, values))
+
+
+def check_finite_lrs(kind: str, what: str, lrs: Sequence[float]) -> None:
+    """Refuse, at build time, LRs that a spec already takes out of the float range."""
+    if not all_finite(lrs):
+        raise SpecError(f"{kind}: {what} gives LRs {lrs}, not finite numbers")
+
+
 def check_base_lrs(base_lrs: Sequence[float]) -> list[float]:
     lrs = [float(lr) for lr in base_lrs]
     if not lrs:
@@ -87,6 +106,102 @@ def check_base_lrs(base_lrs: Sequence[float]) -> list[float]:
         if not (math.isfinite(lr) and lr > 0):
             raise SpecError(f"base_lrs[{i}]: a learning rate must be a positive number, got {lr}")
     return lrs
+
+
+# --- state checks ---------------------------------------------------------
+# A state comes from the network (a hello, a command) or a file: each field is
+# checked by its own rule before anything is assigned.
+
+
+class BadValue(ValueError):
+    """The rule a state value breaks (``must be ..., got ...``); ``at`` is where
+    inside the field (``[1]``)."""
+
+    def __init__(self, rule: str, at: str = "") -> None:
+        super().__init__(rule)
+        self.at = at
+
+
+# A field's check: (the policy loading it, the value) -> the value to assign
+# (normalised, and never the caller's own list), or BadValue.
+StateCheck = Callable[["Policy", Any], Any]
+
+
+def fields(**checks: StateCheck) -> Mapping[str, StateCheck]:
+    """A policy's ``STATE``: its fields, in order, each with its check."""
+    return MappingProxyType(checks)
+
+
+def shown(value: Any) -> str:
+    """A value for a one-line message, cut short: it may be anything from the network."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def as_number(value: Any) -> float | None:
+    """A JSON number (int or float, not a bool) as a float; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range
+        return None
+
+
+def count(low: int = 0, high: Callable[[Policy], int] | None = None) -> StateCheck:
+    """An integer (not a bool, not 2.0) from ``low`` to ``high(policy)``, else 2**53."""
+
+    def check(policy: Policy, value: Any) -> int:
+        top = MAX_COUNT if high is None else high(policy)
+        if type(value) is not int or not low <= value <= top:
+            shown_top = "2**53" if top == MAX_COUNT else str(top)
+            raise BadValue(f"must be an integer from {low} to {shown_top}, got {shown(value)}")
+        return value
+
+    return check
+
+
+def group_floats(low: float | None = 0.0) -> StateCheck:
+    """A list of finite numbers (``>= low`` unless None), one per param group."""
+    rule = "a finite number" if low is None else f"a finite number >= {low:g}"
+
+    def check(policy: Policy, value: Any) -> list[float]:
+        n = policy.n_groups
+        if not isinstance(value, list) or len(value) != n:
+            raise BadValue(
+                f"must be a list of {n} ({rule}, one per param group), got {shown(value)}"
+            )
+        floats = [as_number(item) for item in value]
+        for i, (item, number) in enumerate(zip(value, floats)):
+            if number is None or not math.isfinite(number) or (low is not None and number < low):
+                raise BadValue(f"must be {rule}, got {shown(item)}", at=f"[{i}]")
+        return floats  # type: ignore[return-value]
+
+    return check
+
+
+def optional(check: StateCheck) -> StateCheck:
+    """``check``'s value, or null."""
+
+    def check_or_null(policy: Policy, value: Any) -> Any:
+        return None if value is None else check(policy, value)
+
+    return check_or_null
+
+
+def cycled_momenta(policy: Policy, value: Any) -> list[float] | None:
+    """One momentum per group where the spec cycles momentum, else null."""
+    if getattr(policy.spec, "cycle_momentum", False):
+        return group_floats()(policy, value)
+    if value is not None:
+        raise BadValue(f"must be null: this spec does not cycle momentum, got {shown(value)}")
+    return None
+
+
+def an_object(policy: Policy, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise BadValue(f"must be an object, got {shown(value)}")
+    return value
 
 
 class Policy:
@@ -104,10 +219,16 @@ class Policy:
     State is the attributes named in ``STATE``: ``state_dict()`` copies them
     (JSON-serialisable), ``load_state_dict()`` writes them back, so a policy
     stopped, saved and loaded into a fresh one built from the same spec and
-    base LRs goes on with the identical sequence.
+    base LRs goes on with the identical sequence. ``STATE`` maps each name to
+    its check: a state comes from the network, and is refused whole
+    (:class:`SpecError`) unless every field passes its check and
+    :meth:`check_state`.
+
+    A subclass implements ``_advance``; ``step()`` never lets a non-finite LR
+    out (see :meth:`step`).
     """
 
-    STATE: ClassVar[tuple[str, ...]] = ("lrs",)
+    STATE: ClassVar[Mapping[str, StateCheck]] = fields(lrs=group_floats())
     spec: PolicySpec
     lrs: list[float]
     momenta: list[float] | None = None
@@ -116,7 +237,35 @@ class Policy:
     # reproduced by the training process itself.
     decided: str | None = None
 
+    @property
+    def n_groups(self) -> int:
+        return len(self.lrs)
+
     def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+        """One scheduler step; the LRs for the next optimizer step.
+
+        A step whose LRs (or momenta) would not be finite numbers raises
+        :class:`ScheduleExhausted` and leaves the policy's state as it was, so
+        a caller holds the last finite LRs as it does at the end of
+        ``onecycle``. (A ``sequential`` counts the step, as it does when a
+        ``onecycle`` stage runs out; its stage is left as it was.)
+        """
+        kept = [getattr(self, name) for name in self.STATE]  # lists are replaced, never mutated
+        try:
+            self._advance(metrics)
+            momenta = self.momenta
+            if all_finite(self.lrs) and (momenta is None or all_finite(momenta)):
+                return list(self.lrs)
+        except (OverflowError, ZeroDivisionError):  # float ** and / raise where * gives inf
+            pass
+        for name, value in zip(self.STATE, kept):
+            setattr(self, name, value)
+        raise ScheduleExhausted(
+            f"{self.spec.kind}: the LR left the finite range (the next step's LRs would not "
+            "be finite numbers)"
+        )
+
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         raise NotImplementedError
 
     def observe(self, metrics: Mapping[str, float]) -> list[float]:
@@ -128,8 +277,35 @@ class Policy:
         return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, value in self.checked_state(state).items():
+            setattr(self, name, value)
+
+    def checked_state(self, state: Any) -> dict[str, Any]:
+        """``state``'s fields, checked and normalised, ready to assign.
+
+        Raises :class:`SpecError`, one line naming the field and the rule.
+        """
+        kind = self.spec.kind
+        if not isinstance(state, Mapping):
+            raise SpecError(f"{kind} state: expected an object, got {shown(state)}")
         missing = [name for name in self.STATE if name not in state]
         if missing:
-            raise SpecError(f"{self.spec.kind} state: missing {', '.join(missing)}")
-        for name in self.STATE:
-            setattr(self, name, copy.deepcopy(state[name]))
+            raise SpecError(f"{kind} state: missing {', '.join(missing)}")
+        unknown = [shown(name) for name in state if name not in self.STATE]
+        if unknown:
+            raise SpecError(f"{kind} state: unknown field(s) {', '.join(unknown[:3])}")
+        checked = {}
+        for name, check in self.STATE.items():
+            try:
+                checked[name] = check(self, state[name])
+            except BadValue as exc:
+                raise SpecError(f"{kind} state: {name}{exc.at} {exc}") from None
+        try:
+            self.check_state(checked)
+        except BadValue as exc:
+            raise SpecError(f"{kind} state: {exc}") from None
+        return checked
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Rules between fields of a state whose fields passed their own checks;
+        BadValue (naming the fields) for a state the policy cannot be in."""

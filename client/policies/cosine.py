@@ -18,7 +18,16 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from .base import NO_METRICS, NonNegativeFloat, Policy, PolicySpec, PositiveInt, check_base_lrs
+from .base import (
+    NonNegativeFloat,
+    Policy,
+    PolicySpec,
+    PositiveInt,
+    check_base_lrs,
+    count,
+    fields,
+    group_floats,
+)
 
 
 class CosineSpec(PolicySpec):
@@ -31,7 +40,7 @@ class CosineSpec(PolicySpec):
 
 
 class CosinePolicy(Policy):
-    STATE = ("lrs", "last_epoch")
+    STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: CosineSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
@@ -39,7 +48,7 @@ class CosinePolicy(Policy):
         self.lrs = list(self.base_lrs)
         self.last_epoch = 0
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
         t, t_max, eta_min = self.last_epoch, self.spec.T_max, self.spec.eta_min
         if (t - 1 - t_max) % (2 * t_max) == 0:
@@ -52,4 +61,3 @@ class CosinePolicy(Policy):
         else:
             ratio = (1 + math.cos(math.pi * t / t_max)) / (1 + math.cos(math.pi * (t - 1) / t_max))
             self.lrs = [ratio * (lr - eta_min) + eta_min for lr in self.lrs]
-        return list(self.lrs)

@@ -15,9 +15,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from .base import NO_METRICS, NonNegativeFloat, Policy, PolicySpec, PositiveInt, check_base_lrs
+from .base import (
+    MAX_COUNT,
+    BadValue,
+    NonNegativeFloat,
+    Policy,
+    PolicySpec,
+    PositiveInt,
+    check_base_lrs,
+    count,
+    fields,
+    group_floats,
+)
 
 
 class CosineRestartsSpec(PolicySpec):
@@ -31,7 +42,7 @@ class CosineRestartsSpec(PolicySpec):
 
 
 class CosineRestartsPolicy(Policy):
-    STATE = ("lrs", "T_cur", "T_i", "restarts")
+    STATE = fields(lrs=group_floats(), T_cur=count(), T_i=count(low=1), restarts=count())
 
     def __init__(self, spec: CosineRestartsSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
@@ -41,14 +52,34 @@ class CosineRestartsPolicy(Policy):
         self.restarts = 0
         self.lrs = self._lrs()
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.T_cur += 1
         if self.T_cur >= self.T_i:  # torch wraps on >=, so T_cur never equals T_i
             self.T_cur = self.T_cur % self.T_i
             self.T_i = self.T_i * self.spec.T_mult
             self.restarts += 1
         self.lrs = self._lrs()
-        return list(self.lrs)
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        if state["T_cur"] >= state["T_i"]:
+            raise BadValue(f"T_cur must be below T_i ({state['T_i']}), got {state['T_cur']}")
+        period = self.period(state["restarts"])
+        if state["T_i"] != period:
+            raise BadValue(
+                f"T_i must be T_0 * T_mult ** restarts ({period or 'past 2**53'}), "
+                f"got {state['T_i']}"
+            )
+
+    def period(self, restarts: int) -> int | None:
+        """T_0 * T_mult ** restarts, the period after that many restarts; None
+        past 2**53, where no state's T_i can be."""
+        spec = self.spec
+        if spec.T_mult == 1:
+            return spec.T_0
+        if restarts > MAX_COUNT.bit_length():  # T_mult >= 2: T_i would pass 2**53
+            return None
+        period = spec.T_0 * spec.T_mult**restarts
+        return period if period <= MAX_COUNT else None
 
     def _lrs(self) -> list[float]:
         eta_min = self.spec.eta_min

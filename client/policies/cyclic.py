@@ -23,7 +23,6 @@ from typing import Literal
 from pydantic import model_validator
 
 from .base import (
-    NO_METRICS,
     NonNegativePerGroup,
     Policy,
     PolicySpec,
@@ -32,6 +31,10 @@ from .base import (
     PositivePerGroup,
     check_base_lrs,
     check_not_below,
+    count,
+    cycled_momenta,
+    fields,
+    group_floats,
     per_group,
 )
 
@@ -60,7 +63,7 @@ class CyclicSpec(PolicySpec):
 
 
 class CyclicPolicy(Policy):
-    STATE = ("lrs", "momenta", "last_epoch")
+    STATE = fields(lrs=group_floats(), momenta=cycled_momenta, last_epoch=count())
 
     def __init__(self, spec: CyclicSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
@@ -77,10 +80,9 @@ class CyclicPolicy(Policy):
         self.last_epoch = 0
         self._evaluate()
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
         self._evaluate()
-        return list(self.lrs)
 
     @property
     def cycle(self) -> int:
@@ -91,7 +93,9 @@ class CyclicPolicy(Policy):
         if mode == "triangular":
             return 1.0
         if mode == "triangular2":
-            return 1 / (2.0 ** (cycle - 1))
+            # 1 / 2.0 ** (cycle - 1), exactly, without its OverflowError past
+            # 1024 cycles (torch's): the amplitude is then 0, as it tends to.
+            return math.ldexp(1.0, 1 - cycle)
         return self.spec.gamma**self.last_epoch  # exp_range scales by iteration
 
     def _evaluate(self) -> None:

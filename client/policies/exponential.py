@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from .base import NO_METRICS, Policy, PolicySpec, PositiveFloat, check_base_lrs
+from .base import Policy, PolicySpec, PositiveFloat, check_base_lrs, check_finite_lrs
 
 
 class ExponentialSpec(PolicySpec):
@@ -25,13 +25,13 @@ class ExponentialSpec(PolicySpec):
 
 
 class ExponentialPolicy(Policy):
-    STATE = ("lrs",)
-
     def __init__(self, spec: ExponentialSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.lrs = check_base_lrs(base_lrs)
+        check_finite_lrs(
+            spec.kind, "the first step (base_lr * gamma)", [lr * spec.gamma for lr in self.lrs]
+        )
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         # Recursive like torch; base_lr * gamma ** t rounds differently.
         self.lrs = [lr * self.spec.gamma for lr in self.lrs]
-        return list(self.lrs)

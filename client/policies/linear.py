@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import NO_METRICS, Policy, PolicySpec, PositiveInt, check_base_lrs
+from .base import Policy, PolicySpec, PositiveInt, check_base_lrs, count, fields, group_floats
 
 
 class LinearSpec(PolicySpec):
@@ -33,14 +33,16 @@ class LinearSpec(PolicySpec):
 
 
 class LinearPolicy(Policy):
-    STATE = ("lrs", "last_epoch")
+    # With end_factor 0 the last factor rounds to about +-1e-16, as torch's
+    # does: an LR a hair below 0 is a state this policy reaches.
+    STATE = fields(lrs=group_floats(low=None), last_epoch=count())
 
     def __init__(self, spec: LinearSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.lrs = [lr * spec.start_factor for lr in check_base_lrs(base_lrs)]
         self.last_epoch = 0
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
         spec = self.spec
         if self.last_epoch <= spec.total_iters:
@@ -49,4 +51,3 @@ class LinearPolicy(Policy):
                 spec.total_iters * spec.start_factor + (self.last_epoch - 1) * delta
             )
             self.lrs = [lr * factor for lr in self.lrs]
-        return list(self.lrs)

@@ -16,7 +16,18 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from .base import NO_METRICS, NonNegativeInt, Policy, PolicySpec, PositiveFloat, check_base_lrs
+from .base import (
+    NonNegativeInt,
+    Policy,
+    PolicySpec,
+    PositiveFloat,
+    SpecError,
+    check_base_lrs,
+    check_finite_lrs,
+    count,
+    fields,
+    group_floats,
+)
 
 
 class MultiStepSpec(PolicySpec):
@@ -29,19 +40,31 @@ class MultiStepSpec(PolicySpec):
 
 
 class MultiStepPolicy(Policy):
-    STATE = ("lrs", "last_epoch")
+    STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: MultiStepSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.milestone_counts = Counter(spec.milestones)
         # torch's creation step is step 0: a milestone at 0 applies at once.
-        at_zero = spec.gamma ** self.milestone_counts[0] if 0 in self.milestone_counts else 1
-        self.lrs = [lr * at_zero for lr in check_base_lrs(base_lrs)]
+        base = check_base_lrs(base_lrs)
+        at_zero = gamma_power(spec, self.milestone_counts[0])
+        self.lrs = [lr * at_zero for lr in base]
+        # Every milestone is known, so is the last LR: refuse it here, not at its step.
+        last = gamma_power(spec, len(spec.milestones))
+        check_finite_lrs(spec.kind, "gamma at every milestone", [lr * last for lr in base])
         self.last_epoch = 0
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
-        count = self.milestone_counts.get(self.last_epoch, 0)
-        if count:
-            self.lrs = [lr * self.spec.gamma**count for lr in self.lrs]
-        return list(self.lrs)
+        times = self.milestone_counts.get(self.last_epoch, 0)
+        if times:
+            self.lrs = [lr * self.spec.gamma**times for lr in self.lrs]
+
+
+def gamma_power(spec: MultiStepSpec, times: int) -> float:
+    try:
+        return spec.gamma**times
+    except OverflowError:  # float ** raises where * would give inf
+        raise SpecError(
+            f"{spec.kind}: gamma ** {times} (milestones) is past the float range"
+        ) from None

@@ -23,7 +23,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import (
-    NO_METRICS,
     NonNegativePerGroup,
     Policy,
     PolicySpec,
@@ -32,7 +31,12 @@ from .base import (
     PositivePerGroup,
     ScheduleExhausted,
     check_base_lrs,
+    check_finite_lrs,
     check_not_below,
+    count,
+    cycled_momenta,
+    fields,
+    group_floats,
     per_group,
 )
 
@@ -97,14 +101,22 @@ class OneCycleSpec(PolicySpec):
 
 
 class OneCyclePolicy(Policy):
-    STATE = ("lrs", "momenta", "step_num")
+    STATE = fields(
+        # At step total_steps a linear anneal is extended past the final LR,
+        # below 0 when the last phase is short (torch's too).
+        lrs=group_floats(low=None),
+        momenta=cycled_momenta,
+        step_num=count(high=lambda policy: policy.spec.steps),
+    )
 
     def __init__(self, spec: OneCycleSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         n = len(check_base_lrs(base_lrs))  # only the group count: onecycle sets its own LRs
         peak = per_group(spec, "max_lr", n)
         initial = [lr / spec.div_factor for lr in peak]
+        check_finite_lrs(spec.kind, "max_lr / div_factor", initial)
         final = [lr / spec.final_div_factor for lr in initial]
+        check_finite_lrs(spec.kind, "max_lr / div_factor / final_div_factor", final)
         ends = spec.phase_ends()
         # (end_step, lr from, lr to, momentum from, momentum to), per torch.
         if spec.three_phase:
@@ -127,14 +139,13 @@ class OneCyclePolicy(Policy):
         self.step_num = 0
         self._evaluate()
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         if self.step_num + 1 > self.spec.steps:
             raise ScheduleExhausted(
                 f"onecycle: step {self.step_num + 1} is past total_steps={self.spec.steps}"
             )
         self.step_num += 1
         self._evaluate()
-        return list(self.lrs)
 
     def _evaluate(self) -> None:
         start_step, last = 0.0, len(self.phases) - 1

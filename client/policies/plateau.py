@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from .base import (
-    NO_METRICS,
+    BadValue,
     NonNegativeFloat,
     NonNegativeInt,
     NonNegativePerGroup,
     Policy,
     PolicySpec,
+    as_number,
     check_base_lrs,
+    count,
+    fields,
+    group_floats,
     per_group,
+    shown,
 )
 
 
@@ -57,22 +62,43 @@ class PlateauSpec(PolicySpec):
         return PlateauPolicy(self, base_lrs)
 
 
+def initial_best(spec: PlateauSpec) -> float:
+    return math.inf if spec.mode == "min" else -math.inf
+
+
+def best_value(policy: Policy, value: Any) -> float:
+    """A number, infinities included (``best`` starts at one, and a reported
+    -inf in mode min becomes best, as in torch); never NaN (no comparison
+    makes a NaN best)."""
+    number = as_number(value)
+    if number is None or math.isnan(number):
+        raise BadValue(f"must be a number (not NaN), got {shown(value)}")
+    return number
+
+
 class PlateauPolicy(Policy):
-    STATE = ("lrs", "best", "num_bad_steps", "cooldown_counter")
+    STATE = fields(
+        lrs=group_floats(),
+        best=best_value,
+        # step() zeroes the count once it passes patience, and the cooldown
+        # starts at cooldown: a state outside these never follows a step.
+        num_bad_steps=count(high=lambda policy: policy.spec.patience),
+        cooldown_counter=count(high=lambda policy: policy.spec.cooldown),
+    )
 
     def __init__(self, spec: PlateauSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.lrs = check_base_lrs(base_lrs)
         self.min_lrs = per_group(spec, "min_lr", len(self.lrs))
-        self.best = math.inf if spec.mode == "min" else -math.inf
+        self.best = initial_best(spec)
         self.num_bad_steps = 0
         self.cooldown_counter = 0
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.decided = None
         value = metrics.get(self.spec.metric)
         if value is None:
-            return list(self.lrs)
+            return
         current = float(value)
         # The order below is torch's: best and the bad count first, then the
         # cooldown (which zeroes the count), then the cut.
@@ -88,10 +114,10 @@ class PlateauPolicy(Policy):
             self._reduce()
             self.cooldown_counter = self.spec.cooldown
             self.num_bad_steps = 0
-        return list(self.lrs)
 
-    # Plateau does not count steps: a reported metric is as good as a step's.
-    observe = step
+    def observe(self, metrics: Mapping[str, float]) -> list[float]:
+        # Plateau does not count steps: a reported metric is as good as a step's.
+        return self.step(metrics)
 
     def is_better(self, value: float) -> bool:
         spec = self.spec

@@ -31,7 +31,19 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
-from .base import NO_METRICS, Policy, PolicySpec, PositiveInt, SpecError, check_base_lrs
+from .base import (
+    BadValue,
+    Policy,
+    PolicySpec,
+    PositiveInt,
+    SpecError,
+    an_object,
+    check_base_lrs,
+    count,
+    fields,
+    group_floats,
+    optional,
+)
 from .cosine import CosineSpec
 from .cosine_restarts import CosineRestartsSpec
 from .cyclic import CyclicSpec
@@ -79,6 +91,13 @@ class SequentialSpec(PolicySpec):
 
 
 class SequentialPolicy(Policy):
+    STATE = fields(
+        last_epoch=count(),
+        index=count(high=lambda policy: len(policy.spec.policies) - 1),
+        held_momenta=optional(group_floats()),
+        stage=an_object,  # the stage's own policy checks it, in load_state_dict
+    )
+
     def __init__(self, spec: SequentialSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.base_lrs = check_base_lrs(base_lrs)
@@ -93,6 +112,7 @@ class SequentialPolicy(Policy):
         # first stage's, else that of the last momentum stage constructed.
         with_momenta = [s.momenta for s in stages if s.momenta is not None]
         self.held_momenta = stages[0].momenta or (with_momenta[-1] if with_momenta else None)
+        self.cycles_momentum = bool(with_momenta)
 
     @property
     def lrs(self) -> list[float]:  # type: ignore[override]
@@ -106,15 +126,18 @@ class SequentialPolicy(Policy):
     def momenta(self) -> list[float] | None:  # type: ignore[override]
         return self.stage.momenta if self.stage.momenta is not None else self.held_momenta
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
-        index = bisect.bisect_right(self.spec.milestones, self.last_epoch)
+        index = self.stage_at(self.last_epoch)
         if index != self.index:
             self.held_momenta = self.momenta
             self.index = index
             self.stage = self.spec.policies[index].build(self.base_lrs)
-            return list(self.stage.lrs)
-        return self.stage.step(metrics)
+        else:
+            self.stage.step(metrics)
+
+    def stage_at(self, step: int) -> int:
+        return bisect.bisect_right(self.spec.milestones, step)
 
     def observe(self, metrics: Mapping[str, float]) -> list[float]:
         # A report belongs to the record of its step. At a milestone that
@@ -132,12 +155,25 @@ class SequentialPolicy(Policy):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        checked = self.checked_state(state)
+        index = checked["index"]
+        stage = self.spec.policies[index].build(self.base_lrs)
         try:
-            index = int(state["index"])
-            stage = self.spec.policies[index].build(self.base_lrs)
-            stage.load_state_dict(state["stage"])
-            self.last_epoch = int(state["last_epoch"])
-            self.held_momenta = state["held_momenta"]
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise SpecError(f"sequential state: {exc!r}") from None
-        self.index, self.stage = index, stage
+            stage.load_state_dict(checked["stage"])
+        except SpecError as exc:
+            raise SpecError(f"sequential state: stage {index}: {exc}") from None
+        self.last_epoch, self.index, self.stage = checked["last_epoch"], index, stage
+        self.held_momenta = checked["held_momenta"]
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        index, last_epoch = state["index"], state["last_epoch"]
+        if index != self.stage_at(last_epoch):
+            raise BadValue(
+                f"index must be {self.stage_at(last_epoch)}, the stage at last_epoch "
+                f"{last_epoch}, got {index}"
+            )
+        # Momentum, where a stage has it, is held from the start (see __init__).
+        if self.cycles_momentum and state["held_momenta"] is None:
+            raise BadValue("held_momenta must be a list, one per param group: a stage cycles it")
+        if not self.cycles_momentum and state["held_momenta"] is not None:
+            raise BadValue("held_momenta must be null: no stage cycles momentum")

@@ -12,7 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from .base import NO_METRICS, Policy, PolicySpec, PositiveFloat, PositiveInt, check_base_lrs
+from .base import (
+    Policy,
+    PolicySpec,
+    PositiveFloat,
+    PositiveInt,
+    check_base_lrs,
+    check_finite_lrs,
+    count,
+    fields,
+    group_floats,
+)
 
 
 class StepSpec(PolicySpec):
@@ -25,17 +35,19 @@ class StepSpec(PolicySpec):
 
 
 class StepPolicy(Policy):
-    STATE = ("lrs", "last_epoch")
+    STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: StepSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.lrs = check_base_lrs(base_lrs)
+        check_finite_lrs(
+            spec.kind, "the first cut (base_lr * gamma)", [lr * spec.gamma for lr in self.lrs]
+        )
         self.last_epoch = 0
 
-    def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
+    def _advance(self, metrics: Mapping[str, float]) -> None:
         self.last_epoch += 1
         # Recursive like torch (lr * gamma at each boundary), not the closed
         # form: the products round differently from gamma ** n.
         if self.last_epoch % self.spec.step_size == 0:
             self.lrs = [lr * self.spec.gamma for lr in self.lrs]
-        return list(self.lrs)
