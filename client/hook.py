@@ -62,6 +62,9 @@ RESEND_AFTER_MS = 500
 # (the answer, or the persisted ack, comes within ~100 ms), but no longer
 # than this (seconds): a daemon that is away must not cost every step an I/O.
 DECISION_WAIT = 0.2
+# Acks kept to send again to a restarted daemon: commands are seconds apart at
+# most, so the last few cover any restart.
+RECENT_ACKS = 32
 
 # Control characters (ANSI escapes, newlines) in a name the daemon prints.
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -242,6 +245,7 @@ class Pilot:
         self._io_seq = 0
         self._await_until = 0.0  # report(): look for the answer every step until then
         self._pending: list[LRCommand] = []
+        self._acks: deque[Ack] = deque(maxlen=RECENT_ACKS)  # sent again after a restart
         self._applied_version = 0
         self._processed_seq = 0
         self._daemon_silent = False
@@ -484,8 +488,12 @@ class Pilot:
 
     def _reintroduce(self) -> None:
         """The daemon restarted (or ended our session): say hello again, then
-        send again what it had not persisted, ahead of what is queued."""
+        send again what it had not persisted, ahead of what is queued, and
+        the recent acks (a daemon killed before it wrote one would keep that
+        journal entry unapplied forever; a repeated one changes nothing)."""
         self._send_hello()
+        for ack in self._acks:
+            self._send(ack, warn=False)
         self._requeue_unacked()
 
     def _requeue_unacked(self) -> None:
@@ -567,11 +575,11 @@ class Pilot:
         if policy is None and self._held is None:
             self._write_lrs(list(command.lrs))
         self._write_current()
-        self._send(
-            Ack(
-                run=self.run, rank=self.rank, version=command.version, applied_step=n + 1, late=late
-            )
+        ack = Ack(
+            run=self.run, rank=self.rank, version=command.version, applied_step=n + 1, late=late
         )
+        self._acks.append(ack)
+        self._send(ack)
         if self._on_change is not None and self._left != old:
             self._on_change(n + 1, old, list(self._left), command.reason, command.actor)
 
@@ -616,7 +624,9 @@ class Pilot:
                 policy_base_lrs=self._policy_base,
                 policy_state=self._policy_state(),
                 step=self.step_count,
+                seq=self._seq,
                 applied_version=self._applied_version,
+                held=self._held,
                 sync=self.sync,
                 client_version=f"{__version__}/p{PROTOCOL_VERSION}",
             )

@@ -119,7 +119,12 @@ class Hello(Message):
     policy_base_lrs: list[FiniteLR] | None = Field(None, max_length=MAX_GROUPS)
     policy_state: dict[str, Any] | None = None
     step: Count = 0
+    # The client's last record (seq) that its policy state has taken in, and
+    # the LRs an operator holds it at: what a daemon that lost its state
+    # (a store that could not write, then a restart) takes the run back from.
+    seq: Count = 0
     applied_version: Count = 0
+    held: list[FiniteLR] | None = Field(None, max_length=MAX_GROUPS)
     sync: bool = False
     client_version: str = Field("", max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
 

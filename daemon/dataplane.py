@@ -163,6 +163,10 @@ class DataPlane:
                 )
                 self.registry.regroup(run, hello)
                 run.engine.max_gap = self.config.max_step_gap
+            elif hello.applied_version > run.engine.version and self._would_drive(
+                identity, run, hello
+            ):
+                self._take_back(identity, run, hello)
             elif hello.step < run.engine.step and hello.rank <= min(run.sessions, default=0):
                 # Only the rank that drives (the lowest; rank 0 of a run that
                 # comes back) sets the run's step: another rank joining behind
@@ -285,6 +289,39 @@ class DataPlane:
             ended_at,
             old.version,
         )
+
+    @staticmethod
+    def _would_drive(identity: bytes, run: Run, hello: Hello) -> bool:
+        others = [rank for rank, s in run.sessions.items() if s.identity != identity]
+        return hello.rank <= min(others, default=hello.rank)
+
+    def _take_back(self, identity: bytes, run: Run, hello: Hello) -> None:
+        """The driver has applied versions this daemon does not have: it lost
+        them (its store could not write them, then it stopped). Making the
+        decisions again from the records sent again would give other changes
+        the same versions; instead the run is taken back from the client's
+        state (policy, step, the records it took in, the operator's hold),
+        and the journal says so."""
+        old = run.engine
+        engine = self.registry.engine_from(hello)
+        engine.max_gap, engine.lead_steps = old.max_gap, old.lead_steps
+        engine.held = list(hello.held) if hello.held is not None else None
+        engine.seq, engine.driver = hello.seq, identity.hex()
+        engine.old_lrs = old.lrs
+        run.engine = engine
+        lost = f"v{old.version + 1}" + (
+            f"..v{hello.applied_version}" if hello.applied_version > old.version + 1 else ""
+        )
+        command = engine.command(
+            f"the daemon had lost {lost} (its store could not write them before it stopped): "
+            f"the run is taken back from rank {hello.rank}'s state at step {hello.step}",
+            actor="daemon",
+            lead=0,
+            policy_changed=True,
+            cause="resync",
+        )
+        self.send_command(run, command)
+        log.warning("run %s: lost %s; took the run back from its client", run.run_id, lost)
 
     def _skip_to(self, run: Run, hello: Hello) -> None:
         """The driver is further ahead than the engine steps through (it

@@ -79,6 +79,10 @@ class Daemon:
         try:
             hard_limit = self.config.max_message_bytes * HARD_LIMIT_FACTOR
             self._sock = self._bind(self.config.address, hard_limit)
+            # A reply to a peer whose pipe is full (a client that stopped
+            # reading) or that is gone raises instead of vanishing, so that
+            # _send counts it (reply_dropped) rather than nobody knowing.
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             control_limit = MAX_CONTROL_BYTES * HARD_LIMIT_FACTOR
             self._control_sock = self._bind(self.config.control_address, control_limit)
         except DaemonError:

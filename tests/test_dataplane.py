@@ -696,3 +696,57 @@ def test_a_switched_policy_starts_at_its_step_0_where_it_takes_effect(make_plane
     assert engine.policy.state_dict() == reference.state_dict()
     history = plane.store.history("switch")
     assert history[-1]["new_lrs"] == [pytest.approx(0.005)]
+
+
+def test_a_daemon_that_lost_journaled_versions_takes_the_run_back_from_its_driver(
+    make_plane, tmp_path
+):
+    """A store that could not write, then a stop: the restarted daemon has
+    v1 while the client applied v1..v3 (the last an operator's hold). It
+    must not make decisions again under versions that meant something else:
+    it takes the client's state and journals where the versions went."""
+    import shutil
+
+    plane = make_plane(state_dir=tmp_path / "live")
+    replies(plane, b"me", hello_from("lost", "a", 1))
+    encoder = BatchEncoder("lost", 0)
+    stream = [(1, 1, STEP, {}), (2, 1, REPORT, {"val_loss": 1.0})]
+    stream += [(3, 2, STEP, {}), (4, 2, REPORT, {"val_loss": 2.0})]  # v1: a cut
+    plane.handle(b"me", encoder.encode(stream, {}), 0.0)
+    plane.flush()
+    plane.close()
+    shutil.copytree(tmp_path / "live", tmp_path / "behind")  # the store as of v1
+    plane = make_plane(state_dir=tmp_path / "live")
+    more = [(5, 3, STEP, {}), (6, 3, REPORT, {"val_loss": 3.0})]  # v2: a cut
+    replies(plane, b"me", hello_from("lost", "a", 1, step=2, seq=4, applied_version=1))
+    plane.handle(b"me", encoder.encode(more, {}), 0.0)
+    control = ControlPlane(plane)
+    control.handle(json.dumps({"op": "set_lr", "run": "lost", "lr": 0.5}).encode())  # v3
+    client_state = plane.registry.runs["lost"].engine.policy.state_dict()
+    plane.close()
+    # The daemon comes back on the store that has v1 only.
+    behind = make_plane(state_dir=tmp_path / "behind")
+    [welcome] = replies(
+        behind,
+        b"me",
+        hello_from(
+            "lost",
+            "a",
+            1,
+            step=3,
+            seq=6,
+            applied_version=3,
+            held=[0.5],
+            policy_state=client_state,
+        ),
+    )
+    engine = behind.registry.runs["lost"].engine
+    assert engine.version == 4 and engine.held == [0.5] and engine.step == 3
+    assert engine.policy.state_dict() == client_state
+    assert welcome.command.version == 4 and welcome.command.lrs == [0.5]
+    # The records it sends again are stored, not folded in again.
+    assert commands(replies(behind, b"me", encoder.encode(stream + more, {}))) == []
+    assert engine.version == 4
+    history = behind.store.history("lost")
+    assert [(e["version"], e["actor"]) for e in history] == [(1, "policy"), (4, "daemon")]
+    assert "lost v2..v3" in history[-1]["reason"]

@@ -486,6 +486,8 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
             rss.append(daemon.rss_mib())
         flood_to = trainer.step
         deaf_version = daemon.show(deaf.run)["version"]
+        # What it could not deliver is counted, not dropped unseen.
+        dropped = daemon.metric("lrpilot_messages_rejected_total", reason="reply_dropped")
         paused.proc.send_signal(signal.SIGCONT)
         kept = deaf.drain()
     finally:
@@ -509,6 +511,7 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
     # dropped the rest rather than keep it all or wait.
     answers = FLOOD_CHUNKS * FLOOD_BATCHES + deaf_version
     assert 10_000 <= kept < answers / 3, (kept, answers)
+    assert dropped >= answers - kept - 10_000, (dropped, answers, kept)
 
     def rate(lines: list[dict]) -> float:
         return (len(lines) - 1) / (lines[-1]["t"] - lines[0]["t"])

@@ -837,3 +837,51 @@ def test_a_command_that_sets_no_policy_is_told_from_one_that_keeps_it():
         assert pilot.policy is None and pilot.lrs == [0.025]
     finally:
         pilot.close()
+
+
+def test_acks_are_sent_again_to_a_daemon_that_restarted():
+    """A daemon killed after the training applied a command, before it wrote
+    the ack, would keep that journal entry unapplied: the pilot sends its
+    recent acks again with its hello to the daemon that asks for one."""
+    import zmq
+
+    from lrpilot.protocol import Ack, Error, Hello, decode, encode
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    params = [{"params": [], "lr": 0.1}]
+
+    class Groups:
+        param_groups = params
+
+    pilot = lrpilot.attach(Groups(), run="acks", daemon=f"tcp://127.0.0.1:{port}")
+
+    def received(kind, deadline=10.0):
+        while router.poll(int(deadline * 1000)):
+            identity, *frames = router.recv_multipart()
+            message = decode(frames)
+            if isinstance(message, kind):
+                return identity, message
+        raise AssertionError(f"no {kind.__name__} from the pilot")
+
+    try:
+        pilot.step()
+        identity, _ = received(Hello)
+        command = LRCommand(run="acks", version=1, effective_step=2, state_step=1, lrs=[0.05])
+        router.send_multipart([identity, encode(command)])
+        wait_for(lambda: (pilot.step(), pilot.lrs == [0.05])[1], what="the command to apply")
+        _, ack = received(Ack)
+        assert ack.version == 1
+        # The "restarted" daemon does not know the session.
+        router.send_multipart([identity, encode(Error(code="unknown_session", message="hello"))])
+        wait_for(lambda: (pilot.step(), router.poll(0))[1], what="the pilot's answer")
+        _, hello = received(Hello)
+        assert hello.applied_version == 1
+        _, again = received(Ack)
+        assert (again.version, again.applied_step) == (1, ack.applied_step)
+    finally:
+        pilot.close()
+        router.close()
+        context.term()
