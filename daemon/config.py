@@ -155,6 +155,13 @@ class DaemonConfig(BaseModel):
         le=1_000_000,
         description="active runs (with a connected rank); a hello for more is refused",
     )
+    max_ended_runs: int = Field(
+        10_000,
+        ge=0,
+        le=10_000_000,
+        description="ended runs kept in memory (lrpilot runs, show); older ones are let go of "
+        "and read back from the store if their training returns",
+    )
     max_metric_names: int = Field(
         256,
         ge=1,

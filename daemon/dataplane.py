@@ -17,6 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
@@ -67,6 +68,7 @@ class DataPlane:
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
         self.journal_deferred = 0  # commands sent while the store could not write them
+        self.forgotten_runs = 0  # ended runs let go of from memory (still in the store)
         self.change_listeners: list[ChangeListener] = []
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
         self._rows: list[tuple] = []  # records for the next tick's batch
@@ -75,19 +77,40 @@ class DataPlane:
         self._acks: Outgoing = []  # persisted messages not yet sent
         self._told_metrics: set[str] = set()  # runs told they report too many names
         for row in self.store.load_runs():
-            try:
-                run = Run.from_row(row, config.command_lead_steps)
-            except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
-                # One run the daemon cannot build must not keep it from serving the rest.
-                self.store.quarantine(row["run_id"], f"the daemon cannot build the run: {exc}")
-                continue
-            engine = run.engine
-            engine.max_gap = config.max_step_gap
-            engine.last_change = last = self.store.last_command(run.run_id)
-            if last is not None and last.policy is not None and last.state_step >= engine.step:
-                # A switch journaled with its start ahead: it starts there still.
-                engine.starts_at = last.state_step + 1
-            self.registry.add(run)
+            run = self._build_run(row)
+            if run is not None:
+                self.registry.add(run)
+        self._forget_ended()
+
+    def _build_run(self, row: dict[str, Any]) -> Run | None:
+        """A stored run as the daemon serves it; None (and the row set aside)
+        when it cannot be built: one such run must not stop the others."""
+        try:
+            run = Run.from_row(row, self.config.command_lead_steps)
+        except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
+            self.store.quarantine(row["run_id"], f"the daemon cannot build the run: {exc}")
+            return None
+        engine = run.engine
+        engine.max_gap = self.config.max_step_gap
+        engine.last_change = last = self.store.last_command(run.run_id)
+        if last is not None and last.policy is not None and last.state_step >= engine.step:
+            # A switch journaled with its start ahead: it starts there still.
+            engine.starts_at = last.state_step + 1
+        return run
+
+    def _forget_ended(self) -> None:
+        """Keep at most --max-ended-runs ended runs in memory (the oldest go;
+        the store keeps them, and a run that comes back is read from it)."""
+        runs = self.registry.runs
+        ended = [r for r in runs.values() if not r.sessions]
+        extra = len(ended) - self.config.max_ended_runs
+        if extra <= 0:
+            return
+        ended.sort(key=lambda r: (r.ended or 0.0, r.created))
+        for run in ended[:extra]:
+            del runs[run.run_id]
+            self._told_metrics.discard(run.run_id)
+        self.forgotten_runs += extra
 
     # --- messages ---------------------------------------------------------
 
@@ -133,7 +156,7 @@ class DataPlane:
         return [(identity, error("unexpected", f"a client does not send {message.t!r}"))]
 
     def _hello(self, identity: bytes, hello: Hello, now: float) -> Outgoing:
-        run = self.registry.runs.get(hello.run)
+        run = self.registry.runs.get(hello.run) or self._restore(hello.run)
         refusal = self._refusal(identity, hello, run, now)
         if refusal is not None:
             code, message = refusal
@@ -236,6 +259,14 @@ class DataPlane:
                 f"this hello has {len(hello.groups)}"
             )
         return None
+
+    def _restore(self, run_id: str) -> Run | None:
+        """A run let go of from memory (--max-ended-runs) that comes back."""
+        row = self.store.load_run(run_id)
+        run = self._build_run(row) if row is not None else None
+        if run is not None:
+            self.registry.add(run)
+        return run
 
     def _is_driver(self, identity: bytes, run: Run) -> bool:
         driver = run.driver
@@ -614,6 +645,7 @@ class DataPlane:
                 log.info("run %s: a session was silent for %.0fs; ended it", run.run_id, timeout)
         for identity in [i for i, t in self._asked.items() if now - t > timeout]:
             del self._asked[identity]
+        self._forget_ended()
 
     def sessions_of(self, run_id: str) -> list[Session]:
         run = self.registry.runs.get(run_id)

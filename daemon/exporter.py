@@ -417,6 +417,11 @@ def store_health(plane: DataPlane) -> Iterator[Metric]:
         dropped.add_metric([reason], health["dropped"].get(reason, 0))
     yield dropped
     yield CounterMetricFamily(
+        "lrpilot_runs_forgotten",
+        "ended runs let go of from memory past --max-ended-runs (the store keeps them)",
+        value=plane.forgotten_runs,
+    )
+    yield CounterMetricFamily(
         "lrpilot_journal_deferred",
         "LR commands sent while the store could not journal them (written once it can)",
         value=plane.journal_deferred,

@@ -521,6 +521,18 @@ class Store:
                 self._quarantine(raw, str(exc))
         return rows
 
+    def load_run(self, run_id: str) -> dict[str, Any] | None:
+        """One run's row (a run the daemon let go of from memory), or None;
+        a row it cannot use is quarantined, as at start."""
+        raw = self._db.execute("SELECT rowid, * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if raw is None:
+            return None
+        try:
+            return decode_run(raw)
+        except BadRow as exc:
+            self._quarantine(raw, str(exc))
+            return None
+
     def quarantine(self, run_id: str, reason: str) -> None:
         """Move a run's row to the quarantine table: for the daemon, when it
         cannot build the run from a row that decodes (a policy that does not

@@ -614,7 +614,8 @@ def store_panels() -> list[Panel]:
             "Store and scrape problems",
             "Per second: store transactions that failed, writes given up on by reason, LR "
             "commands sent before they could be journaled, batches waiting, runs a scrape "
-            "left out (a render error, see the daemon log). All 0 when well.",
+            "left out (a render error, see the daemon log), ended runs let go of from memory "
+            "(--max-ended-runs; the store keeps them). All 0 when well.",
             target(
                 f"rate(lrpilot_store_failed_commits_total{{{JOB}}}[$__rate_interval])",
                 "failed commits",
@@ -632,6 +633,10 @@ def store_panels() -> list[Panel]:
             target(
                 f"rate(lrpilot_render_errors_total{{{JOB}}}[$__rate_interval])",
                 "runs left out of a scrape",
+            ),
+            target(
+                f"rate(lrpilot_runs_forgotten_total{{{JOB}}}[$__rate_interval])",
+                "ended runs let go of from memory",
             ),
             size=(6, 8),
         ),

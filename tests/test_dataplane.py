@@ -750,3 +750,20 @@ def test_a_daemon_that_lost_journaled_versions_takes_the_run_back_from_its_drive
     history = behind.store.history("lost")
     assert [(e["version"], e["actor"]) for e in history] == [(1, "policy"), (4, "daemon")]
     assert "lost v2..v3" in history[-1]["reason"]
+
+
+def test_ended_runs_past_the_cap_leave_memory_and_come_back_from_the_store(make_plane):
+    plane = make_plane(max_ended_runs=1)
+    for name in ("old", "new"):
+        replies(plane, name.encode(), hello_from(name, "a", 1))
+        plane.handle(name.encode(), BatchEncoder(name, 0).encode(
+            [(1, 1, STEP, {}), (2, 1, REPORT, {"val_loss": 1.0}), (3, 2, STEP, {}),
+             (4, 2, REPORT, {"val_loss": 2.0})], {}), 0.0)  # fmt: skip
+        replies(plane, name.encode(), [encode(Bye(run=name, step=2))])
+    plane.sweep(1.0)
+    assert sorted(plane.registry.runs) == ["new"] and plane.forgotten_runs == 1
+    # Its training comes back from a checkpoint: the run is read from the store.
+    [welcome] = replies(plane, b"back", hello_from("old", "a", 2, step=2, applied_version=1))
+    run = plane.registry.runs["old"]
+    assert isinstance(welcome, Welcome) and welcome.version == 1
+    assert run.engine.version == 1 and run.engine.lrs == [0.05]
