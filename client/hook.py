@@ -472,10 +472,14 @@ class Pilot:
             unacked = self._unacked
             while unacked and unacked[0][0] <= message.seq:
                 unacked.popleft()
+        elif isinstance(message, (LRCommand, Welcome)) and message.run != self.run:
+            # Not this run's: a daemon does not send it; applying it would.
+            self.stats.daemon_errors += 1
+            self._warn_once("other-run", f"ignored a command for run {message.run!r}")
         elif isinstance(message, LRCommand):
             self._receive(message)
         elif isinstance(message, Welcome):
-            if message.command is not None:
+            if message.command is not None and message.command.run == self.run:
                 self._receive(message.command)
         elif isinstance(message, Error):
             if message.code in ("unknown_session", "step_gap"):

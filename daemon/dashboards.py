@@ -5,7 +5,7 @@ Where the files are, in order: ``--dir``; the checkout's ``dashboards/``
 next to the daemon package (a source or editable install); the wheel's data
 files, ``<sys.prefix>/share/lrpilot/dashboards`` (pyproject's
 ``[tool.setuptools.data-files]``). ``dashboards/`` is data, not a Python
-package (DESIGN.md), so it is found by path, not by import.
+package (docs/architecture.md), so it is found by path, not by import.
 """
 
 from __future__ import annotations

@@ -465,9 +465,8 @@ class DataPlane:
             # A NaN or infinite metric is a training event (divergence), not
             # a bad message: it is kept, shown and given to the policy.
             self.records_ingested += 1
-            if kind != REPORT:
-                stepped = step
             if not drives:
+                stepped = step if kind != REPORT else stepped
                 continue  # telemetry only
             if seq > run.stored_seq and not fresh:
                 fresh = i + 1
@@ -488,6 +487,9 @@ class DataPlane:
                 out.append((identity, error("step_gap", message)))
                 break
             engine.seq = seq
+            # Only a step taken in moves the rate: a refused one (step_gap)
+            # must not push an operator's lead out by its wild step.
+            stepped = step if kind != REPORT else stepped
             self._keep_metrics(identity, run, metrics, out)
             if command is not None:
                 out += self.send_command(run, command)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from lrpilot.policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, parse_policy
-from lrpilot.protocol import REPORT, LRCommand
+from lrpilot.protocol import MAX_COUNT, REPORT, LRCommand
 
 
 class StepGapTooLarge(ValueError):
@@ -189,7 +189,9 @@ class PolicyEngine:
             # one before an older one (unless the run went back to a
             # checkpoint before it, when the old one is history).
             effective = max(effective, last.effective_step)
-        return effective
+        # A run at the last step the wire counts (a hello may say 2**53), or a
+        # lead from a wild step rate, must not make a command that cannot be sent.
+        return min(effective, MAX_COUNT)
 
     @property
     def state_step(self) -> int:
@@ -202,7 +204,7 @@ class PolicyEngine:
         client that comes back having missed commands."""
         return self._snapshot(
             self.version,
-            max(self.step + 1, self.starts_at),
+            min(max(self.step + 1, self.starts_at), MAX_COUNT),
             "the daemon's state of the run",
             "daemon",
             True,

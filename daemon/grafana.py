@@ -7,7 +7,7 @@ Grafana and what went wrong (no credentials in it). Pushing reads what
 Grafana has first and writes only what differs, so a second push with
 nothing changed sends no write at all.
 
-Only the daemon imports this module (DESIGN.md); the CLI and the server
+Only the daemon imports this module (docs/architecture.md); the CLI and the server
 import it lazily, so `lrpilot daemon` without ``--grafana-url`` never loads
 grafana-client.
 """

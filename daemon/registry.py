@@ -174,11 +174,12 @@ class RunRegistry:
 
     def restart(self, run: Run, hello: Hello) -> None:
         """A fresh start of the run: what the script says, as for a new run."""
+        engine = self.engine_from(hello)  # may raise: a refused hello changes nothing
         run.group_names = [g.name for g in hello.groups]
         run.base_lrs = [g.lr for g in hello.groups]
         run.world_size = hello.world_size
         run.requested_policy = hello.policy
-        run.engine = self.engine_from(hello)
+        run.engine = engine
         run.created = time.time()
         run.last_metrics.clear()
         run.loss_history.clear()

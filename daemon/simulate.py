@@ -1,4 +1,5 @@
-"""``lrpilot simulate``: replay a metric stream through a policy (SIMULATE.md).
+"""``lrpilot simulate``: replay a metric stream through a policy; the contract is
+"The replay contract" in docs/policies.md.
 
 Input, one JSON object a line: ``{"step": INT, "metrics": {"NAME": FLOAT}}``;
 output, one line per input line: ``{"step": INT, "lrs": [...]}`` (plus
@@ -25,6 +26,9 @@ class MetricRecord:
     metrics: Mapping[str, float]
 
 
+RECORD_KEYS = {"step", "metrics"}
+
+
 def parse_record(line: str) -> MetricRecord:
     """Parse one input line; raises ValueError naming the wrong field."""
     try:
@@ -33,6 +37,9 @@ def parse_record(line: str) -> MetricRecord:
         raise ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - RECORD_KEYS)
+    if unknown:  # a typo ("metric") would replay as a record without metrics
+        raise ValueError(f"{unknown[0]}: unknown field (a record has step and metrics)")
     step = obj.get("step")
     if step is None:
         raise ValueError("step: required field is missing")

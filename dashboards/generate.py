@@ -11,7 +11,7 @@ docs/metrics.md, a run's dashboard one click away from every per-run series.
 tests/test_dashboards.py runs each query against a real Prometheus scraping a
 real daemon, and checks that these files are what this script writes.
 
-Standalone on purpose (dashboards/ has no import name, DESIGN.md): the
+Standalone on purpose (dashboards/ has no import name, docs/architecture.md): the
 standard library only, any Python 3.10+.
 """
 

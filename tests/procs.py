@@ -279,7 +279,7 @@ def read_steps(path: Path) -> list[dict]:
 
 
 def metric_stream(lines: list[dict]) -> str:
-    """The recorded metric stream as `lrpilot simulate` input (SIMULATE.md):
+    """The recorded metric stream as `lrpilot simulate` input (docs/policies.md):
     record k is step k's loss plus the val_loss reported after step k."""
     out = []
     for line in lines:

@@ -21,6 +21,7 @@ from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.store import read_records
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
+    MAX_COUNT,
     MAX_MESSAGE_BYTES,
     REPORT,
     STEP,
@@ -667,6 +668,48 @@ def test_a_fresh_start_under_a_used_run_id_is_a_new_timeline(make_plane):
     assert list(plane.store.records("again")) == []
 
 
+def test_a_refused_fresh_start_leaves_the_run_as_it_was(make_plane):
+    """A hello the daemon refuses changes nothing, also the one that would
+    start an ended run afresh (found by tests/test_fuzz.py: it took the
+    hello's groups and kept the old engine, one LR for two groups)."""
+    plane = make_plane()
+    replies(plane, b"old", hello_from("ended", "a", 1))
+    plane.handle(b"old", BatchEncoder("ended", 0).encode([(1, 1, STEP, {})], {}), 0.0)
+    replies(plane, b"old", [encode(Bye(run="ended", step=1))])
+    run = plane.registry.runs["ended"]
+    before = (run.group_names, run.base_lrs, run.world_size, run.requested_policy, run.engine)
+    two = [GroupInfo(name="a", lr=0.1), GroupInfo(name="b", lr=0.2)]
+    [refused] = replies(
+        plane, b"new", hello_from("ended", "a", 2, groups=two, policy_base_lrs=[0.1, 0.2, 0.3])
+    )
+    assert refused.code == "bad_hello"
+    assert (run.group_names, run.base_lrs, run.world_size, run.requested_policy) == before[:4]
+    assert run.engine is before[4]
+
+
+def test_a_run_at_the_last_step_the_wire_counts_still_gets_its_commands(make_plane):
+    """Every command's steps are counts the wire carries (2**53 at most): a
+    run a hello puts at step 2**53, or whose step rate a wild record makes
+    huge, still gets its decisions and its operator's commands (found by
+    tests/test_fuzz.py: both raised from building the command)."""
+    plane = make_plane()
+    control = ControlPlane(plane)
+    replies(plane, b"top", hello_from("top", "a", 1, step=MAX_COUNT))
+    reports = [(1, MAX_COUNT, REPORT, {"val_loss": 1.0}), (2, MAX_COUNT, REPORT, {"val_loss": 2.0})]
+    [cut] = commands(replies(plane, b"top", BatchEncoder("top", 0).encode(reports, {})))
+    assert cut.effective_step == MAX_COUNT and cut.lrs == [0.05]
+    answer, _ = control.handle(json.dumps({"op": "set_lr", "run": "top", "lr": 0.3}).encode())
+    assert answer["ok"] and answer["command"]["effective_step"] == MAX_COUNT
+    # A record 2**52 ahead, a microsecond after the last: refused, but it
+    # made the step rate the operator's lead is counted in wild.
+    replies(plane, b"fast", hello_from("fast", "a", 2))
+    encoder = BatchEncoder("fast", 0)
+    plane.handle(b"fast", encoder.encode([(1, 1, STEP, {})], {}), 1.0)
+    plane.handle(b"fast", encoder.encode([(2, 2**52, STEP, {})], {}), 1.000001)
+    answer, _ = control.handle(json.dumps({"op": "pause", "run": "fast"}).encode())
+    assert answer["ok"] and answer["command"]["effective_step"] <= MAX_COUNT
+
+
 def test_a_switched_policy_starts_at_its_step_0_where_it_takes_effect(make_plane):
     """The operator's new policy is as of the step before it takes effect:
     the client loads it and steps it by nothing when on time, and the daemon
@@ -767,3 +810,16 @@ def test_ended_runs_past_the_cap_leave_memory_and_come_back_from_the_store(make_
     run = plane.registry.runs["old"]
     assert isinstance(welcome, Welcome) and welcome.version == 1
     assert run.engine.version == 1 and run.engine.lrs == [0.05]
+
+
+def test_a_record_refused_for_its_gap_does_not_move_the_step_rate(make_plane):
+    plane = make_plane(max_step_gap=1000)
+    cosine = {"kind": "cosine", "T_max": 100}
+    replies(plane, b"me", hello_from("rate", "a", 1, policy=cosine))
+    encoder = BatchEncoder("rate", 0)
+    plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(1, 11)], {}), 0.0)
+    plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(11, 21)], {}), 0.1)
+    session = plane.registry.runs["rate"].sessions[0]
+    before = (session.step, session.steps_per_s)
+    plane.handle(b"me", encoder.encode([(21, 2**50, STEP, {})], {}), 0.2)
+    assert (session.step, session.steps_per_s) == before

@@ -2,7 +2,7 @@
 (DistributedDataParallel, gloo on CPU; tests/live/train_ddp.py) attach with
 no run, rank or world size given, and a real `lrpilot daemon` steers them.
 
-DESIGN.md: every rank of a run applies the same LR at the same step. Checked
+Every rank of a run applies the same LR at the same step (docs/hook.md). Checked
 here step by step, for the policy's own decisions (plateau on rank 0's
 validation loss) and for an operator's set-lr and resume, in async and in
 lock-step mode: both ranks hold the same LRs after every step, apply every

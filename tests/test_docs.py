@@ -1,6 +1,8 @@
 """docs/policies.md against the code: a section, a plot and a field table per
 kind, JSON examples that are valid policies, defaults that are torch's, and
-plots drawn from the examples the page shows."""
+plots drawn from the examples the page shows. And the repository on its own:
+no file refers to documents outside it, every relative link in the Markdown
+resolves, and the files docs/architecture.md names exist."""
 
 from __future__ import annotations
 
@@ -247,3 +249,94 @@ def test_documented_defaults_are_torchs(kind):
             assert documented is PydanticUndefined, f"{kind}.{name}: required in torch"
         else:
             assert documented == torch_default, f"{kind}.{name}: torch's default {torch_default!r}"
+
+
+# the repository stands on its own: no reference outside it, every link resolves
+
+# Design notes the project started from, which are not in the repository (the
+# pattern is split so that this file does not match it).
+OUTSIDE = re.compile(rb"(?:DESIGN|SIMULATE|STYLE)\.md|(?:\.\./|/work/)share[d]/")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+FENCE = re.compile(r"^```.*?^```[^\n]*$", re.M | re.S)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+HEADING = re.compile(r"^#{1,6} +(.+?)(?: +#+)? *$", re.M)
+# A path into the repository as docs/architecture.md names one.
+REPO_PATH = re.compile(
+    r"\b((?:client|daemon|dashboards|tests|bench|deploy|docs|scripts)/[\w./-]*\w)"
+)
+
+
+def repo_files() -> list[str]:
+    """Tracked files, and new ones git does not ignore (a file not yet added
+    counts too)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name and (ROOT / name).is_file()]
+
+
+def markdown_files() -> list[str]:
+    return sorted(name for name in repo_files() if name.endswith(".md"))
+
+
+def prose(text: str) -> str:
+    """Markdown without its code blocks and code spans."""
+    return CODE_SPAN.sub("", FENCE.sub("", text))
+
+
+def anchors(text: str) -> set[str]:
+    """The heading anchors GitHub makes: lower case, punctuation but - and _
+    dropped, spaces as -, a repeated one numbered."""
+    seen: dict[str, int] = {}
+    found = set()
+    for title in HEADING.findall(FENCE.sub("", text)):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def test_no_file_refers_to_documents_outside_the_repository():
+    found = []
+    for name in repo_files():
+        for number, line in enumerate((ROOT / name).read_bytes().splitlines(), start=1):
+            match = OUTSIDE.search(line)
+            if match:
+                found.append(f"{name}:{number}: {match.group().decode()}")
+    assert not found, "references to documents outside the repository:\n" + "\n".join(found)
+
+
+def test_every_relative_link_in_the_markdown_resolves():
+    pages = markdown_files()
+    assert "README.md" in pages and "docs/architecture.md" in pages
+    broken = []
+    for name in pages:
+        page = ROOT / name
+        text = page.read_text()
+        for target in LINK.findall(prose(text)):
+            if re.match(r"[a-zA-Z][\w+.-]*:", target):
+                continue  # http:, https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.is_relative_to(ROOT) or not linked.exists():
+                broken.append(f"{name}: {target} (no such file in the repository)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+                broken.append(f"{name}: {target} (no heading #{anchor} there)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_the_readme_links_the_architecture_page():
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/architecture.md" in LINK.findall(prose(readme))
+
+
+def test_the_modules_the_architecture_page_names_exist():
+    named = set(REPO_PATH.findall((DOCS / "architecture.md").read_text()))
+    assert len(named) > 20, f"only {sorted(named)} found; did the page's format change?"
+    missing = sorted(path for path in named if not (ROOT / path).exists())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

@@ -885,3 +885,25 @@ def test_acks_are_sent_again_to_a_daemon_that_restarted():
         pilot.close()
         router.close()
         context.term()
+
+
+def test_a_command_for_another_run_is_not_applied():
+    from lrpilot.protocol import encode
+
+    params = [{"params": [], "lr": 0.1}]
+
+    class Groups:
+        param_groups = params
+
+    pilot = lrpilot.attach(Groups(), run="mine", daemon=nobody_listening())
+    try:
+        pilot.step()
+        other = LRCommand(run="theirs", version=1, effective_step=1, state_step=0, lrs=[9.0])
+        with recording() as caught:
+            pilot._handle([encode(other)])
+            pilot.step()
+        assert pilot.lrs == [0.1] and params[0]["lr"] == 0.1
+        assert pilot.stats.daemon_errors == 1
+        assert any("run 'theirs'" in m for m in lrpilot_warnings(caught))
+    finally:
+        pilot.close()

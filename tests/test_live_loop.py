@@ -127,7 +127,7 @@ class Recorded:
         assert [s["step"] for s in self.steps] == list(range(1, len(self.steps) + 1))
 
     def stream(self) -> str:
-        """The recorded metric stream, as SIMULATE.md's records: record k is
+        """The recorded metric stream, as docs/policies.md's records: record k is
         step k's loss plus the val_loss reported at step k."""
         out = []
         for s in self.steps:

@@ -1,6 +1,6 @@
 """Parity of every ``lrpilot.policies`` kind with torch 2.13's own scheduler.
 
-torch is the judge (docs: /work/shared/SIMULATE.md): each case builds an
+torch is the judge (docs/policies.md): each case builds an
 optimizer with one param group per base LR, the torch scheduler with the same
 field values (tests/torch_reference.py) and the policy from the same config,
 then steps both record by record and compares the LRs (and the momentum or
@@ -10,7 +10,7 @@ record, to a relative 1e-9.
 Cases come from hypothesis strategies, one per kind, with a fixed seed
 (``derandomize``) and a bounded number of examples so that CI runs the same
 cases every time. Below them: a bit-exact ``state_dict`` round trip for every
-kind, and one named test per torch quirk listed in SIMULATE.md.
+kind, and one named test per torch quirk that docs/policies.md lists.
 """
 
 from __future__ import annotations
@@ -590,7 +590,7 @@ def test_state_dict_round_trip(kind, data):
 
 
 # --------------------------------------------------------------------------
-# The quirks of torch 2.13 listed in SIMULATE.md, one small case each.
+# The quirks of torch 2.13 listed in docs/policies.md, one small case each.
 
 
 def test_quirk1_every_kind_but_plateau_steps_once_when_created():

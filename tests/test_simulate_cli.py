@@ -1,4 +1,5 @@
-"""`lrpilot simulate` as a user runs it: a real subprocess, the SIMULATE.md contract."""
+"""`lrpilot simulate` as a user runs it: a real subprocess, the replay contract of
+docs/policies.md."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def test_step_numbers_are_echoed_not_used(lrpilot_exe):
         ('{"step": 3, "metrics": [1]}', "line 3: metrics: expected an object"),
         ('{"step": 3, "metrics": {"val_loss": "low"}}', "line 3: metrics.val_loss: expected a num"),
         ('{"step": 3, "metrics": {"val_loss": true}}', "line 3: metrics.val_loss: expected a num"),
+        ('{"step": 3, "metric": {"val_loss": 1.0}}', "line 3: metric: unknown field"),
     ],
 )
 def test_bad_line_stops_with_its_number_and_prints_nothing_for_it(lrpilot_exe, line, message):

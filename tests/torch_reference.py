@@ -1,5 +1,5 @@
 """The judge for the policy parity tests: torch's own schedulers, driven the way
-``lrpilot simulate`` drives a policy (docs: /work/shared/SIMULATE.md).
+``lrpilot simulate`` drives a policy (docs/policies.md, "The replay contract").
 
 ``TorchReference(config, base_lrs)`` builds an optimizer with one param group
 per base LR (SGD with momentum 0.9, or Adam) and the torch scheduler that the
