@@ -28,6 +28,18 @@ from .control import (
 from .control_client import printable
 
 
+# A training node's `pip install lrpilot` gets the hook's dependencies only
+# (pyzmq, pydantic); the daemon's and the demo's come with an extra, named
+# when a command needs one that is missing.
+EXTRA_OF = {
+    "prometheus_client": "daemon",
+    "grafana_client": "daemon",
+    "rich": "daemon",
+    "torch": "demo",
+    "sklearn": "demo",
+}
+
+
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
@@ -564,6 +576,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except sqlite3.Error as exc:
         print(f"lrpilot {args.command}: cannot read the store: {printable(exc)}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise  # a module of our own missing is a bug: its traceback says where
+        print(
+            f"lrpilot {args.command}: needs {exc.name}, which comes with lrpilot's {extra} "
+            f"extra: pip install 'lrpilot[{extra}]'",
+            file=sys.stderr,
+        )
         return 1
     except BrokenPipeError:
         # `lrpilot simulate ... | head` closes our stdout early; not an error.

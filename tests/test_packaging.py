@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
@@ -83,3 +84,43 @@ def test_the_dashboards_are_looked_for_where_pip_install_user_puts_them(tmp_path
     dirs = done.stdout.splitlines()
     assert str(tmp_path / "user" / "share" / "lrpilot" / "dashboards") in dirs
     assert str(Path(sys.prefix) / "share" / "lrpilot" / "dashboards") in dirs
+
+
+def test_a_training_node_installs_the_hook_s_dependencies_only():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [req.split(">")[0].split("<")[0].split("=")[0] for req in project["dependencies"]]
+    assert names == ["pyzmq", "pydantic"]
+    daemon = project["optional-dependencies"]["daemon"]
+    assert {req.split(">")[0] for req in daemon} == {"prometheus-client", "grafana-client", "rich"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing", "extra"),
+    [
+        (["daemon", "--metrics-addr", "off"], "prometheus_client", "daemon"),
+        (["top"], "rich", "daemon"),
+    ],
+)
+def test_a_command_whose_extra_is_missing_says_which_to_install(tmp_path, argv, missing, extra):
+    """Run the CLI with the daemon extra's modules made unimportable, as on
+    a training node that installed lrpilot alone."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {('prometheus_client', 'grafana_client', 'rich')!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from lrpilot.daemon.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = {**os.environ, "LRPILOT_STATE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert missing in lines[0] and f"pip install 'lrpilot[{extra}]'" in lines[0]
