@@ -19,6 +19,7 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 from . import __version__
@@ -130,7 +131,7 @@ def as_float(name: str, value: Any) -> float:
 def caller_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside
     lrpilot (the user's training loop), however deep the call came from."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("lrpilot"):
         frame = frame.f_back
@@ -356,6 +357,7 @@ class Pilot:
 
     def _feed_mirror(self, metrics: dict[str, float], step: bool) -> None:
         mirror = self._mirror
+        assert mirror is not None, "callers check"
         try:
             if step:
                 mirror.step(metrics)

@@ -22,11 +22,11 @@ import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 DEFAULT_DAEMON = "tcp://127.0.0.1:7311"
 DAEMON_ENV = "LRPILOT_DAEMON"
 DEFAULT_CONTROL = "tcp://127.0.0.1:7313"
@@ -327,7 +327,7 @@ def record_layouts(
     """Check that ``body`` is what ``header`` describes; the per-block layouts.
     ProtocolError if not."""
     expected = 0
-    layouts = []
+    layouts: list[tuple[struct.Struct, str, list[str], int]] = []
     for shape, count in header.blocks:
         if not 0 <= shape < len(header.shapes):
             raise ProtocolError(f"metrics.blocks: shape {shape} is not in shapes")

@@ -9,6 +9,7 @@ a session again after a reconnect.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import zmq
 
@@ -37,10 +38,10 @@ class DaemonLink:
 
     def events(self) -> int:
         """POLLIN | POLLOUT as they stand: one call, for both questions."""
-        return self._sock.getsockopt(EVENTS)
+        return cast(int, self._sock.getsockopt(EVENTS))  # EVENTS is an int option
 
     def writable(self) -> bool:
-        return bool(self._sock.getsockopt(EVENTS) & POLLOUT)
+        return bool(cast(int, self._sock.getsockopt(EVENTS)) & POLLOUT)  # as in events()
 
     def send(self, frames: Sequence[bytes]) -> bool:
         """Queue a message; False (nothing sent) when the pipe is full."""

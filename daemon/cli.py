@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lrpilot import __version__
 
@@ -26,7 +26,6 @@ from .control import (
     policy_problem,
 )
 from .control_client import printable
-
 
 # A training node's `pip install lrpilot` gets the hook's dependencies only
 # (pyzmq, pydantic); the daemon's and the demo's come with an extra, named
@@ -234,7 +233,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import DaemonConfig
 
     for name, field in DaemonConfig.model_fields.items():
-        secret = (field.json_schema_extra or {}).get("secret", False)
+        extra = field.json_schema_extra  # a dict here (config.SECRET), never a callable
+        secret = isinstance(extra, dict) and extra.get("secret", False)
         # A secret's default (from the environment) is never printed.
         default = "hidden" if secret else field.get_default(call_default_factory=True)
         flag = "--" + name.replace("_", "-")
@@ -243,7 +243,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, action="store_true", default=None, help=field.description
             )
             continue
-        kind = {int: whole_number, float: finite_float}.get(field.annotation, str)
+        kinds: dict[Any, Callable[[str], Any]] = {int: whole_number, float: finite_float}
+        kind = kinds.get(field.annotation, str)
         parser.add_argument(
             flag,
             dest=name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -47,7 +47,7 @@ GRAFANA_USER_ENV = "LRPILOT_GRAFANA_USER"
 GRAFANA_PASSWORD_ENV = "LRPILOT_GRAFANA_PASSWORD"
 # Fields whose value is never printed (--help) nor logged: add_config_flags
 # masks them, and SecretStr hides them from repr().
-SECRET = {"secret": True}
+SECRET: dict[str, Any] = {"secret": True}
 
 
 def _env(name: str) -> str | None:
@@ -99,7 +99,7 @@ class DaemonConfig(BaseModel):
         "be authenticated",
     )
     insecure: bool = Field(
-        False,
+        default=False,
         description="let the data plane bind an address other machines reach, with no "
         "authentication: anyone who can connect can report for any run and steer its "
         "metric-driven decisions (a warning is logged at every start)",
@@ -110,25 +110,25 @@ class DaemonConfig(BaseModel):
         "$XDG_STATE_HOME/lrpilot, else ~/.local/state/lrpilot",
     )
     durability: Literal["normal", "full"] = Field(
-        "normal",
+        default="normal",
         description="normal: a journal entry survives the daemon being killed; full: it "
         "also survives power loss (an fsync per commit)",
     )
     silence_timeout: float = Field(
-        300.0,
+        default=300.0,
         gt=0,
         le=7 * 86400,
         description="seconds without a message after which a session ends",
     )
     max_message_bytes: int = Field(
-        MAX_MESSAGE_BYTES,
+        default=MAX_MESSAGE_BYTES,
         ge=1024,
         le=256 << 20,
         description="larger messages are refused with an error (4 times this, the "
         "connection is dropped before the message is read whole)",
     )
     command_lead_steps: int = Field(
-        0,
+        default=0,
         ge=0,
         le=1_000_000,
         description="extra steps between a command and the step it takes effect (a policy's "
@@ -136,7 +136,7 @@ class DaemonConfig(BaseModel):
         "it at the same step",
     )
     max_step_gap: int = Field(
-        10_000,
+        default=10_000,
         ge=1,
         le=10_000_000,
         description="steps a run's driver may skip between two records before the daemon "
@@ -144,44 +144,44 @@ class DaemonConfig(BaseModel):
         "the gap (a gap costs ~0.35 us a step on the daemon's one loop)",
     )
     rank_takeover_after: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="seconds a rank's session must have been silent before a new connection "
         "may take that rank over (a restarted process); a second live claim is refused",
     )
     max_runs: int = Field(
-        1000,
+        default=1000,
         ge=1,
         le=1_000_000,
         description="active runs (with a connected rank); a hello for more is refused",
     )
     max_ended_runs: int = Field(
-        10_000,
+        default=10_000,
         ge=0,
         le=10_000_000,
         description="ended runs kept in memory (lrpilot runs, show); older ones are let go of "
         "and read back from the store if their training returns",
     )
     max_metric_names: int = Field(
-        256,
+        default=256,
         ge=1,
         le=100_000,
         description="distinct metric names a run may report; values of more are not kept "
         "(counted as too_many_metrics)",
     )
-    log_level: str = Field("info", description="debug, info, warning or error")
+    log_level: str = Field(default="info", description="debug, info, warning or error")
     metrics_addr: str = Field(
         default_factory=default_metrics_addr,
         description="HOST:PORT where Prometheus scrapes /metrics ($LRPILOT_METRICS_ADDR, else "
         f"{DEFAULT_METRICS_ADDR}; port 0 picks a free one; 'off' serves none)",
     )
     metrics_ttl: float = Field(
-        600.0,
+        default=600.0,
         ge=0,
         description="seconds the series of a run stay in /metrics after its last rank left",
     )
     grafana_url: str | None = Field(
-        None,
+        default=None,
         description="post a Grafana annotation for every LR change to this Grafana "
         "(http://HOST:3000); credentials from $LRPILOT_GRAFANA_TOKEN, or $LRPILOT_GRAFANA_USER "
         "and $LRPILOT_GRAFANA_PASSWORD",
@@ -204,10 +204,10 @@ class DaemonConfig(BaseModel):
         description="Grafana user for basic auth ($LRPILOT_GRAFANA_USER)",
     )
     grafana_timeout: float = Field(
-        2.0, gt=0, description="seconds to wait for Grafana to take one annotation"
+        default=2.0, gt=0, description="seconds to wait for Grafana to take one annotation"
     )
     grafana_queue_size: int = Field(
-        1000,
+        default=1000,
         ge=1,
         description="LR changes waiting to be posted to Grafana; more are dropped and counted",
     )

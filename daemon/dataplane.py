@@ -641,10 +641,10 @@ class DataPlane:
             run.sample_loss()
         timeout = self.config.silence_timeout
         for identity in self.registry.silent(now, timeout):
-            run = self.registry.end_session(identity, now)
-            if run is not None:
-                self._dirty.add(run.run_id)
-                log.info("run %s: a session was silent for %.0fs; ended it", run.run_id, timeout)
+            ended = self.registry.end_session(identity, now)
+            if ended is not None:
+                self._dirty.add(ended.run_id)
+                log.info("run %s: a session was silent for %.0fs; ended it", ended.run_id, timeout)
         for identity in [i for i, t in self._asked.items() if now - t > timeout]:
             del self._asked[identity]
         self._forget_ended()

@@ -200,7 +200,7 @@ class DaemonCollector:
         """
         now = self.clock()
         runs = [r for r in list(self.plane.registry.runs.values()) if self._shown(r, now)]
-        out = {name: [] for name, _, _ in RUN_FAMILIES}
+        out: dict[str, list[str]] = {name: [] for name, _, _ in RUN_FAMILIES}
         monotonic = time.monotonic()
         families = list(out.values())
         for i, run in enumerate(runs):

@@ -177,7 +177,7 @@ class Grafana:
             prometheus_url = check_http_url(prometheus_url, "Prometheus URL")
         except ValueError as exc:
             raise GrafanaError(str(exc)) from None
-        wanted = {
+        wanted: dict[str, Any] = {
             "uid": DATASOURCE_UID,
             "name": DATASOURCE_NAME,
             "type": "prometheus",

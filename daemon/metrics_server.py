@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -46,8 +47,10 @@ class MetricsServer:
         family_host = host.strip("[]")
         server_class = ThreadingHTTPServer
         if ":" in family_host:  # an IPv6 address
-            server_class = type(
-                "Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}
+            # type() with ThreadingHTTPServer as its base makes a subclass of it.
+            server_class = cast(
+                type[ThreadingHTTPServer],
+                type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}),
             )
         self._server = server_class((family_host, port), handler)
         self._server.daemon_threads = True

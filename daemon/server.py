@@ -106,6 +106,7 @@ class Daemon:
             return
         self._loop_at = time.monotonic()  # healthy until serve() has had time to turn
         counts = self.annotations.counts if self.annotations else None
+        assert self.plane is not None, "start() made it"
         collector = DaemonCollector(self.plane, self.config.metrics_ttl, annotations=counts)
         try:
             self.metrics = MetricsServer(
@@ -132,6 +133,7 @@ class Daemon:
         self.annotations = AnnotationPoster.for_grafana(
             c.grafana_url, auth, timeout=c.grafana_timeout, capacity=c.grafana_queue_size
         )
+        assert self.plane is not None, "start() made it"
         self.plane.change_listeners.append(self.annotations.on_change)
         log.info("posting LR changes to Grafana at %s as annotations", c.grafana_url)
 
@@ -183,6 +185,7 @@ class Daemon:
         and its persisted acks (what they sent waits in ZeroMQ's bounded
         pipes, and then in theirs, rather than in the daemon's memory)."""
         sock, plane = self._sock, self.plane
+        assert sock is not None and plane is not None, "start() first"
         for _ in range(DRAIN_MAX):
             try:
                 identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -198,6 +201,7 @@ class Daemon:
 
     def _drain_control(self) -> None:
         sock = self._control_sock
+        assert sock is not None and self.control is not None, "start() first"
         while True:
             try:
                 identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -215,6 +219,7 @@ class Daemon:
 
     def _send(self, replies: list) -> None:
         for to, out in replies:
+            assert self._sock is not None and self.plane is not None, "start() first"
             try:
                 self._sock.send_multipart([to, *out], zmq.NOBLOCK)
             except zmq.ZMQError:

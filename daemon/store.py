@@ -676,8 +676,8 @@ class Store:
         self.backlog_batches = self.backlog_bytes = 0
         self._works()
         for batch, failed in zip(pending, failures):
-            for run_id, ops, exc in failed:
-                self._dropped(run_id, ops, exc)
+            for run_id, ops, error in failed:
+                self._dropped(run_id, ops, error)
             self._notify(batch.notice, {run_id for run_id, _, _ in failed})
 
     def _commit(self, db: sqlite3.Connection, pending: list[Pending]) -> list[list[tuple]]:
@@ -975,7 +975,7 @@ OP_NAMES = {
     "applied": "applied mark",
     "truncate": "truncation",
 }
-WRITERS = {
+WRITERS: dict[str, Callable[[sqlite3.Connection, Any], None]] = {
     "journal": _write_journal,
     "batches": _write_batches,
     "run": _write_run,

@@ -315,7 +315,7 @@ def run_view(
                 if sent_at is not None and asker.socket is not None:
                     poller.register(asker.socket, zmq.POLLIN)
                 # Wake at least once a second so the clock in the header moves.
-                ready = dict(poller.poll(max(0, min(wait, 1.0)) * 1000))
+                ready = dict(poller.poll(int(max(0, min(wait, 1.0)) * 1000)))
                 if wake_fd in ready and any(n in QUIT_SIGNALS for n in os.read(wake_fd, 64)):
                     return  # Ctrl-C or SIGTERM
                 if key_fd is not None and key_fd in ready:
@@ -329,6 +329,7 @@ def run_view(
                     got, error = asker.receive()
                     if got is not None:
                         runs = got
+                    assert sent_at is not None  # the socket is polled only while an ask is out
                     next_ask = sent_at + interval
                     sent_at = None
                 elif sent_at is not None and now >= sent_at + timeout:

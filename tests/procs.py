@@ -295,3 +295,16 @@ def simulate(exe: str, policy: dict, stream: str, base_lrs: list[float]) -> list
     flags = [arg for lr in base_lrs for arg in ("--base-lr", repr(lr))]
     done = lrpilot(exe, "simulate", "--policy", json.dumps(policy), *flags, stdin=stream)
     return [json.loads(line)["lrs"] for line in ok(done).splitlines()]
+
+
+def one_line_error(done, command: str, *says: str, status: int = 1) -> str:
+    """What every refused CLI call must look like: exit ``status``, nothing on
+    stdout, one line on stderr naming the command and saying ``says``."""
+    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"lrpilot {command}: "), lines[0]
+    for words in says:
+        assert words in lines[0], (words, lines[0])
+    return lines[0]

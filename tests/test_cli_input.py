@@ -33,7 +33,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
-from procs import DaemonProcess, daemon_process, lrpilot, ok, ok_json, wait_for
+from procs import (
+    DaemonProcess,
+    daemon_process,
+    lrpilot,
+    ok,
+    ok_json,
+    one_line_error,
+    wait_for,
+)
 
 from lrpilot import attach
 from lrpilot.daemon.cli import build_parser
@@ -89,18 +97,6 @@ def runs(daemon: DaemonProcess) -> list[dict]:
 
 def cli(exe: str, daemon: DaemonProcess, *args: str, stdin: str | None = None):
     return lrpilot(exe, *args, "--control", daemon.control, stdin=stdin)
-
-
-def one_line_error(done, command: str, *says: str, status: int) -> str:
-    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"lrpilot {command}: "), lines[0]
-    for words in says:
-        assert words in lines[0], (words, lines[0])
-    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
-    return lines[0]
 
 
 def state_of(daemon: DaemonProcess) -> tuple:

@@ -31,6 +31,7 @@ from procs import (
     metric_stream,
     ok,
     ok_json,
+    one_line_error,
     read_steps,
     settled_history,
     simulate,
@@ -138,18 +139,6 @@ def assert_lands_on_its_step(history: list[dict], used: dict[int, list[float]]) 
 
 def change_steps(used: dict[int, list[float]]) -> list[int]:
     return [j for j in sorted(used) if j > 1 and used[j] != used[j - 1]]
-
-
-def one_line_error(done, command: str, *says: str, status: int = 1) -> str:
-    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"lrpilot {command}: "), lines[0]
-    for words in says:
-        assert words in lines[0], lines[0]
-    assert "Traceback" not in done.stderr
-    return lines[0]
 
 
 # --- reading a live run ------------------------------------------------------

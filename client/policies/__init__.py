@@ -11,7 +11,7 @@ names and defaults) and its policy object (``step``, ``state_dict``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -58,9 +58,12 @@ __all__ = [
     "parse_policy",
 ]
 
-_SPECS = (*STAGE_SPECS, SequentialSpec)
+_SPECS: tuple[type[PolicySpec], ...] = (*STAGE_SPECS, SequentialSpec)
 KINDS: tuple[str, ...] = tuple(spec.model_fields["kind"].default for spec in _SPECS)
-AnyPolicySpec = Annotated[Union[_SPECS], Field(discriminator="kind")]  # noqa: UP007
+if TYPE_CHECKING:  # mypy cannot read a Union built from a tuple at runtime
+    AnyPolicySpec = PolicySpec
+else:
+    AnyPolicySpec = Annotated[Union[_SPECS], Field(discriminator="kind")]  # noqa: UP007
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyPolicySpec)
 
 

@@ -148,8 +148,9 @@ def as_number(value: Any) -> float | None:
         return None
 
 
-def count(low: int = 0, high: Callable[[Policy], int] | None = None) -> StateCheck:
+def count(low: int = 0, high: Callable[[Any], int] | None = None) -> StateCheck:
     """An integer (not a bool, not 2.0) from ``low`` to ``high(policy)``, else 2**53."""
+    # high takes Any: each policy's lambda reads its own spec (policy.spec.patience).
 
     def check(policy: Policy, value: Any) -> int:
         top = MAX_COUNT if high is None else high(policy)

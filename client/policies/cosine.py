@@ -40,6 +40,7 @@ class CosineSpec(PolicySpec):
 
 
 class CosinePolicy(Policy):
+    spec: CosineSpec
     STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: CosineSpec, base_lrs: Sequence[float]) -> None:

@@ -42,6 +42,7 @@ class CosineRestartsSpec(PolicySpec):
 
 
 class CosineRestartsPolicy(Policy):
+    spec: CosineRestartsSpec
     STATE = fields(lrs=group_floats(), T_cur=count(), T_i=count(low=1), restarts=count())
 
     def __init__(self, spec: CosineRestartsSpec, base_lrs: Sequence[float]) -> None:

@@ -63,6 +63,7 @@ class CyclicSpec(PolicySpec):
 
 
 class CyclicPolicy(Policy):
+    spec: CyclicSpec
     STATE = fields(lrs=group_floats(), momenta=cycled_momenta, last_epoch=count())
 
     def __init__(self, spec: CyclicSpec, base_lrs: Sequence[float]) -> None:

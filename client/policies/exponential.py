@@ -25,6 +25,8 @@ class ExponentialSpec(PolicySpec):
 
 
 class ExponentialPolicy(Policy):
+    spec: ExponentialSpec
+
     def __init__(self, spec: ExponentialSpec, base_lrs: Sequence[float]) -> None:
         self.spec = spec
         self.lrs = check_base_lrs(base_lrs)

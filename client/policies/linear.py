@@ -33,6 +33,7 @@ class LinearSpec(PolicySpec):
 
 
 class LinearPolicy(Policy):
+    spec: LinearSpec
     # With end_factor 0 the last factor rounds to about +-1e-16, as torch's
     # does: an LR a hair below 0 is a state this policy reaches.
     STATE = fields(lrs=group_floats(low=None), last_epoch=count())

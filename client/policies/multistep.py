@@ -40,6 +40,7 @@ class MultiStepSpec(PolicySpec):
 
 
 class MultiStepPolicy(Policy):
+    spec: MultiStepSpec
     STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: MultiStepSpec, base_lrs: Sequence[float]) -> None:

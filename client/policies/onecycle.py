@@ -101,6 +101,7 @@ class OneCycleSpec(PolicySpec):
 
 
 class OneCyclePolicy(Policy):
+    spec: OneCycleSpec
     STATE = fields(
         # At step total_steps a linear anneal is extended past the final LR,
         # below 0 when the last phase is short (torch's too).

@@ -77,6 +77,7 @@ def best_value(policy: Policy, value: Any) -> float:
 
 
 class PlateauPolicy(Policy):
+    spec: PlateauSpec
     STATE = fields(
         lrs=group_floats(),
         best=best_value,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -66,7 +66,10 @@ STAGE_SPECS: tuple[type[PolicySpec], ...] = (
     LinearSpec,
     OneCycleSpec,
 )
-StageSpec = Annotated[Union[STAGE_SPECS], Field(discriminator="kind")]  # noqa: UP007
+if TYPE_CHECKING:  # mypy cannot read a Union built from a tuple at runtime
+    StageSpec = PolicySpec
+else:
+    StageSpec = Annotated[Union[STAGE_SPECS], Field(discriminator="kind")]  # noqa: UP007
 
 
 class SequentialSpec(PolicySpec):
@@ -91,6 +94,7 @@ class SequentialSpec(PolicySpec):
 
 
 class SequentialPolicy(Policy):
+    spec: SequentialSpec
     STATE = fields(
         last_epoch=count(),
         index=count(high=lambda policy: len(policy.spec.policies) - 1),

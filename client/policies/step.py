@@ -35,6 +35,7 @@ class StepSpec(PolicySpec):
 
 
 class StepPolicy(Policy):
+    spec: StepSpec
     STATE = fields(lrs=group_floats(), last_epoch=count())
 
     def __init__(self, spec: StepSpec, base_lrs: Sequence[float]) -> None:
