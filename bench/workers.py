@@ -80,6 +80,8 @@ def role_daemon(args: list[str]) -> None:
         state_dir = options["state_dir"] = tempfile.mkdtemp(prefix="lrpilot-bench-state-")
     if "metrics_addr" in fields:  # /metrics on a free port, or off
         options["metrics_addr"] = "127.0.0.1:0" if "--metrics" in args else "off"
+    if "max_runs" in fields:  # the scrape bench holds 1,000 live runs and one more
+        options["max_runs"] = 100_000
     daemon = Daemon(DaemonConfig(**options))
     daemon.start()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())

@@ -222,8 +222,11 @@ class Daemon:
             assert self._sock is not None and self.plane is not None, "start() first"
             try:
                 self._sock.send_multipart([to, *out], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                self.plane.rejected["reply_dropped"] += 1
+            except zmq.ZMQError as exc:
+                # A peer that is gone (a client that closed before its last
+                # persisted ack) is not news; one whose pipe is full is.
+                if exc.errno != zmq.EHOSTUNREACH:
+                    self.plane.rejected["reply_dropped"] += 1
 
     def liveness(self) -> str | None:
         """None while the loop goes round (it does at least every POLL_MS),
