@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from . import __version__
+from .errors import UsageError
 from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError, parse_policy
 from .protocol import (
     DAEMON_ENV,
@@ -141,7 +142,7 @@ def caller_stacklevel() -> int:
 
 def check_run_id(run: str) -> None:
     if not isinstance(run, str) or not 0 < len(run) <= MAX_NAME or UNPRINTABLE.search(run):
-        raise ValueError(
+        raise UsageError(
             f"lrpilot.attach: run must be 1 to {MAX_NAME} printable characters, got {run!r}"
         )
 
@@ -198,7 +199,7 @@ class Pilot:
             raise TypeError("lrpilot.attach: optimizer must have param_groups with an 'lr' each")
         check_run_id(run)
         if not 0 <= rank < world_size:
-            raise ValueError(
+            raise UsageError(
                 f"lrpilot.attach: rank {rank} is not in 0..world_size-1 ({world_size})"
             )
         self.run, self.rank, self.world_size, self.sync = run, rank, world_size, sync
@@ -653,7 +654,7 @@ class Pilot:
         ``pilot.load_state_dict`` restores lrpilot's own)."""
         groups = self._optimizer.param_groups
         if len(groups) != len(self._groups):
-            raise ValueError(
+            raise UsageError(
                 f"lrpilot: the optimizer now has {len(groups)} param groups, "
                 f"not the {len(self._groups)} it was attached with"
             )
@@ -720,11 +721,11 @@ class Pilot:
                 policy.load_state_dict(state["policy_state"])
             step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"lrpilot: not a pilot state_dict: {exc}") from None
+            raise UsageError(f"lrpilot: not a pilot state_dict: {exc}") from None
         if self._optimizer.param_groups is not self._groups:
             self._regroup()
         if len(lrs) != len(self._groups):
-            raise ValueError(
+            raise UsageError(
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._spec, self._policy, self.step_count = spec, policy, step

@@ -26,6 +26,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from .errors import LRPilotError
+
 PROTOCOL_VERSION: Final = 1
 DEFAULT_DAEMON = "tcp://127.0.0.1:7311"
 DAEMON_ENV = "LRPILOT_DAEMON"
@@ -54,7 +56,7 @@ STEP = "s"  # a record that is one optimizer step
 REPORT = "r"  # metrics that are not a new step (pilot.report)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(LRPilotError, ValueError):
     """A frame that does not follow the protocol; the message says how."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lrpilot import __version__
+from lrpilot.errors import LRPilotError
 
 from .control import (
     LR_RULE,
@@ -39,7 +40,7 @@ EXTRA_OF = {
 }
 
 
-class CommandError(Exception):
+class CommandError(LRPilotError):
     """A user-facing error: printed as one line, exit status 1."""
 
 
@@ -562,16 +563,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import sqlite3
 
-    from .control_client import ControlClientError
-    from .store import StoreError
-
     if getattr(args, "command", None) == "policy" and not args.requested and args.file is None:
         parser.error("policy: give a FILE (or -), or --requested")
     if getattr(args, "command", None) == "simulate" and not args.from_run and not args.base_lr:
         parser.error("simulate: --base-lr is required (one per param group) unless --from-run")
     try:
         args.func(args)
-    except (CommandError, ControlClientError, StoreError, ValueError) as exc:
+    except LRPilotError as exc:  # anything else is a bug: its traceback shows
         # One line, whatever the message quotes (a file name, a daemon's answer).
         print(f"lrpilot {args.command}: {printable(exc)}", file=sys.stderr)
         return 1

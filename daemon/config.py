@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from lrpilot.errors import UsageError
 from lrpilot.protocol import (
     CONTROL_ENV,
     DAEMON_ENV,
@@ -59,16 +60,16 @@ def check_http_url(value: str, what: str = "URL") -> str:
     in logs and in `ps`); the trailing slash dropped."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}")
+        raise UsageError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}")
     if parts.username or parts.password:
-        raise ValueError(
+        raise UsageError(
             f"put no credentials in the {what}: use ${GRAFANA_TOKEN_ENV}, or "
             f"${GRAFANA_USER_ENV} and ${GRAFANA_PASSWORD_ENV}"
         )
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ValueError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}") from None
+        raise UsageError(f"expected a {what} like http://127.0.0.1:3000, got {value!r}") from None
     return value.rstrip("/")
 
 

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from lrpilot.errors import LRPilotError
 from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
 
 from .dataplane import DataPlane, Outgoing
@@ -125,7 +126,7 @@ ControlRequest = Annotated[
 _REQUEST: TypeAdapter[Any] = TypeAdapter(ControlRequest)
 
 
-class ControlError(ValueError):
+class ControlError(LRPilotError, ValueError):
     """A request the daemon refuses; the message is the one line the CLI prints."""
 
 

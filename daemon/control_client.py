@@ -8,12 +8,13 @@ from typing import Any
 
 import zmq
 
+from lrpilot.errors import LRPilotError
 from lrpilot.protocol import CONTROL_ENV, DEFAULT_CONTROL
 
 from .control import MAX_CONTROL_BYTES
 
 
-class ControlClientError(RuntimeError):
+class ControlClientError(LRPilotError, RuntimeError):
     """No answer, or a refusal; the message is one line for the user."""
 
 

@@ -20,10 +20,12 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from lrpilot.errors import LRPilotError
+
 from .config import check_http_url
 
 
-class DashboardError(ValueError):
+class DashboardError(LRPilotError, ValueError):
     """A push or export that cannot be done (a file that is not a dashboard,
     a Grafana that refuses): one line for the user, exit status 1."""
 

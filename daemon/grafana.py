@@ -28,6 +28,8 @@ from grafana_client.client import (
     GrafanaUnauthorizedError,
 )
 
+from lrpilot.errors import LRPilotError
+
 from .config import (
     GRAFANA_PASSWORD_ENV,
     GRAFANA_TOKEN_ENV,
@@ -57,7 +59,7 @@ Credential = str | tuple[str, str] | None
 T = TypeVar("T")
 
 
-class GrafanaError(Exception):
+class GrafanaError(LRPilotError):
     """Grafana cannot be reached, refused us, or failed: one line for the user."""
 
 

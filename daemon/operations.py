@@ -23,6 +23,7 @@ from typing import Any
 from lrpilot.policies import SpecError, parse_policy
 from lrpilot.protocol import REPORT, STEP
 
+from .cli import CommandError
 from .control import MAX_NAME
 from .control_client import control_address, printable, request
 from .engine import PolicyEngine, StepGapTooLarge
@@ -203,7 +204,7 @@ def open_run_store(args: argparse.Namespace, run_id: str) -> tuple[Any, dict[str
         db = open_readonly(Path(args.state_dir) / DB_NAME)
         row = db.execute("SELECT base_lrs FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
-            raise ValueError(f"unknown run {run_id!r} in {args.state_dir}")
+            raise CommandError(f"unknown run {run_id!r} in {args.state_dir}")
         return db, {"base_lrs": json.loads(row[0])}
     path = ask(args, "store")["path"]  # also makes the daemon commit what it has
     run = ask(args, "show", run=run_id)["run"]
@@ -224,7 +225,7 @@ def replay_run(
     try:
         engine = PolicyEngine(run_id, parse_policy(spec), base_lrs or run["base_lrs"])
     except SpecError as exc:
-        raise ValueError(f"policy: {exc}") from None
+        raise CommandError(f"policy: {exc}") from None
     engine.max_gap = REPLAY_MAX_GAP
     yield engine_line(engine, 0)
     step = 0
@@ -236,7 +237,7 @@ def replay_run(
         try:
             (engine.on_report if kind == REPORT else engine.on_step)(record_step, values)
         except StepGapTooLarge:
-            raise ValueError(
+            raise CommandError(
                 f"run {run_id}'s recorded stream jumps from step {engine.step} to {record_step} "
                 "(the daemon took the client's state there); a replay cannot step through it"
             ) from None
@@ -255,7 +256,7 @@ def engine_line(engine: PolicyEngine, step: int) -> dict[str, Any]:
 
 def preview(args: argparse.Namespace, spec: dict[str, Any] | None) -> None:
     if spec is None:
-        raise ValueError("--preview needs a policy to try (FILE or -)")
+        raise CommandError("--preview needs a policy to try (FILE or -)")
     lines = list(replay_run(args, args.run, spec))
     if args.json:
         for line in lines:

@@ -17,6 +17,8 @@ import time
 
 import zmq
 
+from lrpilot.errors import LRPilotError
+
 from .annotations import AnnotationPoster
 from .config import DaemonConfig, is_loopback
 from .control import MAX_CONTROL_BYTES, ControlPlane
@@ -41,7 +43,7 @@ DRAIN_MAX = 1000
 HARD_LIMIT_FACTOR = 4
 
 
-class DaemonError(RuntimeError):
+class DaemonError(LRPilotError, RuntimeError):
     """The daemon cannot start (address in use, bad address)."""
 
 

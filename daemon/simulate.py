@@ -13,10 +13,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from lrpilot.errors import LRPilotError
 from lrpilot.policies import Policy, ScheduleExhausted
 
 
-class ReplayError(ValueError):
+class ReplayError(LRPilotError, ValueError):
     """A record could not be replayed; the message names its line and field."""
 
 

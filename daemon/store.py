@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrpilot.errors import LRPilotError
 from lrpilot.protocol import MetricsHeader, decode_records
 
 DB_NAME = "lrpilot.sqlite3"
@@ -192,7 +193,7 @@ PROBLEMS_SHOWN = 20  # quick_check lines kept and logged
 DROP_REASONS = ("out_of_range", "constraint", "bad_op", "backlog_full", "closed")
 
 
-class StoreError(RuntimeError):
+class StoreError(LRPilotError, RuntimeError):
     """The store cannot be opened or read (bad path, newer schema, not a store)."""
 
 

@@ -37,6 +37,48 @@ def test_policies_import_only_each_other_pydantic_and_the_standard_library():
     for path in sorted((ROOT / "client" / "policies").glob("*.py")):
         for name in imports_of(path):
             top = name.split(".")[0]
-            relative_sibling = name.startswith(".") and not name.startswith("..")
+            # Siblings, and the package's errors module (pure: class definitions).
+            relative_sibling = name == "..errors" or (
+                name.startswith(".") and not name.startswith("..")
+            )
             pure_stdlib = top in sys.stdlib_module_names and top not in IMPURE
             assert relative_sibling or pure_stdlib or top == "pydantic", (path, name)
+
+
+def test_every_error_a_user_sees_is_an_lrpilot_error():
+    """The CLI prints an LRPilotError as one line; anything else is a bug and
+    shows its traceback. Each keeps its builtin base for `except ValueError`."""
+    from lrpilot.daemon.cli import CommandError
+    from lrpilot.daemon.control import ControlError
+    from lrpilot.daemon.control_client import ControlClientError
+    from lrpilot.daemon.dashboards import DashboardError
+    from lrpilot.daemon.grafana import GrafanaError
+    from lrpilot.daemon.server import DaemonError
+    from lrpilot.daemon.simulate import ReplayError
+    from lrpilot.daemon.store import StoreError, StoreWriteError
+    from lrpilot.errors import LRPilotError, UsageError
+    from lrpilot.policies import ScheduleExhausted, SpecError
+    from lrpilot.protocol import ProtocolError
+
+    seen = [
+        CommandError, ControlError, ControlClientError, DashboardError, GrafanaError,
+        DaemonError, ReplayError, StoreError, StoreWriteError, UsageError, ScheduleExhausted,
+        SpecError, ProtocolError,
+    ]  # fmt: skip
+    assert all(issubclass(error, LRPilotError) for error in seen)
+    assert issubclass(SpecError, ValueError) and issubclass(UsageError, ValueError)
+
+
+def test_attach_raises_a_usage_error_naming_what_is_wrong():
+    import pytest
+
+    import lrpilot
+    from lrpilot.errors import UsageError
+
+    groups = [{"params": [], "lr": 0.1}]
+
+    class Groups:
+        param_groups = groups
+
+    with pytest.raises(UsageError, match=r"rank 3 is not in 0\.\.world_size-1 \(2\)"):
+        lrpilot.attach(Groups(), run="x", rank=3, world_size=2, daemon="tcp://127.0.0.1:1")

@@ -16,6 +16,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import LRPilotError
+
 NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
 # Step counts, in specs and in states, are bounded as on the wire (2**53: a
@@ -31,14 +33,14 @@ PositivePerGroup = PositiveFloat | list[PositiveFloat]
 NonNegativePerGroup = NonNegativeFloat | list[NonNegativeFloat]
 
 
-class SpecError(ValueError):
+class SpecError(LRPilotError, ValueError):
     """A policy spec (or its use with a set of param groups) is invalid.
 
     The message is one line that names the field and the rule.
     """
 
 
-class ScheduleExhausted(RuntimeError):
+class ScheduleExhausted(LRPilotError, RuntimeError):
     """A finite schedule (``onecycle``) was stepped past its end, as torch refuses,
     or a step would take the LRs out of the finite range (a ``gamma > 1`` that
     compounds to infinity): either way the schedule has nothing more to give
