@@ -47,11 +47,7 @@ from prometheus_client.core import (
 )
 
 from lrpilot import __version__
-from lrpilot.policies.cosine_restarts import CosineRestartsPolicy
-from lrpilot.policies.cyclic import CyclicPolicy
-from lrpilot.policies.onecycle import OneCyclePolicy
-from lrpilot.policies.plateau import PlateauPolicy
-from lrpilot.policies.sequential import SequentialPolicy
+from lrpilot.policies import POLICY_GAUGES
 
 from .annotations import OUTCOMES as ANNOTATION_OUTCOMES
 from .dataplane import DataPlane
@@ -248,6 +244,9 @@ class DaemonCollector:
 
 YIELD_EVERY = 20  # runs rendered between two offers of the GIL (~1 ms of work)
 
+GAUGE_KINDS = {g.name: g.kind for g in POLICY_GAUGES}
+COUNTER_SUFFIX = {"gauge": "", "counter": "_total"}
+
 # (name without _total, type, help): the per-run families, in exposition order.
 RUN_FAMILIES = (
     ("lrpilot_run_policy_info", "gauge", "the run's policy: its kind and spec (JSON)"),
@@ -271,17 +270,8 @@ RUN_FAMILIES = (
         "gauge",
         "the momentum (SGD) or beta1 (Adam) the policy sets, where it cycles momentum",
     ),
-    ("lrpilot_policy_plateau_best", "gauge", "plateau: the best value of its metric"),
-    ("lrpilot_policy_plateau_bad_steps", "gauge", "plateau: records since the metric improved"),
-    ("lrpilot_policy_plateau_cooldown_steps", "gauge", "plateau: records of cooldown left"),
-    ("lrpilot_policy_cycle", "gauge", "cyclic / cosine restarts: the cycle, from 1"),
-    (
-        "lrpilot_policy_cycle_position_ratio",
-        "gauge",
-        "cyclic, cosine restarts, onecycle: how far into the cycle, 0 to 1",
-    ),
-    ("lrpilot_policy_restarts", "counter", "cosine restarts: warm restarts so far"),
-    ("lrpilot_policy_stage", "gauge", "sequential: the index of the stage in effect"),
+    # What the policies say they export (Policy.GAUGES), not a list of ours.
+    *((f"lrpilot_policy_{g.name}", g.kind, g.help) for g in POLICY_GAUGES),
     ("lrpilot_rank_step", "gauge", "the last optimizer step of the rank"),
     ("lrpilot_rank_lag_steps", "gauge", "steps the rank is behind the run's leading rank"),
     (
@@ -347,23 +337,8 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
     momenta = policy.momenta if policy is not None else None
     for group, value in zip(groups, momenta or ()):
         put("lrpilot_group_momentum", value, group)
-    if isinstance(policy, SequentialPolicy):
-        put("lrpilot_policy_stage", policy.index)
-        policy = policy.stage
-    if isinstance(policy, PlateauPolicy):
-        put("lrpilot_policy_plateau_best", policy.best)
-        put("lrpilot_policy_plateau_bad_steps", policy.num_bad_steps)
-        put("lrpilot_policy_plateau_cooldown_steps", policy.cooldown_counter)
-    elif isinstance(policy, CyclicPolicy):
-        put("lrpilot_policy_cycle", policy.cycle)
-        done = policy.last_epoch / policy.total_size
-        put("lrpilot_policy_cycle_position_ratio", done - math.floor(done))
-    elif isinstance(policy, CosineRestartsPolicy):
-        put("lrpilot_policy_cycle", policy.restarts + 1)
-        put("lrpilot_policy_cycle_position_ratio", policy.T_cur / policy.T_i)
-        put("lrpilot_policy_restarts", policy.restarts, "", "_total")
-    elif isinstance(policy, OneCyclePolicy):
-        put("lrpilot_policy_cycle_position_ratio", min(1.0, policy.step_num / policy.spec.steps))
+    for name, value in (policy.gauges() if policy is not None else {}).items():
+        put(f"lrpilot_policy_{name}", value, "", COUNTER_SUFFIX[GAUGE_KINDS[name]])
     for session in sessions:
         rank = f',rank="{session.rank}"'
         put("lrpilot_rank_step", session.step, rank)

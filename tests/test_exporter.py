@@ -586,3 +586,12 @@ def test_livez_asks_only_whether_the_loop_turns_and_healthz_also_the_store():
         assert get(base + "/livez")[0::2] == (503, b"the daemon loop has not turned for 12 s\n")
     finally:
         server.close()
+
+
+def test_the_policy_families_are_what_the_policies_declare():
+    from lrpilot.daemon.exporter import RUN_FAMILIES
+    from lrpilot.policies import POLICY_GAUGES
+
+    exported = {name for name, _, _ in RUN_FAMILIES if name.startswith("lrpilot_policy_")}
+    assert exported == {f"lrpilot_policy_{g.name}" for g in POLICY_GAUGES}
+    assert {"lrpilot_policy_plateau_best", "lrpilot_policy_restarts"} <= exported

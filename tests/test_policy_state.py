@@ -440,3 +440,17 @@ def test_plateau_best_may_be_the_other_infinity_a_reported_metric_made_it():
     fresh = stepped("plateau", 0)
     fresh.load_state_dict(saved(policy))
     assert fresh.best == -math.inf
+
+
+def test_every_kind_is_listed_for_its_gauges_and_exports_only_what_it_declares():
+    from lrpilot.policies import _POLICIES, KINDS
+
+    assert sorted(kind for kind, _ in _POLICIES) == sorted(KINDS)
+    for name in ("plateau", "cosine_restarts", "cyclic", "onecycle", "sequential", "cosine"):
+        policy = stepped(name, 3)
+        declared = {g.name for g in type(policy).GAUGES}
+        if name == "sequential":  # and its stage's
+            declared |= {g.name for g in type(policy.stage).GAUGES}
+        values = policy.gauges()
+        assert set(values) <= declared, name
+        assert all(isinstance(v, (int, float)) for v in values.values()), name

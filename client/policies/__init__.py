@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .base import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError
+from .base import NO_METRICS, Gauge, Policy, PolicySpec, ScheduleExhausted, SpecError
 from .cosine import CosinePolicy, CosineSpec
 from .cosine_restarts import CosineRestartsPolicy, CosineRestartsSpec
 from .cyclic import CyclicPolicy, CyclicSpec
@@ -30,6 +30,7 @@ from .step import StepPolicy, StepSpec
 __all__ = [
     "KINDS",
     "NO_METRICS",
+    "POLICY_GAUGES",
     "AnyPolicySpec",
     "CosinePolicy",
     "CosineRestartsPolicy",
@@ -39,6 +40,7 @@ __all__ = [
     "CyclicSpec",
     "ExponentialPolicy",
     "ExponentialSpec",
+    "Gauge",
     "LinearPolicy",
     "LinearSpec",
     "MultiStepPolicy",
@@ -65,6 +67,37 @@ if TYPE_CHECKING:  # mypy cannot read a Union built from a tuple at runtime
 else:
     AnyPolicySpec = Annotated[Union[_SPECS], Field(discriminator="kind")]  # noqa: UP007
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyPolicySpec)
+
+_POLICIES: tuple[tuple[str, type[Policy]], ...] = (
+    ("step", StepPolicy),
+    ("multistep", MultiStepPolicy),
+    ("exponential", ExponentialPolicy),
+    ("cosine", CosinePolicy),
+    ("cosine_restarts", CosineRestartsPolicy),
+    ("cyclic", CyclicPolicy),
+    ("onecycle", OneCyclePolicy),
+    ("linear", LinearPolicy),
+    ("plateau", PlateauPolicy),
+    ("sequential", SequentialPolicy),
+)
+
+
+def _policy_gauges() -> tuple[Gauge, ...]:
+    """Every gauge some policy exports, once, its help naming the kinds that
+    export it: the exporter's policy families, in a stable order."""
+    by_name: dict[str, tuple[Gauge, list[str]]] = {}
+    for kind, cls in _POLICIES:
+        for gauge in cls.GAUGES:
+            first, kinds = by_name.setdefault(gauge.name, (gauge, []))
+            if first.kind != gauge.kind:
+                raise TypeError(f"gauge {gauge.name} is a {first.kind} and a {gauge.kind}")
+            kinds.append(kind)
+    return tuple(
+        Gauge(g.name, g.kind, f"{' / '.join(kinds)}: {g.help}") for g, kinds in by_name.values()
+    )
+
+
+POLICY_GAUGES: tuple[Gauge, ...] = _policy_gauges()
 
 
 def parse_policy(obj: Any) -> PolicySpec:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -207,6 +208,16 @@ def an_object(policy: Policy, value: Any) -> Mapping[str, Any]:
     return value
 
 
+@dataclass(frozen=True)
+class Gauge:
+    """A number a policy exports about its state: Prometheus family
+    ``lrpilot_policy_<name>`` (a counter gets ``_total``), and what it means."""
+
+    name: str
+    kind: Literal["gauge", "counter"]
+    help: str
+
+
 class Policy:
     """A learning-rate policy: ``step(metrics) -> lrs``, like a torch scheduler.
 
@@ -275,6 +286,14 @@ class Policy:
         """Metrics that are not a new step (a validation loss): step-driven
         policies ignore them; metric-driven ones act as on a step's."""
         return list(self.lrs)
+
+    # What the exporter shows of the state, and gauges() their values now:
+    # each policy says what it exports, the exporter knows none by name.
+    GAUGES: ClassVar[tuple[Gauge, ...]] = ()
+
+    def gauges(self) -> dict[str, float]:
+        """The values of ``GAUGES`` now, by name."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}

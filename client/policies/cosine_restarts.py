@@ -20,6 +20,7 @@ from typing import Any, Literal
 from .base import (
     MAX_COUNT,
     BadValue,
+    Gauge,
     NonNegativeFloat,
     Policy,
     PolicySpec,
@@ -42,6 +43,19 @@ class CosineRestartsSpec(PolicySpec):
 
 
 class CosineRestartsPolicy(Policy):
+    GAUGES = (
+        Gauge("cycle", "gauge", "the cycle the policy is in, from 1"),
+        Gauge("cycle_position_ratio", "gauge", "how far into the cycle, 0 to 1"),
+        Gauge("restarts", "counter", "warm restarts so far"),
+    )
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "cycle": self.restarts + 1,
+            "cycle_position_ratio": self.T_cur / self.T_i,
+            "restarts": self.restarts,
+        }
+
     spec: CosineRestartsSpec
     STATE = fields(lrs=group_floats(), T_cur=count(), T_i=count(low=1), restarts=count())
 

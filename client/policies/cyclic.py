@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from .base import (
+    Gauge,
     NonNegativePerGroup,
     Policy,
     PolicySpec,
@@ -63,6 +64,15 @@ class CyclicSpec(PolicySpec):
 
 
 class CyclicPolicy(Policy):
+    GAUGES = (
+        Gauge("cycle", "gauge", "the cycle the policy is in, from 1"),
+        Gauge("cycle_position_ratio", "gauge", "how far into the cycle, 0 to 1"),
+    )
+
+    def gauges(self) -> dict[str, float]:
+        done = self.last_epoch / self.total_size
+        return {"cycle": self.cycle, "cycle_position_ratio": done - math.floor(done)}
+
     spec: CyclicSpec
     STATE = fields(lrs=group_floats(), momenta=cycled_momenta, last_epoch=count())
 

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import (
+    Gauge,
     NonNegativePerGroup,
     Policy,
     PolicySpec,
@@ -101,6 +102,11 @@ class OneCycleSpec(PolicySpec):
 
 
 class OneCyclePolicy(Policy):
+    GAUGES = (Gauge("cycle_position_ratio", "gauge", "how far into the cycle, 0 to 1"),)
+
+    def gauges(self) -> dict[str, float]:
+        return {"cycle_position_ratio": min(1.0, self.step_num / self.spec.steps)}
+
     spec: OneCycleSpec
     STATE = fields(
         # At step total_steps a linear anneal is extended past the final LR,

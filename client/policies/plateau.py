@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     BadValue,
+    Gauge,
     NonNegativeFloat,
     NonNegativeInt,
     NonNegativePerGroup,
@@ -77,6 +78,19 @@ def best_value(policy: Policy, value: Any) -> float:
 
 
 class PlateauPolicy(Policy):
+    GAUGES = (
+        Gauge("plateau_best", "gauge", "the best value of its metric"),
+        Gauge("plateau_bad_steps", "gauge", "records since the metric improved"),
+        Gauge("plateau_cooldown_steps", "gauge", "records of cooldown left"),
+    )
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "plateau_best": self.best,
+            "plateau_bad_steps": self.num_bad_steps,
+            "plateau_cooldown_steps": self.cooldown_counter,
+        }
+
     spec: PlateauSpec
     STATE = fields(
         lrs=group_floats(),

@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     BadValue,
+    Gauge,
     Policy,
     PolicySpec,
     PositiveInt,
@@ -94,6 +95,12 @@ class SequentialSpec(PolicySpec):
 
 
 class SequentialPolicy(Policy):
+    # Its own, and whatever its stages export (the one in effect fills them).
+    GAUGES = (Gauge("stage", "gauge", "the index of the stage in effect"),)
+
+    def gauges(self) -> dict[str, float]:
+        return {"stage": self.index, **self.stage.gauges()}
+
     spec: SequentialSpec
     STATE = fields(
         last_epoch=count(),
