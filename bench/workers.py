@@ -65,7 +65,8 @@ def role_daemon(args: list[str]) -> None:
 
     def timed_command(self: PolicyEngine, *a: Any, **k: Any) -> Any:
         made = command(self, *a, **k)
-        decided[made.version] = time.monotonic_ns()
+        version = getattr(made, "command", made).version  # a Change (or, before, the command)
+        decided[version] = time.monotonic_ns()
         return made
 
     # This process only: the daemon's code is unchanged.

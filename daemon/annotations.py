@@ -23,8 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lrpilot.protocol import LRCommand
-
+from .engine import Change
 from .registry import Run
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ DRAIN_S = 2.0  # close() waits this long for queued changes to be posted
 OUTCOMES = ("posted", "failed", "dropped")
 
 # (wall time in ms, run id, the command, the LRs before it, its cause)
-Change = tuple[int, str, LRCommand, list[float], str]
+Queued = tuple[int, str, Change]  # (time ms, run, the change)
 Post = Callable[[int, list[str], str], None]  # (time ms, tags, text); raises on failure
 
 
@@ -45,9 +44,10 @@ def lrs_text(lrs: list[float]) -> str:
     return ", ".join(f"{lr:.6g}" for lr in lrs)
 
 
-def annotation(change: Change) -> tuple[int, list[str], str]:
+def annotation(queued: Queued) -> tuple[int, list[str], str]:
     """(time ms, tags, text) of the annotation for one change."""
-    time_ms, run_id, command, old_lrs, cause = change
+    time_ms, run_id, change = queued
+    command, old_lrs, cause = change.command, change.old_lrs, change.cause
     # The cause is the reason label of lrpilot_run_lr_changes_total (plateau,
     # set_lr, pause, resume, policy_switch); the full reason is in the text.
     tags = ["lrpilot", f"run:{run_id}", cause]
@@ -66,7 +66,7 @@ class AnnotationPoster:
         self._post = post
         self.capacity = capacity
         self.where = where
-        self._queue: deque[Change] = deque()
+        self._queue: deque[Queued] = deque()
         self._lock = threading.Condition()
         self._counts = dict.fromkeys(OUTCOMES, 0)
         self._closed = False  # no more changes taken
@@ -90,14 +90,14 @@ class AnnotationPoster:
 
     # --- the daemon loop's side -------------------------------------------
 
-    def on_change(self, run: Run, command: LRCommand, old_lrs: list[float]) -> None:
+    def on_change(self, run: Run, change: Change) -> None:
         """A ChangeListener: queue the change and return (never raises, never waits)."""
-        change = (int(time.time() * 1000), run.run_id, command, old_lrs, run.engine.last_cause)
+        queued = (int(time.time() * 1000), run.run_id, change)
         with self._lock:
             if self._closed or len(self._queue) >= self.capacity:
                 self._counts["dropped"] += 1
                 return
-            self._queue.append(change)
+            self._queue.append(queued)
             self._lock.notify()
 
     def counts(self) -> dict[str, int]:
@@ -142,7 +142,7 @@ class AnnotationPoster:
                 self._in_flight = False
                 self._lock.notify_all()
 
-    def _post_one(self, change: Change) -> str:
+    def _post_one(self, change: Queued) -> str:
         try:
             self._post(*annotation(change))
         except Exception as exc:  # whatever Grafana does, the daemon goes on

@@ -29,6 +29,7 @@ from lrpilot.errors import LRPilotError
 from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
 
 from .dataplane import DataPlane, Outgoing
+from .engine import Change
 from .registry import Run
 
 log = logging.getLogger("lrpilot.daemon")
@@ -169,8 +170,8 @@ class ControlPlane:
                 "its training is back"
             )
 
-    def _send(self, run: Run, command: Any) -> Outgoing:
-        return self.plane.send_command(run, command)
+    def _send(self, run: Run, change: Change) -> Outgoing:
+        return self.plane.send_command(run, change)
 
     def _lead(self, run: Run) -> int:
         return run.command_lead(self.plane.config.command_lead_steps)
@@ -219,32 +220,32 @@ class ControlPlane:
         for i in groups:
             lrs[i] = request.lr
         where = "all groups" if request.group is None else f"group {request.group}"
-        command = run.engine.hold(
+        change = run.engine.hold(
             lrs, f"set-lr {request.lr} ({where}); held until resume", request.actor, self._lead(run)
         )
-        return {"command": command.model_dump()}, self._send(run, command)
+        return {"command": change.command.model_dump()}, self._send(run, change)
 
     def op_pause(self, request: PauseRequest) -> tuple[dict, Outgoing]:
         run = self._run(request.run)
         if run.engine.held is not None:
             raise ControlError(f"run {run.run_id!r} is already held at {run.engine.held}")
         self._require_live(run)
-        command = run.engine.hold(
+        change = run.engine.hold(
             run.engine.lrs,
             "pause: LRs held until resume",
             request.actor,
             self._lead(run),
             cause="pause",
         )
-        return {"command": command.model_dump()}, self._send(run, command)
+        return {"command": change.command.model_dump()}, self._send(run, change)
 
     def op_resume(self, request: ResumeRequest) -> tuple[dict, Outgoing]:
         run = self._run(request.run)
         if run.engine.held is None:
             raise ControlError(f"run {run.run_id!r} is not held (nothing to resume)")
         self._require_live(run)
-        command = run.engine.release(request.actor, self._lead(run))
-        return {"command": command.model_dump()}, self._send(run, command)
+        change = run.engine.release(request.actor, self._lead(run))
+        return {"command": change.command.model_dump()}, self._send(run, change)
 
     def op_policy(self, request: PolicyRequest) -> tuple[dict, Outgoing]:
         problem = None if request.policy is None else policy_problem(request.policy)
@@ -262,8 +263,8 @@ class ControlPlane:
             if request.policy is not None
             else f"policy given back to the script's ({what})"
         )
-        command = run.engine.switch(spec, reason, request.actor, self._lead(run))
-        return {"command": command.model_dump()}, self._send(run, command)
+        change = run.engine.switch(spec, reason, request.actor, self._lead(run))
+        return {"command": change.command.model_dump()}, self._send(run, change)
 
 
 def refusal(error: str) -> tuple[dict[str, Any], Outgoing]:

@@ -28,7 +28,6 @@ from lrpilot.protocol import (
     Bye,
     Error,
     Hello,
-    LRCommand,
     MessageTooLarge,
     MetricsHeader,
     Persisted,
@@ -42,16 +41,16 @@ from lrpilot.protocol import (
 )
 
 from .config import DaemonConfig
-from .engine import StepGapTooLarge
+from .engine import Change, StepGapTooLarge
 from .registry import Run, RunRegistry, Session
 from .store import Store, StoreWriteError
 
 log = logging.getLogger("lrpilot.daemon")
 
 Outgoing = list[tuple[bytes, list[bytes]]]
-# Called with (run, command, old LRs) after a change is journaled, on the
-# daemon loop: a listener must return at once (queue the work, never do I/O).
-ChangeListener = Callable[[Run, LRCommand, list[float]], None]
+# Called with (run, change) after a change is journaled, on the daemon loop:
+# a listener must return at once (queue the work, never do I/O).
+ChangeListener = Callable[[Run, Change], None]
 ASK_AGAIN_AFTER = 1.0  # seconds between unknown_session answers to one sender
 
 
@@ -305,15 +304,15 @@ class DataPlane:
         self._rows = [row for row in self._rows if row[0] != run.run_id]
         self.store.submit([("truncate", (run.run_id, 0))])
         run.stored_seq = run.committed_seq = 0
-        engine.old_lrs = old.lrs
-        command = engine.command(
+        change = engine.command(
             f"fresh start: the run's previous timeline ended at step {ended_at}",
             actor="daemon",
             lead=0,
             policy_changed=True,
             cause="fresh_start",
+            old_lrs=old.lrs,
         )
-        self.send_command(run, command)  # journaled; no rank is connected to send it to
+        self.send_command(run, change)  # journaled; no rank is connected to send it to
         log.info(
             "run %s started afresh (its previous timeline ended at step %d, version %d)",
             run.run_id,
@@ -338,20 +337,20 @@ class DataPlane:
         engine.max_gap, engine.lead_steps = old.max_gap, old.lead_steps
         engine.held = list(hello.held) if hello.held is not None else None
         engine.seq, engine.driver = hello.seq, identity.hex()
-        engine.old_lrs = old.lrs
         run.engine = engine
         lost = f"v{old.version + 1}" + (
             f"..v{hello.applied_version}" if hello.applied_version > old.version + 1 else ""
         )
-        command = engine.command(
+        change = engine.command(
             f"the daemon had lost {lost} (its store could not write them before it stopped): "
             f"the run is taken back from rank {hello.rank}'s state at step {hello.step}",
             actor="daemon",
             lead=0,
             policy_changed=True,
             cause="resync",
+            old_lrs=old.lrs,
         )
-        self.send_command(run, command)
+        self.send_command(run, change)
         log.warning("run %s: lost %s; took the run back from its client", run.run_id, lost)
 
     def _skip_to(self, run: Run, hello: Hello) -> None:
@@ -474,9 +473,9 @@ class DataPlane:
                 continue  # folded in before a restart
             try:
                 if kind == REPORT:
-                    command = engine.on_report(step, metrics)
+                    change = engine.on_report(step, metrics)
                 else:
-                    command = engine.on_step(step, metrics)
+                    change = engine.on_step(step, metrics)
             except StepGapTooLarge as exc:
                 # Not folded in, not stored: the client sends these records
                 # again after its hello, which carries its state past the gap.
@@ -491,8 +490,8 @@ class DataPlane:
             # must not push an operator's lead out by its wild step.
             stepped = step if kind != REPORT else stepped
             self._keep_metrics(identity, run, metrics, out)
-            if command is not None:
-                out += self.send_command(run, command)
+            if change is not None:
+                out += self.send_command(run, change)
         if stepped:  # once a batch: the rate is measured between batches
             session.saw_step(stepped, now)
         if fresh and fresh <= folded:
@@ -559,20 +558,21 @@ class DataPlane:
         self._asked[identity] = now
         return [(identity, error("unknown_session", "say hello first"))]
 
-    def send_command(self, run: Run, command: LRCommand) -> Outgoing:
+    def send_command(self, run: Run, change: Change) -> Outgoing:
         """Journal the command with the run's state (on disk), then address it
         to every rank. The state goes with it so that a daemon killed right
         after does not make the decision again from records sent again."""
+        command = change.command
         row = run.row(time.time(), stored_seq=run.committed_seq)
         try:
-            self.store.journal(run.run_id, command, run.engine.old_lrs, row)
+            self.store.journal(run.run_id, command, change.old_lrs, row)
         except StoreWriteError as exc:
             # The store cannot write (a full disk): the training is steered
             # from memory all the same, and the entry waits in the writer's
             # backlog (never trimmed) until the store takes writes again.
             self.journal_deferred += 1
             self.store.submit(
-                [("journal", (run.run_id, command, list(run.engine.old_lrs))), ("run", row)]
+                [("journal", (run.run_id, command, list(change.old_lrs))), ("run", row)]
             )
             log.error("run %s v%d: journaled later: %s", run.run_id, command.version, exc)
         self._dirty.add(run.run_id)
@@ -587,7 +587,7 @@ class DataPlane:
         )
         for listener in self.change_listeners:
             try:
-                listener(run, command, list(run.engine.old_lrs))
+                listener(run, change)
             except Exception:  # an observer must not stop the command
                 log.exception("a change listener failed on run %s v%d", run.run_id, command.version)
         frames = [encode(command)]

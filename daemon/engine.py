@@ -17,10 +17,27 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lrpilot.policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, parse_policy
 from lrpilot.protocol import MAX_COUNT, REPORT, LRCommand
+
+
+@dataclass(frozen=True)
+class Change:
+    """One LR change, as every reader takes it (the journal, the exporter,
+    the Grafana annotation): the command that carries it, the LRs in effect
+    before it, its bounded cause (the policy's kind, set_lr, pause, resume,
+    policy_switch, fresh_start, resync) and who made it."""
+
+    command: LRCommand
+    old_lrs: list[float]
+    cause: str
+
+    @property
+    def actor(self) -> str:
+        return self.command.actor
 
 
 class StepGapTooLarge(ValueError):
@@ -57,9 +74,7 @@ class PolicyEngine:
         # the exporter (the policy's kind, set_lr, pause, resume, policy_switch);
         # the free-text reason is in the journal.
         self.changes: Counter[str] = Counter()
-        self.last_cause = ""  # the cause of the last command (its tag in Grafana)
-        self.old_lrs: list[float] = self.lrs  # before the last command, for the journal
-        self._before: list[float] = self.old_lrs
+        self._before: list[float] = self.lrs  # before the last record's step
 
     @property
     def lrs(self) -> list[float]:
@@ -74,7 +89,7 @@ class PolicyEngine:
 
     # --- the record stream ------------------------------------------------
 
-    def on_step(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
+    def on_step(self, step: int, metrics: Mapping[str, float]) -> Change | None:
         """Record ``step`` (1-based optimizer step count). Records at or before
         the engine's step are old news (a replay after a reconnect); missing
         steps (dropped by a client whose queue overflowed) are taken without
@@ -108,7 +123,7 @@ class PolicyEngine:
         self.step = step
         return self._decision()
 
-    def on_report(self, step: int, metrics: Mapping[str, float]) -> LRCommand | None:
+    def on_report(self, step: int, metrics: Mapping[str, float]) -> Change | None:
         """A report belongs after record ``step``; one from before the engine's
         step is old news (replayed after a restart) and must not act again."""
         if self.policy is None or step < self.step or step < self.starts_at:
@@ -124,42 +139,44 @@ class PolicyEngine:
             else:
                 self.on_step(step, metrics)
 
-    def _decision(self) -> LRCommand | None:
-        reason = self.policy.decided if self.policy else None
-        if reason is None or self.held is not None:
+    def _decision(self) -> Change | None:
+        decision = self.policy.decided if self.policy else None
+        if decision is None or self.held is not None:
             return None
-        self.old_lrs = list(self._before)
-        return self.command(reason, actor="policy", cause=reason.split(":", 1)[0])
+        return self.command(
+            decision.reason, actor="policy", cause=decision.cause, old_lrs=list(self._before)
+        )
 
     # --- operator actions -------------------------------------------------
 
     def hold(
         self, lrs: Sequence[float], reason: str, actor: str, lead: int, cause: str = "set_lr"
-    ) -> LRCommand:
-        self.old_lrs = self.lrs
+    ) -> Change:
+        before = self.lrs
         self.held = [float(lr) for lr in lrs]
-        return self.command(reason, actor, lead=lead, cause=cause)
+        return self.command(reason, actor, lead=lead, cause=cause, old_lrs=before)
 
-    def release(self, actor: str, lead: int) -> LRCommand:
-        self.old_lrs = self.lrs
+    def release(self, actor: str, lead: int) -> Change:
+        before = self.lrs
         self.held = None
         return self.command(
-            "resume: the policy has the LRs again", actor, lead=lead, cause="resume"
+            "resume: the policy has the LRs again", actor, lead=lead, cause="resume", old_lrs=before
         )
 
-    def switch(self, spec: PolicySpec | None, reason: str, actor: str, lead: int) -> LRCommand:
+    def switch(self, spec: PolicySpec | None, reason: str, actor: str, lead: int) -> Change:
         """Replace the policy; the new one is built from the LRs in effect now
         and starts at its step 0 at the step the command takes effect (every
         rank, and this engine, step it from there). The operator's hold, if
         any, ends."""
         base = self.lrs
         policy = spec.build(base) if spec else None  # may raise SpecError: nothing changed yet
-        self.old_lrs = base
         self.spec, self.policy, self.base_lrs = spec, policy, base
         self._fallback_lrs = base
         self.held, self.exhausted = None, False
         self.starts_at = self.effective_step(lead)
-        return self.command(reason, actor, lead=lead, policy_changed=True, cause="policy_switch")
+        return self.command(
+            reason, actor, lead=lead, policy_changed=True, cause="policy_switch", old_lrs=base
+        )
 
     # --- commands ---------------------------------------------------------
 
@@ -170,15 +187,17 @@ class PolicyEngine:
         lead: int | None = None,
         policy_changed: bool = False,
         cause: str = "policy",
-    ) -> LRCommand:
-        """Snapshot the run into the next versioned command."""
+        old_lrs: Sequence[float] | None = None,
+    ) -> Change:
+        """Snapshot the run into the next versioned command; the change it is.
+        ``old_lrs``: the LRs before it (default: those in effect now)."""
+        before = list(old_lrs) if old_lrs is not None else self.lrs
         self.version += 1
         self.changes[cause] += 1
-        self.last_cause = cause
         effective = self.effective_step(self.lead_steps if lead is None else lead)
         command = self._snapshot(self.version, effective, reason, actor, policy_changed)
         self.last_change = command
-        return command
+        return Change(command, before, cause)
 
     def effective_step(self, lead: int) -> int:
         """The first step a command made now can take effect at."""

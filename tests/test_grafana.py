@@ -366,6 +366,7 @@ def test_the_works_again_line_counts_the_failures_no_line_counted(caplog):
     from types import SimpleNamespace
 
     from lrpilot.daemon.annotations import AnnotationPoster
+    from lrpilot.daemon.engine import Change
     from lrpilot.protocol import LRCommand
 
     answers = iter([OSError("down")] * 4 + [None])
@@ -376,11 +377,12 @@ def test_the_works_again_line_counts_the_failures_no_line_counted(caplog):
             raise error
 
     poster = AnnotationPoster(post, where="grafana.test")
-    run = SimpleNamespace(run_id="r", engine=SimpleNamespace(last_cause="plateau"))
+    run = SimpleNamespace(run_id="r")
     command = LRCommand(run="r", version=1, effective_step=1, state_step=1, lrs=[0.1])
+    change = Change(command, [0.2], "plateau")
     with caplog.at_level("INFO", logger="lrpilot.daemon"):
         for _ in range(5):
-            poster.on_change(run, command, [0.2])  # type: ignore[arg-type]
+            poster.on_change(run, change)  # type: ignore[arg-type]
         wait_for(lambda: poster.counts()["posted"] == 1, 5, "the fifth change to be posted")
         poster.close()
     lines = [r.getMessage() for r in caplog.records]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .base import NO_METRICS, Gauge, Policy, PolicySpec, ScheduleExhausted, SpecError
+from .base import NO_METRICS, Decision, Gauge, Policy, PolicySpec, ScheduleExhausted, SpecError
 from .cosine import CosinePolicy, CosineSpec
 from .cosine_restarts import CosineRestartsPolicy, CosineRestartsSpec
 from .cyclic import CyclicPolicy, CyclicSpec
@@ -38,6 +38,7 @@ __all__ = [
     "CosineSpec",
     "CyclicPolicy",
     "CyclicSpec",
+    "Decision",
     "ExponentialPolicy",
     "ExponentialSpec",
     "Gauge",

@@ -209,6 +209,16 @@ def an_object(policy: Policy, value: Any) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """Why a policy changed the LRs because of a metric: a bounded ``cause``
+    (a Prometheus label, a Grafana tag: the policy's kind) and the ``reason``
+    people read in the journal."""
+
+    cause: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Gauge:
     """A number a policy exports about its state: Prometheus family
     ``lrpilot_policy_<name>`` (a counter gets ``_total``), and what it means."""
@@ -249,7 +259,7 @@ class Policy:
     # Why the last step()/observe() changed the LRs because of a metric, or
     # None. Only such decisions need the daemon; step-driven changes are
     # reproduced by the training process itself.
-    decided: str | None = None
+    decided: Decision | None = None
 
     @property
     def n_groups(self) -> int:

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     BadValue,
+    Decision,
     Gauge,
     NonNegativeFloat,
     NonNegativeInt,
@@ -154,7 +155,8 @@ class PlateauPolicy(Policy):
                 lrs[i] = new
         if lrs != self.lrs:
             self.lrs = lrs
-            self.decided = (
+            self.decided = Decision(
+                "plateau",
                 f"plateau: {self.spec.metric} has not improved on {self.best:.6g} "
-                f"for {self.spec.patience + 1} reports; LR x{self.spec.factor}"
+                f"for {self.spec.patience + 1} reports; LR x{self.spec.factor}",
             )

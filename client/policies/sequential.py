@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     BadValue,
+    Decision,
     Gauge,
     Policy,
     PolicySpec,
@@ -130,7 +131,7 @@ class SequentialPolicy(Policy):
         return self.stage.lrs
 
     @property
-    def decided(self) -> str | None:  # type: ignore[override]
+    def decided(self) -> Decision | None:  # type: ignore[override]
         return self.stage.decided
 
     @property
