@@ -27,6 +27,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import LRPilotError
+from .policies.base import MAX_COUNT
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_DAEMON = "tcp://127.0.0.1:7311"
@@ -36,10 +37,10 @@ CONTROL_ENV = "LRPILOT_CONTROL"
 # A batch of 4096 records of 8 metrics packs to ~300 KiB; 4 MiB leaves room
 # for the largest hello (policy state of a long sequential) with a margin.
 MAX_MESSAGE_BYTES = 4 << 20
-# Every integer on the wire is bounded: steps, seq numbers and versions fit a
-# float64 exactly (JSON readers elsewhere) and SQLite's int64 with room; a
-# step count no training reaches (2**53 at 1 MHz is 285 years).
-MAX_COUNT = 2**53
+# Every integer on the wire is bounded by MAX_COUNT (2**53, the policies'
+# bound on step counts too): steps, seq numbers and versions fit a float64
+# exactly (JSON readers elsewhere) and SQLite's int64 with room; a step count
+# no training reaches (2**53 at 1 MHz is 285 years).
 MAX_RANKS = 1 << 20  # world sizes: far above any cluster, far below a hostile int
 MAX_GROUPS = 1024  # param groups per optimizer
 MAX_METRICS = 256  # metric names in one record

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from lrpilot.errors import LRPilotError
 from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
+from lrpilot.protocol import MAX_COUNT
 
 from .dataplane import DataPlane, Outgoing
 from .engine import Change
@@ -47,7 +48,7 @@ MAX_POLICY_BYTES = 64 << 10
 POLICY_RULE = f"a policy must be at most {MAX_POLICY_BYTES // 1024} KiB of JSON"
 # Every number in a policy: as every count on the wire (lrpilot.protocol), so
 # that no step count or size overflows the float the policy code makes of it.
-MAX_POLICY_NUMBER = 2**53
+MAX_POLICY_NUMBER = MAX_COUNT
 # The LRs an operator may set. Below 1e-12 an update moves no float32 weight
 # (it is under the weight's rounding for any gradient a training survives):
 # a typo, not a choice; `pause` is how to stop the LR moving. Above 1e3 is

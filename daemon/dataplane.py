@@ -62,7 +62,7 @@ class DataPlane:
     def __init__(self, config: DaemonConfig, store: Store | None = None) -> None:
         self.config = config
         self.store = store or Store(config.state_dir, config.durability)
-        self.registry = RunRegistry(lead_steps=config.command_lead_steps)
+        self.registry = RunRegistry(config.command_lead_steps, config.max_step_gap)
         self.records_ingested = 0
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
@@ -85,12 +85,11 @@ class DataPlane:
         """A stored run as the daemon serves it; None (and the row set aside)
         when it cannot be built: one such run must not stop the others."""
         try:
-            run = Run.from_row(row, self.config.command_lead_steps)
+            run = Run.from_row(row, self.config.command_lead_steps, self.config.max_step_gap)
         except (ValueError, TypeError, KeyError) as exc:  # SpecError is a ValueError
             self.store.quarantine(row["run_id"], f"the daemon cannot build the run: {exc}")
             return None
         engine = run.engine
-        engine.max_gap = self.config.max_step_gap
         engine.last_change = last = self.store.last_command(run.run_id)
         if last is not None and last.policy is not None and last.state_step >= engine.step:
             # A switch journaled with its start ahead: it starts there still.
@@ -169,7 +168,6 @@ class DataPlane:
         try:
             if run is None:
                 run = self.registry.new_run(hello)
-                run.engine.max_gap = self.config.max_step_gap
                 try:
                     self.store.save_run(run.row(time.time()))
                 except StoreWriteError as exc:  # the next tick's row waits in the writer
@@ -184,7 +182,6 @@ class DataPlane:
                     len(run.group_names),
                 )
                 self.registry.regroup(run, hello)
-                run.engine.max_gap = self.config.max_step_gap
             elif hello.applied_version > run.engine.version and self._would_drive(
                 identity, run, hello
             ):
@@ -194,9 +191,7 @@ class DataPlane:
                 # comes back) sets the run's step: another rank joining behind
                 # it does not take the policy back.
                 self._rewind(run, hello)
-            elif (
-                self._is_driver(identity, run) and hello.step > run.engine.step + run.engine.max_gap
-            ):
+            elif self._is_driver(identity, run) and self._past_gap(run, hello):
                 self._skip_to(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
             self.rejected["bad_hello"] += 1
@@ -297,22 +292,18 @@ class DataPlane:
         old = run.engine
         ended_at = old.step
         self.registry.restart(run, hello)
-        engine = run.engine
-        engine.max_gap = self.config.max_step_gap
-        engine.version = old.version
+        run.engine.version = old.version
         # Records not yet handed to the store are the old timeline's too.
         self._rows = [row for row in self._rows if row[0] != run.run_id]
         self.store.submit([("truncate", (run.run_id, 0))])
         run.stored_seq = run.committed_seq = 0
-        change = engine.command(
+        # Journaled; no rank is connected yet to send it to (the welcome has it).
+        self._daemon_change(
+            run,
             f"fresh start: the run's previous timeline ended at step {ended_at}",
-            actor="daemon",
-            lead=0,
-            policy_changed=True,
-            cause="fresh_start",
-            old_lrs=old.lrs,
+            "fresh_start",
+            old.lrs,
         )
-        self.send_command(run, change)  # journaled; no rank is connected to send it to
         log.info(
             "run %s started afresh (its previous timeline ended at step %d, version %d)",
             run.run_id,
@@ -334,24 +325,29 @@ class DataPlane:
         and the journal says so."""
         old = run.engine
         engine = self.registry.engine_from(hello)
-        engine.max_gap, engine.lead_steps = old.max_gap, old.lead_steps
+        engine.lead_steps = old.lead_steps
         engine.held = list(hello.held) if hello.held is not None else None
         engine.seq, engine.driver = hello.seq, identity.hex()
         run.engine = engine
         lost = f"v{old.version + 1}" + (
             f"..v{hello.applied_version}" if hello.applied_version > old.version + 1 else ""
         )
-        change = engine.command(
+        self._daemon_change(
+            run,
             f"the daemon had lost {lost} (its store could not write them before it stopped): "
             f"the run is taken back from rank {hello.rank}'s state at step {hello.step}",
-            actor="daemon",
-            lead=0,
-            policy_changed=True,
-            cause="resync",
-            old_lrs=old.lrs,
+            "resync",
+            old.lrs,
+        )
+        log.warning("run %s: lost %s; took the run back from its client", run.run_id, lost)
+
+    def _daemon_change(self, run: Run, reason: str, cause: str, old_lrs: list[float]) -> None:
+        """Journal (and send) the daemon's own change to a run: its whole
+        state as a new version, from the next step, where a timeline turned."""
+        change = run.engine.command(
+            reason, actor="daemon", lead=0, policy_changed=True, cause=cause, old_lrs=old_lrs
         )
         self.send_command(run, change)
-        log.warning("run %s: lost %s; took the run back from its client", run.run_id, lost)
 
     def _skip_to(self, run: Run, hello: Hello) -> None:
         """The driver is further ahead than the engine steps through (it
@@ -404,7 +400,9 @@ class DataPlane:
             log.info("run %s %s: the current policy and state go on from there", run.run_id, why)
             run.engine.step = step
             return
-        engine = type(run.engine).from_row(run.run_id, snapshot, run.engine.lead_steps)
+        engine = type(run.engine).from_row(
+            run.run_id, snapshot, run.engine.lead_steps, run.engine.max_gap
+        )
         engine.replay(
             self.store.records(
                 run.run_id, after=snapshot["step"], until=step, after_seq=snapshot["seq"]
@@ -412,7 +410,6 @@ class DataPlane:
         )
         engine.version, engine.held = run.engine.version, run.engine.held
         engine.last_change = run.engine.last_change
-        engine.max_gap = self.config.max_step_gap  # a new engine steps through any gap
         run.engine = engine
         log.info(
             "run %s %s: state rebuilt from step %d and %d recorded steps",
@@ -456,6 +453,7 @@ class DataPlane:
         if wild is not None:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", f"metrics: step {wild} is out of range"))]
+        last_metrics, max_names = run.last_metrics, self.config.max_metric_names
         seq = header.first_seq - 1
         fresh = stepped = 0  # fresh: the index of the first record the store lacks
         folded = len(records)
@@ -489,7 +487,10 @@ class DataPlane:
             # Only a step taken in moves the rate: a refused one (step_gap)
             # must not push an operator's lead out by its wild step.
             stepped = step if kind != REPORT else stepped
-            self._keep_metrics(identity, run, metrics, out)
+            if len(last_metrics) + len(metrics) <= max_names:  # the common case, inline
+                last_metrics.update(metrics)
+            else:
+                self._keep_metrics(identity, run, metrics, out)
             if change is not None:
                 out += self.send_command(run, change)
         if stepped:  # once a batch: the rate is measured between batches
@@ -514,13 +515,11 @@ class DataPlane:
     def _keep_metrics(
         self, identity: bytes, run: Run, metrics: dict[str, float], out: Outgoing
     ) -> None:
-        """The last value of each metric, for /metrics, show and top; at most
-        --max-metric-names names a run (a client that invents names must not
-        grow every scrape without bound)."""
+        """The last value of each metric, for /metrics, show and top, when
+        the record's names may pass --max-metric-names (a client that invents
+        names must not grow every scrape without bound): the names it has
+        room for are kept, the rest counted."""
         last = run.last_metrics
-        if len(last) + len(metrics) <= self.config.max_metric_names:
-            last.update(metrics)
-            return
         dropped = 0
         for name, value in metrics.items():
             if name in last or len(last) < self.config.max_metric_names:

@@ -45,9 +45,17 @@ class StepGapTooLarge(ValueError):
     through on the daemon's one loop; the driver's own state is taken instead."""
 
 
+UNBOUNDED_GAP = 2**62  # a replay steps through any gap its stream has
+
+
 class PolicyEngine:
     def __init__(
-        self, run: str, spec: PolicySpec | None, base_lrs: Sequence[float], lead_steps: int = 0
+        self,
+        run: str,
+        spec: PolicySpec | None,
+        base_lrs: Sequence[float],
+        lead_steps: int = 0,
+        max_gap: int = UNBOUNDED_GAP,
     ) -> None:
         self.run = run
         self.spec = spec
@@ -60,10 +68,10 @@ class PolicyEngine:
         self.version = 0
         self.held: list[float] | None = None
         self.lead_steps = lead_steps
-        self.max_gap = 2**62  # the daemon sets --max-step-gap
+        self.max_gap = max_gap  # --max-step-gap in the daemon; unbounded in a replay
         # Steps the engine may still step through without records: the data
         # plane sets it to max_gap for each batch (unbounded in a replay).
-        self.gap_budget = 2**62
+        self.gap_budget = UNBOUNDED_GAP
         # An operator's switch takes effect at a step ahead of the one it was
         # asked at: the new policy starts at its step 0 there, so the records
         # before it belong to the old one's tenure and do not step it.
@@ -263,9 +271,11 @@ class PolicyEngine:
         }
 
     @classmethod
-    def from_row(cls, run: str, row: Mapping[str, Any], lead_steps: int = 0) -> PolicyEngine:
+    def from_row(
+        cls, run: str, row: Mapping[str, Any], lead_steps: int = 0, max_gap: int = UNBOUNDED_GAP
+    ) -> PolicyEngine:
         spec = parse_policy(row["policy"]) if row.get("policy") else None
-        engine = cls(run, spec, row["policy_base_lrs"], lead_steps)
+        engine = cls(run, spec, row["policy_base_lrs"], lead_steps, max_gap)
         engine.load(row.get("policy_state"))
         engine.step, engine.version = int(row["step"]), int(row["version"])
         engine.seq, engine.driver = int(row.get("seq") or 0), row.get("driver") or ""
@@ -282,9 +292,11 @@ class PolicyEngine:
         step: int,
         version: int,
         lead_steps: int = 0,
+        max_gap: int = UNBOUNDED_GAP,
     ) -> PolicyEngine:
         """An engine that takes over where a client says it is (no daemon state)."""
-        engine = cls(run, parse_policy(dict(policy)) if policy else None, base_lrs, lead_steps)
+        spec = parse_policy(dict(policy)) if policy else None
+        engine = cls(run, spec, base_lrs, lead_steps, max_gap)
         engine.load(state)
         engine.step, engine.version = step, version
         return engine

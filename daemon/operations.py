@@ -223,10 +223,11 @@ def replay_run(
     without metrics), so the preview is what the daemon would have done."""
     db, run = open_run_store(args, run_id)
     try:
-        engine = PolicyEngine(run_id, parse_policy(spec), base_lrs or run["base_lrs"])
+        engine = PolicyEngine(
+            run_id, parse_policy(spec), base_lrs or run["base_lrs"], max_gap=REPLAY_MAX_GAP
+        )
     except SpecError as exc:
         raise CommandError(f"policy: {exc}") from None
-    engine.max_gap = REPLAY_MAX_GAP
     yield engine_line(engine, 0)
     step = 0
     for record_step, kind, values in read_records(db, run_id):

@@ -10,7 +10,7 @@ from typing import Any
 
 from lrpilot.protocol import ClientStats, Hello
 
-from .engine import PolicyEngine
+from .engine import UNBOUNDED_GAP, PolicyEngine
 
 # Steps-per-second smoothing: each batch moves the estimate this far.
 RATE_WEIGHT = 0.2
@@ -121,13 +121,15 @@ class Run:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], lead_steps: int = 0) -> Run:
+    def from_row(
+        cls, row: dict[str, Any], lead_steps: int = 0, max_gap: int = UNBOUNDED_GAP
+    ) -> Run:
         return cls(
             run_id=row["run_id"],
             group_names=row["group_names"],
             base_lrs=row["base_lrs"],
             world_size=row["world_size"],
-            engine=PolicyEngine.from_row(row["run_id"], row, lead_steps),
+            engine=PolicyEngine.from_row(row["run_id"], row, lead_steps, max_gap),
             created=row["created"],
             requested_policy=row["requested_policy"],
             ended=row["ended"] or time.time(),
@@ -138,10 +140,11 @@ class Run:
 
 
 class RunRegistry:
-    def __init__(self, lead_steps: int = 0) -> None:
+    def __init__(self, lead_steps: int = 0, max_gap: int = UNBOUNDED_GAP) -> None:
         self.runs: dict[str, Run] = {}
         self.sessions: dict[bytes, Session] = {}
         self.lead_steps = lead_steps
+        self.max_gap = max_gap  # every engine it makes steps through at most this
 
     def add(self, run: Run) -> None:
         self.runs[run.run_id] = run
@@ -203,6 +206,7 @@ class RunRegistry:
             hello.step,
             hello.applied_version,
             self.lead_steps,
+            self.max_gap,
         )
 
     def join(self, identity: bytes, run: Run, hello: Hello, now: float) -> Session:

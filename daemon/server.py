@@ -220,8 +220,8 @@ class Daemon:
             self._send(outgoing)
 
     def _send(self, replies: list) -> None:
+        assert self._sock is not None and self.plane is not None, "start() first"
         for to, out in replies:
-            assert self._sock is not None and self.plane is not None, "start() first"
             try:
                 self._sock.send_multipart([to, *out], zmq.NOBLOCK)
             except zmq.ZMQError as exc:

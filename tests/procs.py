@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -308,3 +309,31 @@ def one_line_error(done, command: str, *says: str, status: int = 1) -> str:
     for words in says:
         assert words in lines[0], (words, lines[0])
     return lines[0]
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``where``: a disk that really fills. It needs
+    root and `mount`; without them the test fails saying so (never skips)."""
+    assert shutil.which("mount"), "this test needs `mount` (util-linux) to mount a tmpfs"
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    assert mounted.returncode == 0, (
+        f"this test needs a tmpfs it can fill (run it as root, where `mount -t tmpfs` is "
+        f"allowed): mount exited {mounted.returncode}: {mounted.stderr.strip()}"
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+class FakeOptimizer:
+    """Just param_groups: what the hook duck-types (no torch needed)."""
+
+    def __init__(self, param_groups: list[dict]) -> None:
+        self.param_groups = param_groups

@@ -35,6 +35,7 @@ import pytest
 import zmq
 from procs import (
     DaemonProcess,
+    FakeOptimizer,
     daemon_process,
     lrpilot,
     ok,
@@ -68,20 +69,19 @@ EVIL_SHOWN = "evil\\x1b[31m\\x0a[bold]x\\u202e"
 TOO_BIG_POLICY = {"kind": "multistep", "milestones": list(range(1, 15_000))}  # ~90 KiB
 
 
-class ParamGroups:
-    """What lrpilot.attach duck-types: torch-style param groups, no model."""
-
-    def __init__(self) -> None:
-        self.param_groups = [
-            {"params": [], "lr": lr, "name": name} for name, lr in zip(GROUPS, BASE_LRS)
-        ]
-
-
 @pytest.fixture(scope="module")
 def daemon(lrpilot_exe, tmp_path_factory) -> Iterator[DaemonProcess]:
     where = tmp_path_factory.mktemp("input-daemon")
     with daemon_process(lrpilot_exe, where / "state", where / "daemon.log") as running:
-        pilot = attach(ParamGroups(), run=RUN, daemon=running.address, sync=True, sync_timeout=10)
+        pilot = attach(
+            FakeOptimizer(
+                [{"params": [], "lr": lr, "name": name} for name, lr in zip(GROUPS, BASE_LRS)]
+            ),
+            run=RUN,
+            daemon=running.address,
+            sync=True,
+            sync_timeout=10,
+        )
         try:
             for _ in range(3):
                 pilot.step(loss=1.0)

@@ -20,7 +20,6 @@ import errno
 import itertools
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -40,6 +39,7 @@ from procs import (
     DaemonProcess,
     Training,
     lrpilot,
+    mounted_tmpfs,
     ok_json,
     read_steps,
     settled_history,
@@ -87,22 +87,8 @@ def processes(small_disk) -> Iterator[list]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of its own: a disk that really fills."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    assert shutil.which("mount"), "this test needs `mount` (util-linux) to mount a tmpfs"
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    assert mounted.returncode == 0, (
-        f"this test needs a tmpfs it can fill (run it as root, where `mount -t tmpfs` is "
-        f"allowed): mount exited {mounted.returncode}: {mounted.stderr.strip()}"
-    )
-    try:
+    with mounted_tmpfs(tmp_path / "disk", DISK) as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 def fill(path: Path) -> int:

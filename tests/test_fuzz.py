@@ -62,7 +62,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import daemon_process, lrpilot, ok, simulate
+from procs import FakeOptimizer, daemon_process, lrpilot, ok, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
 import lrpilot as lrpilot_client
@@ -171,13 +171,6 @@ def bounded(what: Callable[[], str]) -> Iterator[None]:
 
 
 # --- the corpus: real messages, captured -------------------------------------
-
-
-class FakeOptimizer:
-    """Just param_groups: what the hook duck-types (no torch needed)."""
-
-    def __init__(self, param_groups: list[dict]) -> None:
-        self.param_groups = param_groups
 
 
 CAPTURE_POLICY = {

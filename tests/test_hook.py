@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from procs import wait_for
+from procs import FakeOptimizer, wait_for
 
 import lrpilot
 from lrpilot.daemon.config import DaemonConfig
@@ -810,12 +810,10 @@ def test_a_resume_against_a_fresh_store_cuts_where_the_uninterrupted_run_did(tmp
 def test_a_command_that_sets_no_policy_is_told_from_one_that_keeps_it():
     """policy null means "no policy" only when the command sets the policy."""
     params = [{"params": [], "lr": 0.1}]
-
-    class Groups:
-        param_groups = params
-
     spec = {"kind": "exponential", "gamma": 0.5}
-    pilot = lrpilot.attach(Groups(), run="policy-set", policy=spec, daemon=nobody_listening())
+    pilot = lrpilot.attach(
+        FakeOptimizer(params), run="policy-set", policy=spec, daemon=nobody_listening()
+    )
     try:
         pilot.step()
         keep = LRCommand(run="policy-set", version=1, effective_step=2, state_step=1, lrs=[0.05])
@@ -852,11 +850,7 @@ def test_acks_are_sent_again_to_a_daemon_that_restarted():
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     params = [{"params": [], "lr": 0.1}]
-
-    class Groups:
-        param_groups = params
-
-    pilot = lrpilot.attach(Groups(), run="acks", daemon=f"tcp://127.0.0.1:{port}")
+    pilot = lrpilot.attach(FakeOptimizer(params), run="acks", daemon=f"tcp://127.0.0.1:{port}")
 
     def received(kind, deadline=10.0):
         while router.poll(int(deadline * 1000)):
@@ -891,11 +885,7 @@ def test_a_command_for_another_run_is_not_applied():
     from lrpilot.protocol import encode
 
     params = [{"params": [], "lr": 0.1}]
-
-    class Groups:
-        param_groups = params
-
-    pilot = lrpilot.attach(Groups(), run="mine", daemon=nobody_listening())
+    pilot = lrpilot.attach(FakeOptimizer(params), run="mine", daemon=nobody_listening())
     try:
         pilot.step()
         other = LRCommand(run="theirs", version=1, effective_step=1, state_step=0, lrs=[9.0])

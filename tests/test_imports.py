@@ -71,14 +71,16 @@ def test_every_error_a_user_sees_is_an_lrpilot_error():
 
 def test_attach_raises_a_usage_error_naming_what_is_wrong():
     import pytest
+    from procs import FakeOptimizer
 
     import lrpilot
     from lrpilot.errors import UsageError
 
-    groups = [{"params": [], "lr": 0.1}]
-
-    class Groups:
-        param_groups = groups
-
     with pytest.raises(UsageError, match=r"rank 3 is not in 0\.\.world_size-1 \(2\)"):
-        lrpilot.attach(Groups(), run="x", rank=3, world_size=2, daemon="tcp://127.0.0.1:1")
+        lrpilot.attach(
+            FakeOptimizer([{"params": [], "lr": 0.1}]),
+            run="x",
+            rank=3,
+            world_size=2,
+            daemon="tcp://127.0.0.1:1",
+        )

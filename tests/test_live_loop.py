@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ROOT
-from procs import DaemonProcess, daemon_process, free_address, wait_for
+from procs import DaemonProcess, FakeOptimizer, daemon_process, free_address, wait_for
 
 import lrpilot
 from lrpilot.daemon.control_client import request
@@ -500,13 +500,6 @@ def test_malformed_batch_before_hello_is_malformed(shared_daemon):
         reply = ask(sock, [header, body[:-1]])
         assert isinstance(reply, Error)
         assert reply.code == "malformed"
-
-
-class FakeOptimizer:
-    """Just param_groups: what the hook duck-types (no torch needed)."""
-
-    def __init__(self, param_groups: list[dict]) -> None:
-        self.param_groups = param_groups
 
 
 def test_a_nan_or_inf_loss_is_data_and_lock_step_equals_simulate(shared_daemon, lrpilot_exe):

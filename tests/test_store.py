@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import mounted_tmpfs
 
 from lrpilot.daemon.store import (
     DB_NAME,
@@ -604,17 +604,9 @@ def test_what_waits_for_a_full_disk_is_bounded_records_first(opened, disk):
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a disk that really fills up (root only)."""
-    where = tmp_path / "tiny"
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)]
-    mounted = subprocess.run(mount, capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
+    """A 1 MiB tmpfs: a disk that really fills up (root and `mount` needed)."""
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as where:
+        yield where
 
 
 def test_a_really_full_disk_keeps_the_records_until_it_has_room(tiny_disk, opened):

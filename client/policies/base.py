@@ -265,6 +265,11 @@ class Policy:
     def n_groups(self) -> int:
         return len(self.lrs)
 
+    # A policy whose step can neither raise nor take the LRs out of the float
+    # range skips the guard in step() (plateau only ever cuts, to no less
+    # than min_lr): it runs on every pilot.step, twice for a plateau's mirror.
+    BOUNDED: ClassVar[bool] = False
+
     def step(self, metrics: Mapping[str, float] = NO_METRICS) -> list[float]:
         """One scheduler step; the LRs for the next optimizer step.
 
@@ -274,7 +279,12 @@ class Policy:
         ``onecycle``. (A ``sequential`` counts the step, as it does when a
         ``onecycle`` stage runs out; its stage is left as it was.)
         """
-        kept = [getattr(self, name) for name in self.STATE]  # lists are replaced, never mutated
+        if self.BOUNDED:
+            self._advance(metrics)
+            return list(self.lrs)
+        # A shallow copy is enough: lists are replaced, never mutated. One
+        # dict copy (in C) is what this costs a step.
+        kept = self.__dict__.copy()
         try:
             self._advance(metrics)
             momenta = self.momenta
@@ -282,8 +292,7 @@ class Policy:
                 return list(self.lrs)
         except (OverflowError, ZeroDivisionError):  # float ** and / raise where * gives inf
             pass
-        for name, value in zip(self.STATE, kept):
-            setattr(self, name, value)
+        self.__dict__.update(kept)
         raise ScheduleExhausted(
             f"{self.spec.kind}: the LR left the finite range (the next step's LRs would not "
             "be finite numbers)"

@@ -79,6 +79,7 @@ def best_value(policy: Policy, value: Any) -> float:
 
 
 class PlateauPolicy(Policy):
+    BOUNDED = True  # a step only compares, and cuts by factor < 1 to at least min_lr
     GAUGES = (
         Gauge("plateau_best", "gauge", "the best value of its metric"),
         Gauge("plateau_bad_steps", "gauge", "records since the metric improved"),
