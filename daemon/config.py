@@ -142,7 +142,8 @@ class DaemonConfig(BaseModel):
         le=10_000_000,
         description="steps a run's driver may skip between two records before the daemon "
         "takes the policy's step-driven state from the client instead of stepping through "
-        "the gap (a gap costs ~0.35 us a step on the daemon's one loop)",
+        "the gap (stepping through costs the daemon's one loop up to ~1 us a step: "
+        "10,000 is ~10 ms)",
     )
     rank_takeover_after: float = Field(
         default=10.0,

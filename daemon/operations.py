@@ -29,7 +29,7 @@ from .control_client import control_address, printable, request
 from .engine import PolicyEngine, StepGapTooLarge
 from .store import DB_NAME, open_readonly, read_records
 
-# Missing steps a replay steps through (~0.35 us each): a stream that jumps
+# Missing steps a replay steps through (up to ~1 us each): a stream that jumps
 # further is one where the daemon took a client's state, not a gap to fill.
 REPLAY_MAX_GAP = 10_000_000
 PREVIEW_ROWS = 20  # rows of the human-readable preview; --json prints every step
