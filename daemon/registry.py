@@ -97,10 +97,17 @@ class Run:
         same step. The ranks have already set the LRs of their next step, so
         at least one; lock-step ranks hear it before the one after (each waits
         for its record to be processed, and DDP keeps them in step); async
-        ranks get ~100 ms of steps to hear it. ``extra``: --command-lead-steps."""
+        ranks get ~100 ms of steps to hear it. ``extra``: --command-lead-steps.
+
+        The lead counts from the driver's step (the engine's), and another
+        rank can be a step ahead of it (DDP lets rank 1 run on once rank 0's
+        record is answered, before rank 0's next one): a rank that has
+        already been answered for its next step would hear the command a step
+        late, so the lead covers the distance too."""
+        ahead = max(0, self.step - self.engine.step)
         if self.sessions and all(s.sync for s in self.sessions.values()):
-            return 1 + extra
-        return self.lead_steps(COMMAND_LEAD_SECONDS) + extra
+            return ahead + 1 + extra
+        return ahead + self.lead_steps(COMMAND_LEAD_SECONDS) + extra
 
     def row(self, now: float, stored_seq: int | None = None) -> dict[str, Any]:
         """The run's state for the store; ``stored_seq`` is how far its

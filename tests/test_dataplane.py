@@ -823,3 +823,28 @@ def test_a_record_refused_for_its_gap_does_not_move_the_step_rate(make_plane):
     before = (session.step, session.steps_per_s)
     plane.handle(b"me", encoder.encode([(21, 2**50, STEP, {})], {}), 0.2)
     assert (session.step, session.steps_per_s) == before
+
+
+def test_an_operators_command_reaches_a_lock_step_rank_that_runs_ahead_of_the_driver(make_plane):
+    """DDP lets rank 1 send its next step's record once rank 0's is answered,
+    before rank 0's next one reaches the daemon: rank 1 is a step ahead of
+    the driver, already answered for it. An operator's command scheduled
+    from the driver's step alone reached rank 1 a step late (seen in
+    tests/test_ddp.py, lock-step, about one run in ten); it must be
+    scheduled where rank 1 can still apply it on time."""
+    plane = make_plane()
+    control = ControlPlane(plane)
+    for rank, identity in enumerate((b"r0", b"r1")):
+        replies(plane, identity, hello_from("ddp", "a", 10 + rank, rank=rank, world_size=2, sync=True))
+    encoders = [BatchEncoder("ddp", rank) for rank in (0, 1)]
+    for k in range(1, 6):
+        plane.handle(b"r0", encoders[0].encode([(k, k, STEP, {})], {}), 0.0)
+        plane.handle(b"r1", encoders[1].encode([(k, k, STEP, {})], {}), 0.0)
+    plane.handle(b"r1", encoders[1].encode([(6, 6, STEP, {})], {}), 0.0)  # rank 1 ahead
+    answer, out = control.handle(json.dumps({"op": "set_lr", "run": "ddp", "lr": 0.3}).encode())
+    assert answer["ok"], answer
+    sent = {to: decode(frames) for to, frames in out}
+    assert set(sent) == {b"r0", b"r1"}
+    # A rank reads it at its next step and applies it from the step after:
+    # rank 0 (at 5) from 7 at the latest, rank 1 (at 6, answered) from 8.
+    assert sent[b"r1"].effective_step >= 8, sent[b"r1"]
