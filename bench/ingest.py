@@ -1,7 +1,7 @@
 """How many records the daemon ingests per second on one core, next to raw
 ZeroMQ PUSH/PULL message rates between two processes, in the same run.
 
-Daemon ingest: a real :class:`~lrpilot.daemon.server.Daemon` in its own
+Daemon ingest: a real :class:`~lrpilot.daemon.service.server.Daemon` in its own
 process. The benchmark says hello as a sync session (so the daemon answers
 every batch with ``processed``), then sends pre-encoded metrics batches
 (:class:`~lrpilot.protocol.BatchEncoder`, 256 records of 8 metrics each) as

@@ -1,7 +1,7 @@
 """What a Prometheus scrape of the daemon costs, with 1,000 live runs of 4
 param groups each, against an empty daemon's scrape in the same run.
 
-Two real daemons (:class:`~lrpilot.daemon.server.Daemon`, each in its own
+Two real daemons (:class:`~lrpilot.daemon.service.server.Daemon`, each in its own
 process, /metrics on a free port). The full one gets 1,000 runs: one DEALER
 socket per run says hello (4 groups, a ``plateau`` policy on ``val_loss``)
 and sends a step with 8 metrics and a report, so every per-run, per-group and

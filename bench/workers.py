@@ -5,7 +5,7 @@ Each role binds (or connects), prints one line ``READY <address>`` on stdout,
 does its work, and prints one line ``DONE <json>`` before it exits. A role
 that serves until told to stop stops on SIGTERM.
 
-- ``daemon``: a real :class:`lrpilot.daemon.server.Daemon` on a free loopback
+- ``daemon``: a real :class:`lrpilot.daemon.service.server.Daemon` on a free loopback
   port (and a temporary state dir). It also records, per LR command, the
   CLOCK_MONOTONIC time at which the daemon decided it: when
   ``PolicyEngine.command`` has made the versioned command, before it is
@@ -55,9 +55,9 @@ def role_daemon(args: list[str]) -> None:
     import shutil
     import tempfile
 
-    from lrpilot.daemon.config import DaemonConfig
-    from lrpilot.daemon.engine import PolicyEngine
-    from lrpilot.daemon.server import Daemon
+    from lrpilot.daemon.service.config import DaemonConfig
+    from lrpilot.daemon.service.engine import PolicyEngine
+    from lrpilot.daemon.service.server import Daemon
 
     logging.basicConfig(level=logging.WARNING)
     decided: dict[int, int] = {}  # command version -> monotonic ns of the decision

@@ -1,4 +1,4 @@
-"""The daemon's data plane (daemon/dataplane.py) as logic: frames in, replies
+"""The daemon's data plane (daemon/service/dataplane.py) as logic: frames in, replies
 out, no socket; each test's plane has its own store in a tmp dir. What the
 plane does with batches from a session it does not know (it drops them and
 asks for a hello, the client sends them again), how it skips records it has
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import ControlPlane, summary
-from lrpilot.daemon.dataplane import ASK_AGAIN_AFTER, DataPlane
-from lrpilot.daemon.store import read_records
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.control import ControlPlane, summary
+from lrpilot.daemon.service.dataplane import ASK_AGAIN_AFTER, DataPlane
+from lrpilot.daemon.service.store import read_records
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     MAX_COUNT,
@@ -104,12 +104,12 @@ def test_batches_before_hello_are_refused_and_processed_once_when_sent_again(mak
     assert cut.lrs == [0.05]  # val_loss 1.0 then 2.0, patience 0: one cut
     assert (cut.version, cut.state_step, cut.actor) == (1, 2, "policy")
     assert plane.records_ingested == 4
-    engine = plane.registry.runs["back"].engine
-    before = (engine.step, engine.seq, engine.version, engine.policy.state_dict())
+    engine, ledger = plane.registry.runs["back"].engine, plane.registry.runs["back"].ledger
+    before = (engine.step, ledger.seq, engine.version, engine.policy.state_dict())
     assert before[:3] == (2, 4, 1)
     # The same batch again (its seqs are folded in already): skipped.
     assert commands(replies(plane, b"me", SECOND, now=0.8)) == []
-    assert (engine.step, engine.seq, engine.version, engine.policy.state_dict()) == before
+    assert (engine.step, ledger.seq, engine.version, engine.policy.state_dict()) == before
     # Each record is recorded once.
     plane.flush()
     recorded = list(plane.store.records("back"))
@@ -175,12 +175,15 @@ def test_a_plane_restarted_on_the_store_skips_what_it_folded_in(make_plane, tmp_
     [second_cut] = commands(replies(first, identity, third))
     assert second_cut.version == 2
     want = first.registry.runs["back"].engine.state_row()
+    want_ledger = first.registry.runs["back"].ledger.row()
     first.store.close()  # no tick: step 3's records never reached the store
 
     again = make_plane(state)
-    engine = again.registry.runs["back"].engine
+    engine, ledger = again.registry.runs["back"].engine, again.registry.runs["back"].ledger
     assert engine.state_row() == want
-    assert (engine.step, engine.seq, engine.version, engine.driver) == (3, 6, 2, identity.hex())
+    # Folded in up to seq 6 (the decision's row says so); stored up to 4.
+    assert ledger.row() == {**want_ledger, "stored_seq": 4}
+    assert (engine.step, ledger.seq, engine.version, ledger.driver) == (3, 6, 2, identity.hex())
     assert engine.last_change.version == 2
     assert [e.code for e in replies(again, identity, third, now=1.0)] == ["unknown_session"]
     got = replies(again, identity, hello("back", step=3, sync=True, applied_version=2))
@@ -560,7 +563,7 @@ def test_a_record_far_ahead_is_not_stepped_through(make_plane):
     assert time.perf_counter() - started < 1.0
     assert [m.code for m in out if isinstance(m, Error)] == ["step_gap"]
     engine = plane.registry.runs["far"].engine
-    assert (engine.step, engine.seq) == (1, 1)
+    assert (engine.step, plane.registry.runs["far"].ledger.seq) == (1, 1)
     reference = parse_policy(cosine).build([0.1])
     for _ in range(7):
         reference.step()
@@ -591,7 +594,7 @@ def test_a_batch_of_records_each_just_under_the_gap_is_not_stepped_through(make_
     out = replies(plane, b"me", BatchEncoder("strided", 0).encode(records, {}))
     assert [m.code for m in out if isinstance(m, Error)] == ["step_gap"]
     engine = plane.registry.runs["strided"].engine
-    assert (engine.step, engine.seq) == (1000, 1)
+    assert (engine.step, plane.registry.runs["strided"].ledger.seq) == (1000, 1)
     # The next batch has a budget of its own.
     out = replies(plane, b"me", BatchEncoder("strided", 0).encode(records[1:2], {}))
     assert out == [] and engine.step == 2000
@@ -835,7 +838,9 @@ def test_an_operators_command_reaches_a_lock_step_rank_that_runs_ahead_of_the_dr
     plane = make_plane()
     control = ControlPlane(plane)
     for rank, identity in enumerate((b"r0", b"r1")):
-        replies(plane, identity, hello_from("ddp", "a", 10 + rank, rank=rank, world_size=2, sync=True))
+        replies(
+            plane, identity, hello_from("ddp", "a", 10 + rank, rank=rank, world_size=2, sync=True)
+        )
     encoders = [BatchEncoder("ddp", rank) for rank in (0, 1)]
     for k in range(1, 6):
         plane.handle(b"r0", encoders[0].encode([(k, k, STEP, {})], {}), 0.0)

@@ -1,4 +1,4 @@
-"""The policy engine on its own (daemon/engine.py): each change it makes is
+"""The policy engine on its own (daemon/service/engine.py): each change it makes is
 one value (the command, the LRs before, the cause, the actor) that every
 reader takes, and a policy's decision arrives structured (cause + reason)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lrpilot.daemon.engine import Change, PolicyEngine, StepGapTooLarge
+from lrpilot.daemon.service.engine import Change, PolicyEngine, StepGapTooLarge
 from lrpilot.policies import Decision, parse_policy
 
 PLATEAU = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}

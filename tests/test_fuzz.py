@@ -8,7 +8,7 @@ hook raise or write an LR the training cannot use.
 - The corpus is captured, not written by hand: a real ``lrpilot.attach``
   pilot (steps, reports, commands it acks, a ``load_state_dict``, ``close``)
   against a ROUTER this module binds, whose messages a real DataPlane answers;
-  the control requests the real CLI (``lrpilot.daemon.cli.main``) sends; and
+  the control requests the real CLI (``lrpilot.daemon.cli.main.main``) sends; and
   every daemon → client message the DataPlane answered with.
 - Mutators are plain functions of a ``random.Random``: hypothesis hands them
   its own (``st.randoms``, so its choices shrink), the live-daemon test a
@@ -66,13 +66,13 @@ from procs import FakeOptimizer, daemon_process, lrpilot, ok, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
 import lrpilot as lrpilot_client
-from lrpilot.daemon.cli import main as cli_main
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import MAX_CONTROL_BYTES, ControlPlane
-from lrpilot.daemon.control_client import checked_answer, request
-from lrpilot.daemon.dataplane import DataPlane
-from lrpilot.daemon.exporter import DaemonCollector, Exposition
-from lrpilot.daemon.store import DB_NAME
+from lrpilot.daemon.cli.control_client import checked_answer, request
+from lrpilot.daemon.cli.main import main as cli_main
+from lrpilot.daemon.observability.exporter import DaemonCollector, Exposition
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.control import MAX_CONTROL_BYTES, ControlPlane
+from lrpilot.daemon.service.dataplane import DataPlane
+from lrpilot.daemon.service.store import DB_NAME
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     MAX_MESSAGE_BYTES,
@@ -847,7 +847,7 @@ def victim_state(plane: DataPlane) -> Any:
     sessions = {r: (s.identity, s.sync, s.step) for r, s in run.sessions.items()}
     return (
         engine.step,
-        engine.seq,
+        run.ledger.seq,
         engine.version,
         engine.lrs,
         engine.policy.state_dict(),

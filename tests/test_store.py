@@ -1,4 +1,4 @@
-"""The daemon's store (daemon/store.py) on real SQLite files in tmp dirs:
+"""The daemon's store (daemon/service/store.py) on real SQLite files in tmp dirs:
 schema version and migrations, the journal, snapshots, the recorded stream
 and its truncation when a run resumes from a checkpoint, WAL mode; and its
 faults: an op that fails alone, a full disk and its return, a runs row the
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from procs import mounted_tmpfs
 
-from lrpilot.daemon.store import (
+from lrpilot.daemon.service.store import (
     DB_NAME,
     DROP_REASONS,
     MIGRATIONS,

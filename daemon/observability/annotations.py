@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .engine import Change
-from .registry import Run
+from ..service.engine import Change
+from ..service.registry import Run
 
 if TYPE_CHECKING:
     from .grafana import Credential

@@ -30,7 +30,7 @@ from grafana_client.client import (
 
 from lrpilot.errors import LRPilotError
 
-from .config import (
+from ..service.config import (
     GRAFANA_PASSWORD_ENV,
     GRAFANA_TOKEN_ENV,
     GRAFANA_USER_ENV,

@@ -23,11 +23,11 @@ from typing import Any
 from lrpilot.policies import SpecError, parse_policy
 from lrpilot.protocol import REPORT, STEP
 
-from .cli import CommandError
-from .control import MAX_NAME
+from ..service.control import MAX_NAME
+from ..service.engine import PolicyEngine, StepGapTooLarge
+from ..service.store import DB_NAME, open_readonly, read_records
 from .control_client import control_address, printable, request
-from .engine import PolicyEngine, StepGapTooLarge
-from .store import DB_NAME, open_readonly, read_records
+from .main import CommandError
 
 # Missing steps a replay steps through (up to ~1 us each): a stream that jumps
 # further is one where the daemon took a client's state, not a gap to fill.

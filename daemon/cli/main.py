@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from lrpilot import __version__
 from lrpilot.errors import LRPilotError
 
-from .control import (
+from ..service.control import (
     LR_RULE,
     MAX_CONTROL_BYTES,
     MAX_HISTORY_LIMIT,
@@ -116,7 +116,7 @@ def seconds_in(low: float, high: float) -> Callable[[str], float]:
 
 
 def lr_value(text: str) -> float:
-    """An LR a user may give, in the bounds the daemon takes (daemon/control.py)."""
+    """An LR a user may give, in the bounds the daemon takes (daemon/service/control.py)."""
     value = number(text)
     if not lr_allowed(value):
         raise argparse.ArgumentTypeError(f"{LR_RULE}, got {text}")
@@ -209,8 +209,8 @@ def cmd_daemon(args: argparse.Namespace) -> None:
 
     from lrpilot.policies import describe
 
-    from .config import DaemonConfig
-    from .server import Daemon, DaemonError
+    from ..service.config import DaemonConfig
+    from ..service.server import Daemon, DaemonError
 
     fields = DaemonConfig.model_fields
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -231,7 +231,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per DaemonConfig field (--silence-timeout for silence_timeout),
     with the field's type, default and description: the config is the source."""
-    from .config import DaemonConfig
+    from ..service.config import DaemonConfig
 
     for name, field in DaemonConfig.model_fields.items():
         extra = field.json_schema_extra  # a dict here (config.SECRET), never a callable
@@ -304,7 +304,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboards(args: argparse.Namespace) -> None:
-    from .dashboards import cmd_export, cmd_push
+    from ..observability.dashboards import cmd_export, cmd_push
 
     (cmd_push if args.action == "push" else cmd_export)(args)
 

@@ -46,7 +46,7 @@ def start_daemon(address: str, state_dir: str, metrics: str) -> subprocess.Popen
         [
             sys.executable,
             "-m",
-            "lrpilot.daemon.cli",
+            "lrpilot.daemon.cli.main",
             "daemon",
             "--address",
             address,

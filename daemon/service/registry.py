@@ -11,6 +11,7 @@ from typing import Any
 from lrpilot.protocol import ClientStats, Hello
 
 from .engine import UNBOUNDED_GAP, PolicyEngine
+from .ledger import RunLedger
 
 # Steps-per-second smoothing: each batch moves the estimate this far.
 RATE_WEIGHT = 0.2
@@ -57,11 +58,9 @@ class Run:
     requested_policy: dict[str, Any] | None = None
     sessions: dict[int, Session] = field(default_factory=dict)  # by rank
     ended: float | None = None  # wall clock, like created
-    # The driver's records: handed to the store up to stored_seq, committed
-    # up to committed_seq. rev orders the run's rows (see store.upsert_run).
-    stored_seq: int = 0
-    committed_seq: int = 0
-    rev: int = 0
+    # Where the driver's records stand: folded in, stored, committed.
+    ledger: RunLedger = field(default_factory=RunLedger)
+    rev: int = 0  # orders the run's rows (see store.upsert_run)
     # The last value of each metric the driver reported (steps and reports).
     last_metrics: dict[str, float] = field(default_factory=dict)
     # The loss, sampled once a second (the last minute), for `lrpilot top`.
@@ -109,13 +108,18 @@ class Run:
             return ahead + 1 + extra
         return ahead + self.lead_steps(COMMAND_LEAD_SECONDS) + extra
 
-    def row(self, now: float, stored_seq: int | None = None) -> dict[str, Any]:
-        """The run's state for the store; ``stored_seq`` is how far its
-        records are in the store along with this row (default: the tick's)."""
+    def row(self, now: float, committed_only: bool = False) -> dict[str, Any]:
+        """The run's state for the store. Its ``stored_seq`` says how far the
+        run's records are in the store along with this row: those handed to
+        the store (a tick's row, which goes with them), or with
+        ``committed_only`` those committed (a row written on its own)."""
         self.rev += 1
+        ledger = self.ledger.row()
+        if committed_only:
+            ledger["stored_seq"] = self.ledger.committed_seq
         return {
             "rev": self.rev,
-            "stored_seq": self.stored_seq if stored_seq is None else stored_seq,
+            **ledger,
             "run_id": self.run_id,
             "created": self.created,
             "updated": now,
@@ -140,8 +144,7 @@ class Run:
             created=row["created"],
             requested_policy=row["requested_policy"],
             ended=row["ended"] or time.time(),
-            stored_seq=row["stored_seq"],
-            committed_seq=row["stored_seq"],
+            ledger=RunLedger.from_row(row),
             rev=row["rev"],
         )
 
@@ -181,6 +184,7 @@ class RunRegistry:
         run.group_names = [g.name for g in hello.groups]
         run.base_lrs = [g.lr for g in hello.groups]
         run.engine = engine
+        run.ledger.forget_driver()
 
     def restart(self, run: Run, hello: Hello) -> None:
         """A fresh start of the run: what the script says, as for a new run."""
@@ -190,6 +194,7 @@ class RunRegistry:
         run.world_size = hello.world_size
         run.requested_policy = hello.policy
         run.engine = engine
+        run.ledger.forget_driver()
         run.created = time.time()
         run.last_metrics.clear()
         run.loss_history.clear()

@@ -11,7 +11,7 @@ import zmq
 from lrpilot.errors import LRPilotError
 from lrpilot.protocol import CONTROL_ENV, DEFAULT_CONTROL
 
-from .control import MAX_CONTROL_BYTES
+from ..service.control import MAX_CONTROL_BYTES
 
 
 class ControlClientError(LRPilotError, RuntimeError):

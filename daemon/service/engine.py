@@ -63,8 +63,6 @@ class PolicyEngine:
         self.policy: Policy | None = spec.build(self.base_lrs) if spec else None
         self._fallback_lrs = list(base_lrs)  # the LRs when there is no policy
         self.step = 0  # the last record step the policy has taken
-        self.seq = 0  # the driving client's last record folded in
-        self.driver = ""  # that client's routing id, hex
         self.version = 0
         self.held: list[float] | None = None
         self.lead_steps = lead_steps
@@ -263,8 +261,6 @@ class PolicyEngine:
             "policy_base_lrs": list(self.base_lrs),
             "policy_state": self.policy.state_dict() if self.policy else None,
             "step": self.step,
-            "seq": self.seq,
-            "driver": self.driver,
             "version": self.version,
             "lrs": self.lrs,
             "held": self.held,
@@ -278,7 +274,6 @@ class PolicyEngine:
         engine = cls(run, spec, row["policy_base_lrs"], lead_steps, max_gap)
         engine.load(row.get("policy_state"))
         engine.step, engine.version = int(row["step"]), int(row["version"])
-        engine.seq, engine.driver = int(row.get("seq") or 0), row.get("driver") or ""
         engine.held = row.get("held")
         return engine
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from lrpilot.errors import LRPilotError
 
-from .config import check_http_url
+from ..service.config import check_http_url
 
 
 class DashboardError(LRPilotError, ValueError):

@@ -19,12 +19,12 @@ import zmq
 
 from lrpilot.errors import LRPilotError
 
-from .annotations import AnnotationPoster
+from ..observability.annotations import AnnotationPoster
+from ..observability.exporter import DaemonCollector, Exposition
+from ..observability.metrics_server import MetricsServer
 from .config import DaemonConfig, is_loopback
 from .control import MAX_CONTROL_BYTES, ControlPlane
 from .dataplane import DataPlane
-from .exporter import DaemonCollector, Exposition
-from .metrics_server import MetricsServer
 from .store import StoreError
 
 log = logging.getLogger("lrpilot.daemon")
@@ -123,11 +123,11 @@ class Daemon:
 
     def _post_annotations(self) -> None:
         """With --grafana-url, every journaled LR change becomes a Grafana
-        annotation, posted off the loop (daemon/annotations.py)."""
+        annotation, posted off the loop (daemon/observability/annotations.py)."""
         c = self.config
         if c.grafana_url is None:
             return
-        from .grafana import credential  # grafana-client only when asked for
+        from ..observability.grafana import credential  # grafana-client only when asked for
 
         secret = (c.grafana_token, c.grafana_password)
         token, password = (s.get_secret_value() if s else None for s in secret)

@@ -24,13 +24,11 @@ from lrpilot.protocol import (
     MAX_COUNT,
     REPORT,
     Ack,
-    BatchEncoder,
     Bye,
     Error,
     Hello,
     MessageTooLarge,
     MetricsHeader,
-    Persisted,
     Processed,
     ProtocolError,
     Welcome,
@@ -42,6 +40,7 @@ from lrpilot.protocol import (
 
 from .config import DaemonConfig
 from .engine import Change, StepGapTooLarge
+from .ledger import Ledger, RunLedger
 from .registry import Run, RunRegistry, Session
 from .store import Store, StoreWriteError
 
@@ -70,10 +69,7 @@ class DataPlane:
         self.forgotten_runs = 0  # ended runs let go of from memory (still in the store)
         self.change_listeners: list[ChangeListener] = []
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
-        self._rows: list[tuple] = []  # records for the next tick's batch
-        self._dirty: set[str] = set()  # runs whose state changed since the last tick
-        self._to_ack: dict[bytes, tuple[str, int]] = {}  # sender -> (run, last seq)
-        self._acks: Outgoing = []  # persisted messages not yet sent
+        self.ledger = Ledger()  # where records stand; what the next tick stores
         self._told_metrics: set[str] = set()  # runs told they report too many names
         for row in self.store.load_runs():
             run = self._build_run(row)
@@ -147,7 +143,7 @@ class DataPlane:
         if isinstance(message, Bye):
             session.stats = message.stats
             self.registry.end_session(identity, now)
-            self._dirty.add(run.run_id)
+            self.ledger.changed(run.run_id)
             log.info("run %s rank %d said bye at step %d", run.run_id, session.rank, message.step)
             return []
         self.rejected["unexpected"] += 1
@@ -202,7 +198,7 @@ class DataPlane:
             # decision reaches it; scheduling one step later lets it apply the
             # decision on time (and say so) instead of always one step late.
             run.engine.lead_steps = self.config.command_lead_steps + (0 if hello.sync else 1)
-        self._dirty.add(run.run_id)
+        self.ledger.changed(run.run_id)
         log.info(
             "run %s rank %d/%d hello from %s pid %d at step %d",
             hello.run,
@@ -294,9 +290,8 @@ class DataPlane:
         self.registry.restart(run, hello)
         run.engine.version = old.version
         # Records not yet handed to the store are the old timeline's too.
-        self._rows = [row for row in self._rows if row[0] != run.run_id]
+        self.ledger.drop_records(run.run_id)
         self.store.submit([("truncate", (run.run_id, 0))])
-        run.stored_seq = run.committed_seq = 0
         # Journaled; no rank is connected yet to send it to (the welcome has it).
         self._daemon_change(
             run,
@@ -327,8 +322,8 @@ class DataPlane:
         engine = self.registry.engine_from(hello)
         engine.lead_steps = old.lead_steps
         engine.held = list(hello.held) if hello.held is not None else None
-        engine.seq, engine.driver = hello.seq, identity.hex()
         run.engine = engine
+        run.ledger.take_over(identity, hello.seq)
         lost = f"v{old.version + 1}" + (
             f"..v{hello.applied_version}" if hello.applied_version > old.version + 1 else ""
         )
@@ -411,6 +406,7 @@ class DataPlane:
         engine.version, engine.held = run.engine.version, run.engine.held
         engine.last_change = run.engine.last_change
         run.engine = engine
+        run.ledger.forget_driver()  # whoever drives next numbers its records afresh
         log.info(
             "run %s %s: state rebuilt from step %d and %d recorded steps",
             run.run_id,
@@ -422,6 +418,9 @@ class DataPlane:
     def _metrics(
         self, identity: bytes, header: MetricsHeader, body: bytes, now: float, raw: bytes
     ) -> Outgoing:
+        """decode -> ledger -> engine -> change: fold the driver's new records
+        into the run's policy, send what it decides, and hand the store what
+        it lacks; another rank's records are telemetry."""
         known = self.registry.session(identity)
         if known is None:
             return self._unknown(identity, header, body, now)
@@ -429,21 +428,6 @@ class DataPlane:
         session.last_seen = now
         if header.stats is not None:
             session.stats = header.stats
-        out: Outgoing = []
-        engine = run.engine
-        drives = run.driver is session
-        if drives and run.multi_rank:
-            # Every rank must apply a decision at the same step, and the
-            # others hear it after the driver: as far ahead as an operator's.
-            engine.lead_steps = run.command_lead(self.config.command_lead_steps)
-        me = identity.hex()
-        if drives and engine.driver != me:
-            # A new client drives, with its own seq numbers.
-            engine.driver, engine.seq = me, 0
-            run.stored_seq = run.committed_seq = 0
-        # Every record may be max_gap ahead of the last: the gap budget is per
-        # batch, or a batch of records each just under it adds up to a stall.
-        engine.gap_budget = engine.max_gap
         try:
             records = list(decode_records(header, body))
         except ProtocolError as exc:
@@ -453,22 +437,24 @@ class DataPlane:
         if wild is not None:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", f"metrics: step {wild} is out of range"))]
+        out: Outgoing = []
+        engine, ledger = run.engine, run.ledger
+        drives = run.driver is session
+        if drives and run.multi_rank:
+            # Every rank must apply a decision at the same step, and the
+            # others hear it after the driver: as far ahead as an operator's.
+            engine.lead_steps = run.command_lead(self.config.command_lead_steps)
+        # Every record may be max_gap ahead of the last: the gap budget is per
+        # batch, or a batch of records each just under it adds up to a stall.
+        engine.gap_budget = engine.max_gap
+        batch = self.ledger.open_batch(
+            ledger, run.run_id, identity, session.rank, header, records, raw, body, drives
+        )
+        # A NaN or infinite metric is a training event (divergence), not a
+        # bad message: it is kept, shown and given to the policy.
+        self.records_ingested += len(records)
         last_metrics, max_names = run.last_metrics, self.config.max_metric_names
-        seq = header.first_seq - 1
-        fresh = stepped = 0  # fresh: the index of the first record the store lacks
-        folded = len(records)
-        for i, (step, kind, metrics) in enumerate(records):
-            seq += 1
-            # A NaN or infinite metric is a training event (divergence), not
-            # a bad message: it is kept, shown and given to the policy.
-            self.records_ingested += 1
-            if not drives:
-                stepped = step if kind != REPORT else stepped
-                continue  # telemetry only
-            if seq > run.stored_seq and not fresh:
-                fresh = i + 1
-            if seq <= engine.seq:
-                continue  # folded in before a restart
+        for i, (step, kind, metrics) in self.ledger.to_fold(ledger, batch):
             try:
                 if kind == REPORT:
                     change = engine.on_report(step, metrics)
@@ -477,39 +463,23 @@ class DataPlane:
             except StepGapTooLarge as exc:
                 # Not folded in, not stored: the client sends these records
                 # again after its hello, which carries its state past the gap.
-                folded, seq = i, seq - 1
+                self.ledger.refused(ledger, batch, i)
                 self.records_ingested -= len(records) - i
                 self.rejected["step_gap"] += 1
                 message = f"run {run.run_id}: {exc}; say hello again"
                 out.append((identity, error("step_gap", message)))
                 break
-            engine.seq = seq
-            # Only a step taken in moves the rate: a refused one (step_gap)
-            # must not push an operator's lead out by its wild step.
-            stepped = step if kind != REPORT else stepped
             if len(last_metrics) + len(metrics) <= max_names:  # the common case, inline
                 last_metrics.update(metrics)
             else:
                 self._keep_metrics(identity, run, metrics, out)
             if change is not None:
                 out += self.send_command(run, change)
-        if stepped:  # once a batch: the rate is measured between batches
-            session.saw_step(stepped, now)
-        if fresh and fresh <= folded:
-            run.stored_seq = seq
-            self._dirty.add(run.run_id)
-            if folded < len(records):  # store what was folded in, no more
-                kept = [(header.first_seq + j, *records[j]) for j in range(fresh - 1, folded)]
-                raw, body = BatchEncoder(run.run_id, session.rank).encode(kept, header.stats or {})
-                skip = 0
-            else:
-                skip = fresh - 1
-            self._rows.append(
-                (run.run_id, records[fresh - 1][0], records[folded - 1][0], raw, body, skip)
-            )
-        self._to_ack[identity] = (run.run_id, seq)
+        if batch.stepped:  # once a batch: the rate is measured between batches
+            session.saw_step(batch.stepped, now)
+        self.ledger.close_batch(ledger, batch, header.stats or {})
         if session.sync:
-            out.append((identity, [encode(Processed(run=run.run_id, seq=seq))]))
+            out.append((identity, [encode(Processed(run=run.run_id, seq=batch.seq))]))
         return out
 
     def _keep_metrics(
@@ -562,7 +532,7 @@ class DataPlane:
         to every rank. The state goes with it so that a daemon killed right
         after does not make the decision again from records sent again."""
         command = change.command
-        row = run.row(time.time(), stored_seq=run.committed_seq)
+        row = run.row(time.time(), committed_only=True)
         try:
             self.store.journal(run.run_id, command, change.old_lrs, row)
         except StoreWriteError as exc:
@@ -574,7 +544,7 @@ class DataPlane:
                 [("journal", (run.run_id, command, list(change.old_lrs))), ("run", row)]
             )
             log.error("run %s v%d: journaled later: %s", run.run_id, command.version, exc)
-        self._dirty.add(run.run_id)
+        self.ledger.changed(run.run_id)
         log.info(
             "run %s v%d from step %d: lrs %s (%s, %s)",
             run.run_id,
@@ -597,19 +567,13 @@ class DataPlane:
 
     def tick(self, now: float) -> None:
         """Hand the store what changed since the last tick (one transaction)."""
-        wall = time.time()
-        ops: list = []
-        if self._rows:
-            ops.append(("batches", self._rows))
-            self._rows = []
-        for run_id in self._dirty:
-            run = self.registry.runs.get(run_id)
-            if run is not None:
-                ops.append(("run", run.row(wall)))
-        self._dirty.clear()
-        if ops or self._to_ack:
-            self.store.submit(ops, notice=self._to_ack)
-            self._to_ack = {}
+        ops, notice = self.ledger.tick(self._row_of, time.time())
+        if ops or notice:
+            self.store.submit(ops, notice=notice)
+
+    def _row_of(self, run_id: str, wall: float) -> dict[str, Any] | None:
+        run = self.registry.runs.get(run_id)
+        return run.row(wall) if run is not None else None
 
     def flush(self) -> bool:
         """Tick and wait until the store has committed it; False when it
@@ -622,16 +586,15 @@ class DataPlane:
     def persisted(self) -> Outgoing:
         """`persisted` messages for every batch the store has committed."""
         self._note_committed()
-        out, self._acks = self._acks, []
-        return out
+        return self.ledger.persisted()
 
     def _note_committed(self) -> None:
         while not self.store.committed.empty():
-            for identity, (run_id, seq) in self.store.committed.get().items():
-                self._acks.append((identity, [encode(Persisted(run=run_id, seq=seq))]))
-                run = self.registry.runs.get(run_id)
-                if run is not None and run.engine.driver == identity.hex():
-                    run.committed_seq = max(run.committed_seq, min(seq, run.stored_seq))
+            self.ledger.committed(self.store.committed.get(), self._ledger_of)
+
+    def _ledger_of(self, run_id: str) -> RunLedger | None:
+        run = self.registry.runs.get(run_id)
+        return run.ledger if run is not None else None
 
     def sweep(self, now: float) -> None:
         """Once a second: sample each run's loss; end sessions silent for
@@ -642,7 +605,7 @@ class DataPlane:
         for identity in self.registry.silent(now, timeout):
             ended = self.registry.end_session(identity, now)
             if ended is not None:
-                self._dirty.add(ended.run_id)
+                self.ledger.changed(ended.run_id)
                 log.info("run %s: a session was silent for %.0fs; ended it", ended.run_id, timeout)
         for identity in [i for i, t in self._asked.items() if now - t > timeout]:
             del self._asked[identity]

@@ -10,7 +10,7 @@ apply it at the same step.
 
 Every field of a request is hostile until checked: each is bounded here, and
 whatever a request gets wrong is answered with one line, never an internal
-error. The bounds below are shared with the command line (daemon/cli.py),
+error. The bounds below are shared with the command line (daemon/cli/main.py),
 which refuses the same values before sending them.
 """
 

@@ -1,7 +1,7 @@
 """/metrics over HTTP: a small threaded server on its own thread.
 
 The standard library's server rather than prometheus-client's: the body is
-the exporter's text (daemon/exporter.py renders the per-run families itself,
+the exporter's text (daemon/observability/exporter.py renders the per-run families itself,
 for speed), gzipped when the scraper accepts it (Prometheus does; a body of
 1,000 runs is ~2.4 MB of text, ~10x less gzipped). ``/healthz`` renders
 nothing: 200 while the daemon loop turns, 503 (and why) when it is wedged;

@@ -1,7 +1,7 @@
 """``DaemonConfig``: every option of the daemon, its default and its check.
 
 The command line maps its flags one to one onto these fields; tests build a
-config directly and run a :class:`~lrpilot.daemon.server.Daemon` with it.
+config directly and run a :class:`~lrpilot.daemon.service.server.Daemon` with it.
 """
 
 from __future__ import annotations

@@ -49,10 +49,10 @@ from prometheus_client.core import (
 from lrpilot import __version__
 from lrpilot.policies import POLICY_GAUGES
 
+from ..service.dataplane import DataPlane
+from ..service.registry import Run
+from ..service.store import DROP_REASONS
 from .annotations import OUTCOMES as ANNOTATION_OUTCOMES
-from .dataplane import DataPlane
-from .registry import Run
-from .store import DROP_REASONS
 
 log = logging.getLogger("lrpilot.daemon")
 
