@@ -33,6 +33,7 @@ SCHEMA_VERSION = 39  # Grafana 10.4's dashboard model; later versions migrate it
 OVERVIEW_UID, RUN_UID = "lrpilot-overview", "lrpilot-run"
 RUN_URL = f"/d/{RUN_UID}/lrpilot-run?${{__url_time_range}}&var-run="
 GRID_WIDTH = 24
+PER_SECOND = "reqps"  # Grafana's unit id for a rate per second
 # The step of the Prometheus annotation query and the offset it compares
 # against are equal: consecutive evaluations compare consecutive instants, so
 # each change of the command version is marked once, whatever the scrape
@@ -346,7 +347,102 @@ JOB = 'job=~"$job"'
 
 def overview() -> dict[str, Any]:
     """Every run of the daemons that Prometheus scrapes (the ``job`` variable)."""
-    runs = table(
+    panels = [
+        *overview_stat_panels(),
+        *runs_panels(),
+        *overview_rank_panels(),
+        *daemon_panels(),
+        *store_panels(),
+    ]
+    job = query_variable(
+        "job",
+        "Job",
+        "label_values(lrpilot_build_info, job)",
+        "The Prometheus jobs that scrape lrpilot daemons.",
+        multi=True,
+    )
+    return dashboard(
+        OVERVIEW_UID,
+        "lrpilot / overview",
+        "Every run under lrpilot: step rate, loss, LR, recent LR changes, ranks, and the "
+        "daemon itself.",
+        panels,
+        [job],
+    )
+
+
+def overview_stat_panels() -> list[Panel]:
+    """The daemons at a glance: up, version, runs, ranks and records taken in."""
+    return [
+        stat(
+            "Daemon",
+            "Whether Prometheus reaches each daemon's /metrics.",
+            target(f"up{{{JOB}}}", "{{instance}}"),
+            mappings=value_map({0: ("DOWN", "red"), 1: ("UP", "green")}),
+        ),
+        stat(
+            "Version",
+            "The lrpilot version each daemon runs.",
+            target(f"lrpilot_build_info{{{JOB}}}", "{{version}}"),
+            text_mode="name",
+        ),
+        stat(
+            "Runs active",
+            "Runs with a rank connected.",
+            target(f'sum(lrpilot_runs{{{JOB}, state="active"}})'),
+        ),
+        stat(
+            "Runs ended",
+            "Runs whose last rank left less than --metrics-ttl ago.",
+            target(f'sum(lrpilot_runs{{{JOB}, state="ended"}})'),
+        ),
+        stat(
+            "Connected ranks",
+            "Training processes (ranks) connected, all runs.",
+            target(f"sum(lrpilot_sessions{{{JOB}}})"),
+        ),
+        stat(
+            "Records/s",
+            "Metric records (steps and reports) the daemons take in per second.",
+            target(f"sum(rate(lrpilot_records_ingested_total{{{JOB}}}[$__rate_interval]))"),
+            unit=PER_SECOND,
+        ),
+    ]
+
+
+def runs_panels() -> list[Panel]:
+    """Each run's step rate, loss and LR, and the LR changes of the time range."""
+    return [
+        row("Runs"),
+        runs_table(),
+        timeseries(
+            "Step rate",
+            "Optimizer steps per second of each run (the daemon's smoothed rate). "
+            "Click a series for its run.",
+            target(f"lrpilot_run_steps_per_second{{{JOB}}}", "{{run}}"),
+            unit="suffix: steps/s",
+            run_link=True,
+        ),
+        timeseries(
+            "Loss",
+            "The last loss each run reported (pilot.step(loss=...)).",
+            target(f'lrpilot_run_metric{{{JOB}, metric="loss"}}', "{{run}}"),
+            run_link=True,
+        ),
+        timeseries(
+            "LR",
+            "The LR in effect for each param group (log scale).",
+            target(f"lrpilot_group_lr{{{JOB}}}", "{{run}} / {{group}}"),
+            log=True,
+            run_link=True,
+        ),
+        recent_changes_table(),
+    ]
+
+
+def runs_table() -> Panel:
+    """One line per run: policy, step, rate, loss, ranks, LR held, active, started."""
+    return table(
         "Runs",
         "Every run in the daemons' /metrics (active, or ended within --metrics-ttl). "
         "Click a run for its dashboard.",
@@ -379,7 +475,11 @@ def overview() -> dict[str, Any]:
         labels={"kind": "policy"},
         link_runs=True,
     )
-    changes = table(
+
+
+def recent_changes_table() -> Panel:
+    """LR changes in the time range, counted by run and reason."""
+    return table(
         "Recent LR changes",
         "LR changes journaled in the dashboard's time range, by run and reason: the deciding "
         "policy's kind (plateau) or an operator's set_lr, pause, resume, policy_switch. "
@@ -396,65 +496,11 @@ def overview() -> dict[str, Any]:
         size=(12, 8),
         link_runs=True,
     )
-    per_second = "reqps"
-    panels = [
-        stat(
-            "Daemon",
-            "Whether Prometheus reaches each daemon's /metrics.",
-            target(f"up{{{JOB}}}", "{{instance}}"),
-            mappings=value_map({0: ("DOWN", "red"), 1: ("UP", "green")}),
-        ),
-        stat(
-            "Version",
-            "The lrpilot version each daemon runs.",
-            target(f"lrpilot_build_info{{{JOB}}}", "{{version}}"),
-            text_mode="name",
-        ),
-        stat(
-            "Runs active",
-            "Runs with a rank connected.",
-            target(f'sum(lrpilot_runs{{{JOB}, state="active"}})'),
-        ),
-        stat(
-            "Runs ended",
-            "Runs whose last rank left less than --metrics-ttl ago.",
-            target(f'sum(lrpilot_runs{{{JOB}, state="ended"}})'),
-        ),
-        stat(
-            "Connected ranks",
-            "Training processes (ranks) connected, all runs.",
-            target(f"sum(lrpilot_sessions{{{JOB}}})"),
-        ),
-        stat(
-            "Records/s",
-            "Metric records (steps and reports) the daemons take in per second.",
-            target(f"sum(rate(lrpilot_records_ingested_total{{{JOB}}}[$__rate_interval]))"),
-            unit=per_second,
-        ),
-        row("Runs"),
-        runs,
-        timeseries(
-            "Step rate",
-            "Optimizer steps per second of each run (the daemon's smoothed rate). "
-            "Click a series for its run.",
-            target(f"lrpilot_run_steps_per_second{{{JOB}}}", "{{run}}"),
-            unit="suffix: steps/s",
-            run_link=True,
-        ),
-        timeseries(
-            "Loss",
-            "The last loss each run reported (pilot.step(loss=...)).",
-            target(f'lrpilot_run_metric{{{JOB}, metric="loss"}}', "{{run}}"),
-            run_link=True,
-        ),
-        timeseries(
-            "LR",
-            "The LR in effect for each param group (log scale).",
-            target(f"lrpilot_group_lr{{{JOB}}}", "{{run}} / {{group}}"),
-            log=True,
-            run_link=True,
-        ),
-        changes,
+
+
+def overview_rank_panels() -> list[Panel]:
+    """Runs active and ended, ranks connected per run, rank lag and hook drops."""
+    return [
         row("Ranks"),
         timeseries(
             "Runs",
@@ -488,9 +534,15 @@ def overview() -> dict[str, Any]:
                 "{{run}}",
             ),
             size=(6, 8),
-            unit=per_second,
+            unit=PER_SECOND,
             run_link=True,
         ),
+    ]
+
+
+def daemon_panels() -> list[Panel]:
+    """The daemon process: messages refused, throughput, annotations, CPU, memory, fds."""
+    return [
         row("Daemon"),
         timeseries(
             "Rejected messages",
@@ -502,7 +554,7 @@ def overview() -> dict[str, Any]:
                 "{{reason}}",
             ),
             size=(8, 8),
-            unit=per_second,
+            unit=PER_SECOND,
         ),
         timeseries(
             "Throughput",
@@ -516,7 +568,7 @@ def overview() -> dict[str, Any]:
                 "commands out",
             ),
             size=(8, 8),
-            unit=per_second,
+            unit=PER_SECOND,
         ),
         timeseries(
             "Grafana annotations",
@@ -528,7 +580,7 @@ def overview() -> dict[str, Any]:
                 "{{outcome}}",
             ),
             size=(8, 8),
-            unit=per_second,
+            unit=PER_SECOND,
         ),
         timeseries(
             "Daemon CPU",
@@ -553,23 +605,7 @@ def overview() -> dict[str, Any]:
             size=(8, 8),
             log=True,
         ),
-        *store_panels(),
     ]
-    job = query_variable(
-        "job",
-        "Job",
-        "label_values(lrpilot_build_info, job)",
-        "The Prometheus jobs that scrape lrpilot daemons.",
-        multi=True,
-    )
-    return dashboard(
-        OVERVIEW_UID,
-        "lrpilot / overview",
-        "Every run under lrpilot: step rate, loss, LR, recent LR changes, ranks, and the "
-        "daemon itself.",
-        panels,
-        [job],
-    )
 
 
 def store_panels() -> list[Panel]:
@@ -670,17 +706,38 @@ RANK_TROUBLE = [
 def run_dashboard() -> dict[str, Any]:
     """One run (the ``run`` variable): its metrics against its LR, the policy's
     state, its ranks, and its LR changes as annotations."""
-    lr_on_the_right = {
-        "matcher": {"id": "byFrameRefID", "options": "B"},
-        "properties": [
-            {"id": "custom.axisPlacement", "value": "right"},
-            {"id": "custom.axisLabel", "value": "LR"},
-            {"id": "custom.scaleDistribution", "value": {"log": 10, "type": "log"}},
-            {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
-        ],
-    }
-    held = value_map({0: ("policy", "green"), 1: ("HELD", "orange")})
     panels = [
+        *run_stat_panels(),
+        *metrics_and_lr_panels(),
+        *policy_state_panels(),
+        *progress_panels(),
+        *run_rank_panels(),
+    ]
+    variables = [
+        query_variable("run", "Run", "label_values(lrpilot_run_step, run)", "The run id."),
+        query_variable(
+            "metric",
+            "Metrics",
+            f"label_values(lrpilot_run_metric{{{RUN}}}, metric)",
+            "The metrics the run reports, drawn against its LR.",
+            multi=True,
+        ),
+    ]
+    return dashboard(
+        RUN_UID,
+        "lrpilot / run",
+        "One run: its metrics against its LR, the LR and momentum per param group, the "
+        "policy's state, its ranks, and every LR change as an annotation.",
+        panels,
+        variables,
+        lr_change_annotations(),
+    )
+
+
+def run_stat_panels() -> list[Panel]:
+    """The run at a glance: policy, step, step rate, ranks, LR held, command version."""
+    held = value_map({0: ("policy", "green"), 1: ("HELD", "orange")})
+    return [
         stat(
             "Policy",
             "The kind of the policy in effect (none: the script's own LRs).",
@@ -712,6 +769,21 @@ def run_dashboard() -> dict[str, Any]:
             "Version of the run's last LR command (each LR change adds one).",
             target(f"lrpilot_run_command_version{{{RUN}}}"),
         ),
+    ]
+
+
+def metrics_and_lr_panels() -> list[Panel]:
+    """The run's metrics against its LR, and the LR and momentum per param group."""
+    lr_on_the_right = {
+        "matcher": {"id": "byFrameRefID", "options": "B"},
+        "properties": [
+            {"id": "custom.axisPlacement", "value": "right"},
+            {"id": "custom.axisLabel", "value": "LR"},
+            {"id": "custom.scaleDistribution", "value": {"log": 10, "type": "log"}},
+            {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+        ],
+    }
+    return [
         timeseries(
             "Metrics and LR",
             "The metrics the run reports (the Metrics variable) on the left axis; the LR of "
@@ -733,6 +805,12 @@ def run_dashboard() -> dict[str, Any]:
             "(cyclic, onecycle); empty for the others.",
             target(f"lrpilot_group_momentum{{{RUN}}}", "{{group}}"),
         ),
+    ]
+
+
+def policy_state_panels() -> list[Panel]:
+    """The policy's spec and the state of each kind: plateau, cycles, stage; held or not."""
+    return [
         row("Policy state"),
         table(
             "Policy",
@@ -789,6 +867,12 @@ def run_dashboard() -> dict[str, Any]:
             size=(8, 8),
             steps=True,
         ),
+    ]
+
+
+def progress_panels() -> list[Panel]:
+    """The run's step, its step rate and its LR changes by reason."""
+    return [
         row("Progress and LR changes"),
         timeseries(
             "Step",
@@ -816,6 +900,12 @@ def run_dashboard() -> dict[str, Any]:
             size=(8, 8),
             bars=True,
         ),
+    ]
+
+
+def run_rank_panels() -> list[Panel]:
+    """Each rank: a table of its counters, its lag, lateness, last message, hook trouble."""
+    return [
         row("Ranks"),
         table(
             "Ranks",
@@ -854,21 +944,15 @@ def run_dashboard() -> dict[str, Any]:
                 for name, m in RANK_TROUBLE
             ),
             size=(6, 8),
-            unit="reqps",
+            unit=PER_SECOND,
         ),
     ]
-    variables = [
-        query_variable("run", "Run", "label_values(lrpilot_run_step, run)", "The run id."),
-        query_variable(
-            "metric",
-            "Metrics",
-            f"label_values(lrpilot_run_metric{{{RUN}}}, metric)",
-            "The metrics the run reports, drawn against its LR.",
-            multi=True,
-        ),
-    ]
+
+
+def lr_change_annotations() -> list[dict[str, Any]]:
+    """The run's LR changes as seen by Prometheus, and as the daemon posted them."""
     version = f"lrpilot_run_command_version{{{RUN}}}"
-    annotations = [
+    return [
         {
             # Where the command version moved since the previous evaluation; the
             # `unless` half marks a run's first command when the run had no
@@ -901,15 +985,6 @@ def run_dashboard() -> dict[str, Any]:
             },
         },
     ]
-    return dashboard(
-        RUN_UID,
-        "lrpilot / run",
-        "One run: its metrics against its LR, the LR and momentum per param group, the "
-        "policy's state, its ranks, and every LR change as an annotation.",
-        panels,
-        variables,
-        annotations,
-    )
 
 
 # --- files -----------------------------------------------------------------------------

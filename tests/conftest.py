@@ -1,24 +1,19 @@
 """Shared fixtures: how tests find the checkout and the installed `lrpilot`
-command, and a safety net that keeps every test away from the user's store
-and from a daemon the user may be running."""
+command, a safety net that keeps every test away from the user's store and
+from a daemon the user may be running, the data the live trainings learn,
+and the daemons and trainings a test starts (helpers: procs.py)."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import DaemonProcess, daemon_process, free_address
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _unused_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,8 +27,8 @@ def isolated_environment(tmp_path_factory) -> Iterator[Path]:
     patch = pytest.MonkeyPatch()
     patch.setenv("LRPILOT_STATE_DIR", str(state))
     patch.delenv("XDG_STATE_HOME", raising=False)
-    patch.setenv("LRPILOT_CONTROL", _unused_address())
-    patch.setenv("LRPILOT_DAEMON", _unused_address())
+    patch.setenv("LRPILOT_CONTROL", free_address())
+    patch.setenv("LRPILOT_DAEMON", free_address())
     # Daemons in tests never take the default metrics port (one may be in use).
     patch.setenv("LRPILOT_METRICS_ADDR", "127.0.0.1:0")
     # ... nor post to a Grafana the user's shell points at.
@@ -65,3 +60,21 @@ def digits(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits") / "digits.npz"
     np.savez(path, x=data.data, y=data.target)
     return path
+
+
+@pytest.fixture
+def running_daemon(lrpilot_exe, tmp_path) -> Iterator[DaemonProcess]:
+    """A ready `lrpilot daemon` of the test's own: state dir and log under
+    tmp_path, free ports; killed at the end."""
+    with daemon_process(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log") as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def processes() -> Iterator[list]:
+    """Daemons and trainings a test starts (anything with ``stop()``): stopped
+    at the end whatever happened, the last started first."""
+    started: list = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()

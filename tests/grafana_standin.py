@@ -1,4 +1,4 @@
-"""A local stand-in for Grafana's HTTP API, for the tests of daemon/grafana.py,
+"""A local stand-in for Grafana's HTTP API, for the tests of daemon/observability/grafana.py,
 `lrpilot dashboards push` and the daemon's annotations.
 
 No Grafana server can be installed in the test environment, so this follows

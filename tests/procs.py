@@ -1,19 +1,27 @@
-"""Real processes for the tests: `lrpilot daemon` on free loopback ports with
-its own state directory, the `lrpilot` command line, and polling with a
-deadline. Every process started here is killed by ``stop()`` (the tests call
-it in ``finally`` blocks or fixture teardowns)."""
+"""What the tests share: real processes (`lrpilot daemon` on free loopback
+ports with its own state directory, the trainings under tests/live), the
+`lrpilot` command line, the daemon's HTTP side, polling with a deadline, and
+the policies and files the live tests read. Every process started here is
+killed by ``stop()`` (the tests call it in ``finally`` blocks or fixture
+teardowns; conftest.py's ``processes`` does it for a list of them).
+
+A test learns what the daemon is doing through its API, never its log: it is
+ready when /healthz says ok (its control plane answers, with --metrics-addr
+off), and its runs and decisions are what `lrpilot runs/show/history --json`
+say. The log is for failure messages, and for tests of what it tells a user."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +29,26 @@ from typing import Any, TypeVar
 
 STARTUP_S = 20.0  # a daemon process is up (imports, store, bind) within this
 T = TypeVar("T")
+LIVE = Path(__file__).resolve().parent / "live"
+
+# Plateau on the validation loss, as the live tests steer it: on a real torch
+# training of the digits (tests/live/train_digits.py, train_ddp.py), it cuts a
+# few times in a few hundred steps...
+DIGITS_PLATEAU = {
+    "kind": "plateau",
+    "metric": "val_loss",
+    "factor": 0.5,
+    "patience": 1,
+    "threshold": 0.05,
+}
+# ...and on tests/live/train_stream.py's fixed stream, every few reports.
+STREAM_PLATEAU = {
+    "kind": "plateau",
+    "metric": "val_loss",
+    "factor": 0.5,
+    "patience": 1,
+    "threshold": 0.01,
+}
 
 
 def free_port() -> int:
@@ -52,6 +80,40 @@ def wait_for(
         time.sleep(0.01)
 
 
+def http_get(url: str, gzip_ok: bool = False, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of a GET, an error status included."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"} if gzip_ok else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample ``name`` in a /metrics text whose labels
+    include ``labels``; None when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def _metrics_flag(flags: tuple[str, ...]) -> str | None:
+    """The --metrics-addr among a daemon's extra flags (the last one wins, as
+    on the command line), or None."""
+    value = None
+    for i, flag in enumerate(flags):
+        if flag == "--metrics-addr" and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif flag.startswith("--metrics-addr="):
+            value = flag.partition("=")[2]
+    return value
+
+
 class DaemonProcess:
     """`lrpilot daemon` as a user starts it, on its own ports and state
     directory (never the defaults); its log (stderr) goes to a file. A second
@@ -67,10 +129,15 @@ class DaemonProcess:
         control: str | None = None,
         metrics: str | None = None,
     ) -> None:
+        self.exe = exe
         self.address = address or free_address()
         self.control = control or free_address()
         self.metrics = metrics or f"127.0.0.1:{free_port()}"
         self.metrics_url = f"http://{self.metrics}/metrics"
+        # A --metrics-addr among the flags wins over ours (it comes after):
+        # with "off" there is no /healthz to ask, and readiness is the
+        # control plane's answer.
+        self.serves_metrics = _metrics_flag(flags) in (None, self.metrics)
         self.state_dir, self.log_path = state_dir, log
         with open(log, "w") as sink:
             self.proc = subprocess.Popen(
@@ -95,20 +162,60 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def http(self, path: str) -> tuple[int, str]:
+        """(status, body) of a GET of ``path`` on the daemon's HTTP side."""
+        status, _, body = http_get(f"http://{self.metrics}{path}", timeout=10.0)
+        return status, body.decode()
+
+    def scrape(self) -> str:
+        status, text = self.http("/metrics")
+        assert status == 200, f"/metrics answered {status}: {text}"
+        return text
+
+    def cli(self, *args: str) -> Any:
+        """`lrpilot ARGS --json` against this daemon's control plane: the answer."""
+        return ok_json(lrpilot(self.exe, *args, "--control", self.control, "--json"))
+
+    def ask(self, payload: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """One control-plane request, in this process (no `lrpilot` to start)."""
+        return control(self.control, payload, timeout)
+
     def wait_ready(self) -> DaemonProcess:
-        def listening() -> bool:
+        """Wait until the daemon serves: /healthz says ok (it serves HTTP once
+        both its sockets are bound), or, with --metrics-addr off, its control
+        plane answers."""
+        said = ["nothing yet"]
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            return f"listening on {self.address} (control {self.control}," in self.log()
+            if not self.serves_metrics:
+                return self._control_answers(said)
+            try:
+                status, body = self.http("/healthz")
+            except OSError as exc:  # not listening yet
+                said[0] = str(exc)
+                return False
+            said[0] = f"/healthz {status}: {body.strip()}"
+            return (status, body) == (200, "ok\n")
 
-        wait_for(listening, STARTUP_S, f"the daemon to listen on {self.address}")
+        wait_for(
+            ready,
+            STARTUP_S,
+            f"the daemon on {self.address} to be ready",
+            lambda: f"last answer: {said[0]}\n--- daemon log\n{self.log()}",
+        )
         return self
 
-    def restored(self) -> int:
-        """How many runs the daemon said it restored from its store."""
-        found = re.search(r"(\d+) runs restored", self.log())
-        assert found, self.log()
-        return int(found.group(1))
+    def _control_answers(self, said: list[str]) -> bool:
+        from lrpilot.daemon.cli.control_client import ControlClientError
+
+        try:
+            self.ask({"op": "runs"}, timeout=1.0)
+        except ControlClientError as exc:
+            said[0] = str(exc)
+            return False
+        return True
 
     def restart(self, exe: str, log: Path, *flags: str) -> DaemonProcess:
         """A new daemon on the same addresses and state dir (this one is gone)."""
@@ -158,6 +265,15 @@ def lrpilot(
     )
 
 
+def control(address: str, payload: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One request to a daemon's control plane, as `lrpilot` sends it: the
+    answer (a JSON object that says ok), or ControlClientError."""
+    from lrpilot.daemon.cli.control_client import ControlClient
+
+    with ControlClient(address, timeout) as client:
+        return client.call(payload)
+
+
 def ok(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
     assert done.stderr == "", done.stderr
@@ -203,7 +319,8 @@ def settled_history(
 def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
     """(step, kind, metrics) of a run's recorded stream, read from the daemon's
     store (while it runs) as the daemon reads it: metrics batches, not rows."""
-    from lrpilot.daemon.store import DB_NAME, open_readonly, read_records
+    from lrpilot.daemon.service.records import read_records
+    from lrpilot.daemon.service.store import DB_NAME, open_readonly
 
     db = open_readonly(state_dir / DB_NAME)
     try:
@@ -212,7 +329,38 @@ def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
         db.close()
 
 
-TRAIN_STREAM = Path(__file__).resolve().parent / "live" / "train_stream.py"
+TRAIN_STREAM = LIVE / "train_stream.py"
+TRAIN_DIGITS = LIVE / "train_digits.py"
+
+
+def stream_trainer(run: str, address: str, out: Path, **fields: Any) -> dict:
+    """One trainer of a train_stream.py config: lock-step plateau on two
+    groups (body 0.1, head 0.05) unless ``fields`` say otherwise."""
+    return {
+        "run": run,
+        "address": address,
+        "policy": STREAM_PLATEAU,
+        "sync": True,
+        "sync_timeout": 10.0,
+        "lrs": [0.1, 0.05],
+        "out": str(out),
+        **fields,
+    }
+
+
+def start_digits(config: dict, where: Path) -> subprocess.Popen:
+    """tests/live/train_digits.py on ``config`` (written to where/train.json),
+    its output to where/train.out."""
+    path = where / "train.json"
+    path.write_text(json.dumps(config))
+    with open(where / "train.out", "w") as sink:
+        return subprocess.Popen(
+            [sys.executable, str(TRAIN_DIGITS), str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
 
 
 class Training:
@@ -270,9 +418,18 @@ class Training:
         self.proc.wait(10)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON lines a training has written so far: whole lines only (each is
+    written with its newline; one without is still being written)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
+
+
 def read_steps(path: Path) -> list[dict]:
     """A trainer's per-step lines (train_stream.py), checked to be consecutive."""
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    lines = read_jsonl(path)
     steps = [line["step"] for line in lines]
     if steps:
         assert steps == list(range(steps[0], steps[0] + len(steps))), steps
@@ -291,11 +448,25 @@ def metric_stream(lines: list[dict]) -> str:
     return "".join(out)
 
 
+def simulate_lines(exe: str, policy: dict, stream: str, base_lrs: list[float]) -> list[dict]:
+    """`lrpilot simulate` on a stream: its line after each record (LRs, momenta)."""
+    flags = [arg for lr in base_lrs for arg in ("--base-lr", repr(lr))]
+    policy_flag = ("--policy", json.dumps(policy))
+    done = lrpilot(exe, "simulate", *policy_flag, *flags, stdin=stream, timeout=60)
+    return [json.loads(line) for line in ok(done).splitlines()]
+
+
 def simulate(exe: str, policy: dict, stream: str, base_lrs: list[float]) -> list[list[float]]:
     """`lrpilot simulate` on a stream: the LRs after each record."""
-    flags = [arg for lr in base_lrs for arg in ("--base-lr", repr(lr))]
-    done = lrpilot(exe, "simulate", "--policy", json.dumps(policy), *flags, stdin=stream)
-    return [json.loads(line)["lrs"] for line in ok(done).splitlines()]
+    return [line["lrs"] for line in simulate_lines(exe, policy, stream, base_lrs)]
+
+
+def first_difference(got: list, want: list, got_is: str = "got", want_is: str = "want") -> str:
+    """Where two per-step sequences part, for a failure message."""
+    for k, (a, b) in enumerate(zip(got, want), start=1):
+        if a != b:
+            return f"first difference at step {k}: {got_is} {a}, {want_is} {b}"
+    return f"lengths {len(got)} and {len(want)}"
 
 
 def one_line_error(done, command: str, *says: str, status: int = 1) -> str:

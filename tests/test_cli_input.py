@@ -6,7 +6,7 @@ exactly one line on stderr naming the flag or field, and the daemon keeps
 serving (`lrpilot runs` answers after every batch):
 
 - numbers a flag cannot mean (nan, inf, 1e308, 0 s, -1 s, '²', 10**30),
-  refused by the argparse types in daemon/cli.py (exit 2);
+  refused by the argparse types in daemon/cli/main.py (exit 2);
 - values only the daemon can judge (a param group, a run id), and policies
   too large or with numbers too large, refused before anything changes
   (exit 1);
@@ -36,6 +36,7 @@ import zmq
 from procs import (
     DaemonProcess,
     FakeOptimizer,
+    control,
     daemon_process,
     lrpilot,
     ok,
@@ -45,18 +46,18 @@ from procs import (
 )
 
 from lrpilot import attach
-from lrpilot.daemon.cli import build_parser
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import (
+from lrpilot.daemon.cli.control_client import ControlClientError, printable
+from lrpilot.daemon.cli.main import build_parser
+from lrpilot.daemon.control_protocol import (
     LR_MAX,
     MAX_CONTROL_BYTES,
     MAX_ERROR_CHARS,
     MAX_HISTORY_LIMIT,
     MAX_POLICY_BYTES,
-    ControlPlane,
 )
-from lrpilot.daemon.control_client import ControlClientError, printable, request
-from lrpilot.daemon.dataplane import DataPlane
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.control import ControlPlane
+from lrpilot.daemon.service.dataplane import DataPlane
 from lrpilot.protocol import GroupInfo, Hello, decode, encode
 
 RUN = "input-[bold]run[/]"  # rich markup in a name: shown as typed, never styled
@@ -92,7 +93,7 @@ def daemon(lrpilot_exe, tmp_path_factory) -> Iterator[DaemonProcess]:
 
 
 def runs(daemon: DaemonProcess) -> list[dict]:
-    return request(daemon.control, {"op": "runs"}, timeout=5.0)["runs"]
+    return daemon.ask({"op": "runs"})["runs"]
 
 
 def cli(exe: str, daemon: DaemonProcess, *args: str, stdin: str | None = None):
@@ -101,13 +102,13 @@ def cli(exe: str, daemon: DaemonProcess, *args: str, stdin: str | None = None):
 
 def state_of(daemon: DaemonProcess) -> tuple:
     """What a refused change must leave as it was."""
-    shown = request(daemon.control, {"op": "show", "run": RUN})["run"]
+    shown = daemon.ask({"op": "show", "run": RUN})["run"]
     return shown["lrs"], shown["version"], shown["held"], shown["policy"]
 
 
-def serves(exe: str, daemon: DaemonProcess) -> None:
+def serves(daemon: DaemonProcess) -> None:
     """The daemon still answers `lrpilot runs`, and still has the run."""
-    assert any(r["run"] == RUN for r in ok_json(cli(exe, daemon, "runs", "--json")))
+    assert any(r["run"] == RUN for r in daemon.cli("runs"))
 
 
 # --- the command line's flags ----------------------------------------------------
@@ -173,7 +174,7 @@ def test_flags_refuse_numbers_they_cannot_mean_in_one_line(lrpilot_exe, daemon):
     for result, command, says in done:
         one_line_error(result, command, *says, status=2)
     assert state_of(daemon) == before
-    serves(lrpilot_exe, daemon)
+    serves(daemon)
 
 
 @pytest.mark.parametrize(
@@ -232,12 +233,12 @@ def test_values_the_daemon_refuses_are_one_line_and_change_nothing(lrpilot_exe, 
     for result, command, says in done:
         one_line_error(result, command, *says, status=1)
     assert state_of(daemon) == before
-    serves(lrpilot_exe, daemon)
+    serves(daemon)
 
 
 def test_a_request_over_the_daemons_limit_is_refused_before_it_is_sent(daemon):
     with pytest.raises(ControlClientError, match=f"over the {MAX_CONTROL_BYTES}"):
-        request(daemon.control, {"op": "show", "run": "x" * MAX_CONTROL_BYTES})
+        control(daemon.control, {"op": "show", "run": "x" * MAX_CONTROL_BYTES})
 
 
 def with_literal(fields: dict, member: str) -> str:
@@ -310,7 +311,7 @@ def test_hostile_requests_on_the_socket_get_one_line_and_the_daemon_serves_on(lr
         sock.close()
         context.term()
     assert state_of(daemon) == before
-    serves(lrpilot_exe, daemon)
+    serves(daemon)
     assert "internal error" not in daemon.log()
 
 
@@ -368,11 +369,11 @@ def evil_answers(daemon: DaemonProcess) -> dict[str, dict]:
     """The real daemon's answers for RUN, after a real change, with every
     name, host, reason and actor replaced by EVIL: what a hostile peer (or a
     store written before names were checked) could make the CLI print."""
-    request(daemon.control, {"op": "set_lr", "run": RUN, "lr": 0.01, "actor": "test"})
-    request(daemon.control, {"op": "resume", "run": RUN, "actor": "test"})
+    held = daemon.ask({"op": "set_lr", "run": RUN, "lr": 0.01, "actor": "test"})["command"]
+    daemon.ask({"op": "resume", "run": RUN, "actor": "test"})
     [summary] = [r for r in runs(daemon) if r["run"] == RUN]
-    shown = request(daemon.control, {"op": "show", "run": RUN})["run"]
-    history = request(daemon.control, {"op": "history", "run": RUN})["history"]
+    shown = daemon.ask({"op": "show", "run": RUN})["run"]
+    history = daemon.ask({"op": "history", "run": RUN})["history"]
     assert history and shown["sessions"] and summary["last_change"]
     for run in (summary, shown):
         run.update(run=EVIL, groups=[EVIL, "head"])
@@ -381,7 +382,7 @@ def evil_answers(daemon: DaemonProcess) -> dict[str, dict]:
         session["host"] = EVIL
     for entry in [*history, *shown["history"]]:
         entry.update(reason=EVIL, actor=EVIL)
-    command = {**history[-1], "run": EVIL, "lrs": [0.01, 0.01]}
+    command = {**held, "run": EVIL, "reason": EVIL, "actor": EVIL}
     return {
         "runs": {"ok": True, "runs": [summary, {**summary, "run": "plain"}]},
         "show": {"ok": True, "run": shown},
@@ -491,4 +492,4 @@ def test_a_hello_with_control_characters_in_its_name_is_refused_or_shown_escaped
         assert "evil" not in table
     else:
         assert "evil\\x1b[31m" in table
-    serves(lrpilot_exe, daemon)
+    serves(daemon)

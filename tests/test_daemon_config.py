@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from pydantic import ValidationError
 
-from lrpilot.daemon.config import DaemonConfig
+from lrpilot.daemon.service.config import DaemonConfig
 
 
 def test_the_daemon_binds_the_addresses_the_clients_read(monkeypatch, tmp_path):

@@ -40,7 +40,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from procs import DaemonProcess, lrpilot, ok, wait_for
+from procs import DaemonProcess, lrpilot, ok, start_digits, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusProcess, prometheus_process
 
@@ -58,7 +57,6 @@ DASHBOARDS = {
     "lrpilot-run": ROOT / "dashboards" / "lrpilot-run.json",
 }
 METRICS_DOC = ROOT / "docs" / "metrics.md"
-TRAIN = ROOT / "tests" / "live" / "train_digits.py"
 DATASOURCE = {"type": "prometheus", "uid": "lrpilot-prometheus"}
 # Grafana's $__rate_interval with a 1 s scrape interval is 4 scrapes; one more
 # keeps two samples in every window despite scrape jitter.
@@ -296,16 +294,7 @@ def start_training(where: Path, address: str, digits: Path) -> tuple[subprocess.
             for run, policy in POLICIES.items()
         ],
     }
-    (where / "train.json").write_text(json.dumps(config))
-    with open(where / "train.out", "w") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, str(TRAIN), str(where / "train.json")],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    return proc, stop
+    return start_digits(config, where), stop
 
 
 def scalar(prom: PrometheusProcess, expr: str) -> float | None:
@@ -376,9 +365,7 @@ def live(lrpilot_exe, digits, tmp_path_factory) -> Iterator[Live]:
         full = f"count(count_over_time(lrpilot_run_step[{RATE_INTERVAL}]) >= 3)"
         wait_for(lambda: scalar(prom, full) == len(POLICIES), 15, "full rate windows", detail)
 
-        with urllib.request.urlopen(daemon.metrics_url, timeout=10) as reply:
-            metrics_text = reply.read().decode()
-        yield Live(prom, daemon, start, metrics_text)
+        yield Live(prom, daemon, start, daemon.scrape())
         check_training()  # it was stepping all along
 
 

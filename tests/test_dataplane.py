@@ -446,7 +446,7 @@ def test_a_runs_lag_is_how_far_its_slowest_rank_is_behind(make_plane):
     replies(plane, b"r1", rank_hello(1))
     plane.handle(b"r0", steps(0, 1, 5), 0.0)
     plane.handle(b"r1", steps(1, 1, 2), 0.0)
-    assert summary(plane.registry.runs["ddp"])["lag_steps"] == 3
+    assert summary(plane.registry.runs["ddp"]).lag_steps == 3
 
 
 def test_a_resume_at_a_step_snapshotted_between_its_step_and_its_report(make_plane):

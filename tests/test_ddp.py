@@ -14,39 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from procs import daemon_process, lrpilot, ok_json, wait_for
+from procs import DIGITS_PLATEAU, LIVE, metric_value, read_jsonl, wait_for
 
-TRAIN = ROOT / "tests" / "live" / "train_ddp.py"
-PLATEAU = {"kind": "plateau", "metric": "val_loss", "factor": 0.5, "patience": 1, "threshold": 0.05}
+TRAIN = LIVE / "train_ddp.py"
+PLATEAU = DIGITS_PLATEAU
 HOLD_LR = 0.003
-
-
-def read_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
 def changes(lines: list[dict]) -> list[dict]:
     return [line for line in lines if line.get("event") == "change"]
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
-
-
-def gauge(text: str, name: str, run: str) -> float | None:
-    found = re.search(rf'^{name}{{run="{re.escape(run)}"}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else None
 
 
 def torchrun(where: Path, daemon_address: str, sync: bool, digits: Path) -> subprocess.Popen:
@@ -84,66 +65,66 @@ def torchrun(where: Path, daemon_address: str, sync: bool, digits: Path) -> subp
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "lock-step"])
-def test_every_rank_applies_every_change_at_the_same_step(lrpilot_exe, digits, tmp_path, sync):
-    with daemon_process(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log") as daemon:
-        training = torchrun(tmp_path, daemon.address, sync, digits)
-        ctl = ("--control", daemon.control)
-        rank0, rank1 = tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"
+def test_every_rank_applies_every_change_at_the_same_step(running_daemon, digits, tmp_path, sync):
+    daemon = running_daemon
+    training = torchrun(tmp_path, daemon.address, sync, digits)
+    rank0, rank1 = tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"
 
-        def output() -> str:
-            return (tmp_path / "train.out").read_text() + "\n" + daemon.log()[-3000:]
+    def output() -> str:
+        return (tmp_path / "train.out").read_text() + "\n" + daemon.log()[-3000:]
 
-        def applied_by_both(actor_is_policy: bool) -> bool:
-            if training.poll() is not None:
-                raise AssertionError(f"torchrun exited with {training.returncode}:\n{output()}")
+    def applied_by_both(actor_is_policy: bool) -> bool:
+        if training.poll() is not None:
+            raise AssertionError(f"torchrun exited with {training.returncode}:\n{output()}")
+        return all(
+            any((c["actor"] == "policy") == actor_is_policy for c in changes(read_jsonl(p)))
+            for p in (rank0, rank1)
+        )
+
+    try:
+        wait_for(lambda: applied_by_both(True), 60, "a plateau cut on both ranks", output)
+        runs = daemon.cli("runs")
+        assert [(r["ranks"], r["world_size"]) for r in runs] == [([0, 1], 2)], runs
+        run = runs[0]["run"]
+        # Each rank said hello for itself, in the mode the training asked for.
+        sessions = daemon.cli("show", run)["sessions"]
+        assert [(s["rank"], s["sync"]) for s in sessions] == [(0, sync), (1, sync)], sessions
+        text = daemon.scrape()
+        assert metric_value(text, "lrpilot_run_world_size", run=run) == 2, text
+        assert metric_value(text, "lrpilot_run_connected_ranks", run=run) == 2, text
+
+        daemon.cli("set-lr", run, str(HOLD_LR))
+        wait_for(lambda: applied_by_both(False), 30, "the set-lr on both ranks", output)
+        daemon.cli("resume", run)
+
+        def resumed_on_both() -> bool:
             return all(
-                any((c["actor"] == "policy") == actor_is_policy for c in changes(read_lines(p)))
+                len([c for c in changes(read_jsonl(p)) if c["actor"] != "policy"]) == 2
                 for p in (rank0, rank1)
             )
 
-        try:
-            wait_for(lambda: applied_by_both(True), 60, "a plateau cut on both ranks", output)
-            runs = ok_json(lrpilot(lrpilot_exe, "runs", *ctl, "--json"))
-            assert [(r["ranks"], r["world_size"]) for r in runs] == [([0, 1], 2)], runs
-            run = runs[0]["run"]
-            text = scrape(daemon.metrics_url)
-            assert gauge(text, "lrpilot_run_world_size", run) == 2, text
-            assert gauge(text, "lrpilot_run_connected_ranks", run) == 2, text
-
-            ok_json(lrpilot(lrpilot_exe, "set-lr", run, str(HOLD_LR), *ctl, "--json"))
-            wait_for(lambda: applied_by_both(False), 30, "the set-lr on both ranks", output)
-            ok_json(lrpilot(lrpilot_exe, "resume", run, *ctl, "--json"))
-
-            def resumed_on_both() -> bool:
-                return all(
-                    len([c for c in changes(read_lines(p)) if c["actor"] != "policy"]) == 2
-                    for p in (rank0, rank1)
-                )
-
-            wait_for(resumed_on_both, 30, "the resume on both ranks", output)
-            (tmp_path / "stop").touch()
-            training.wait(60)
-        finally:
-            if training.poll() is None:
-                training.kill()
-                training.wait(10)
-        assert training.returncode == 0, output()
-        history = ok_json(lrpilot(lrpilot_exe, "history", run, *ctl, "--json"))
-        log = daemon.log()
+        wait_for(resumed_on_both, 30, "the resume on both ranks", output)
+        (tmp_path / "stop").touch()
+        training.wait(60)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait(10)
+    assert training.returncode == 0, output()
+    history = daemon.cli("history", run)
 
     summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1)]
     for rank, summary in enumerate(summaries):
         assert (summary["run"], summary["rank"], summary["world_size"]) == (run, rank, 2)
         assert summary["stats"]["commands_late"] == 0, summary
         assert summary["warnings"] == [], summary
-        assert f"run {run} rank {rank}/2 hello from" in log
     assert summaries[0]["steps"] == summaries[1]["steps"]
 
     # The same LRs at every optimizer step, on both ranks: the line of step
     # k holds the LRs of step k + 1, and the last step has no step after it.
     last = summaries[0]["steps"]
     used = [
-        [(line["step"], line["lrs"]) for line in read_lines(p) if "lrs" in line][: last - 1]
+        [(line["step"], line["lrs"]) for line in read_jsonl(p) if "lrs" in line][: last - 1]
         for p in (rank0, rank1)
     ]
     assert len(used[0]) == last - 1
@@ -155,7 +136,7 @@ def test_every_rank_applies_every_change_at_the_same_step(lrpilot_exe, digits, t
     journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]
     due = [entry for entry in journal if entry[0] <= last]
     for path, summary in zip((rank0, rank1), summaries):
-        seen = [(c["step"], c["new"], c["actor"]) for c in changes(read_lines(path))]
+        seen = [(c["step"], c["new"], c["actor"]) for c in changes(read_jsonl(path))]
         assert seen[: len(due)] == due, (path.name, seen, journal)
         assert summary["stats"]["commands_applied"] == len(seen), (summary, seen)
     actors = [e["actor"] for e in history]

@@ -30,11 +30,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from conftest import ROOT
-from procs import DaemonProcess, wait_for
+from procs import wait_for
 from setuptools.config.pyprojecttoml import read_configuration
 
-from lrpilot.daemon.cli import build_parser
-from lrpilot.daemon.config import DaemonConfig
+from lrpilot.daemon.cli.main import build_parser
+from lrpilot.daemon.service.config import DaemonConfig
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -209,7 +209,11 @@ def test_the_image_builds_its_wheel_from_what_the_dockerfile_copies_without_torc
             if line.startswith("Requires-Dist:")
         ]
         entry_points = archive.read(meta.replace("METADATA", "entry_points.txt")).decode()
-    assert {"lrpilot/daemon/cli.py", "lrpilot/daemon/exporter.py", "lrpilot/hook.py"} <= names
+    assert {
+        "lrpilot/daemon/cli/main.py",
+        "lrpilot/daemon/observability/exporter.py",
+        "lrpilot/hook.py",
+    } <= names
     # setuptools' own reading of pyproject (globs expanded), as the build does.
     pyproject = read_configuration(ROOT / "pyproject.toml")
     version = pyproject["project"]["version"]
@@ -223,7 +227,7 @@ def test_the_image_builds_its_wheel_from_what_the_dockerfile_copies_without_torc
 
 
 def test_dockerfile_healthcheck_passes_against_a_live_daemon_and_fails_without_one(
-    image, lrpilot_exe, tmp_path
+    image, running_daemon
 ):
     """The HEALTHCHECK's command, run as Docker runs it (with the test
     daemon's metrics port in place of 9317), against a real daemon."""
@@ -231,18 +235,14 @@ def test_dockerfile_healthcheck_passes_against_a_live_daemon_and_fails_without_o
     argv = exec_form(healthcheck[healthcheck.index("CMD") + 3 :].strip(), "HEALTHCHECK CMD")
     assert argv[0] == "python", "the image has python, not curl or wget"
     assert f"127.0.0.1:{METRICS_PORT}/healthz" in " ".join(argv)
-    daemon = DaemonProcess(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log")
-    try:
-        daemon.wait_ready()
-        port = daemon.metrics.rpartition(":")[2]
-        probe = [sys.executable, *(a.replace(str(METRICS_PORT), port) for a in argv[1:])]
+    port = running_daemon.metrics.rpartition(":")[2]
+    probe = [sys.executable, *(a.replace(str(METRICS_PORT), port) for a in argv[1:])]
 
-        def healthy() -> bool:
-            return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
+    def healthy() -> bool:
+        return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
 
-        wait_for(healthy, 20, "the HEALTHCHECK to pass", daemon.log)
-    finally:
-        daemon.stop()
+    wait_for(healthy, 20, "the HEALTHCHECK to pass", running_daemon.log)
+    running_daemon.stop()
     assert not healthy(), "the HEALTHCHECK passes with no daemon: it checks nothing"
 
 

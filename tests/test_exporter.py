@@ -1,4 +1,4 @@
-"""The Prometheus exporter (daemon/exporter.py): what a scrape says about the
+"""The Prometheus exporter (daemon/observability/exporter.py): what a scrape says about the
 daemon's state, read through prometheus-client's own text parser. The data
 plane is driven without a socket (frames in, replies out) and the collector's
 clock is a variable, so the TTL is tested without waiting; the HTTP side is a
@@ -20,21 +20,30 @@ from pathlib import Path
 
 import pytest
 import zmq
-from procs import Training, daemon_process, free_port, store_row, wait_for
+from procs import (
+    Training,
+    daemon_process,
+    free_port,
+    http_get,
+    metric_value,
+    one_line_error,
+    store_row,
+    stream_trainer,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import ControlPlane
-from lrpilot.daemon.control_client import request as control_request
-from lrpilot.daemon.dataplane import DataPlane
-from lrpilot.daemon.exporter import (
+from lrpilot.daemon.observability.exporter import (
     REJECT_REASONS,
     DaemonCollector,
     Exposition,
     label,
     number,
 )
-from lrpilot.daemon.metrics_server import MetricsServer
+from lrpilot.daemon.observability.metrics_server import MetricsServer
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.control import ControlPlane
+from lrpilot.daemon.service.dataplane import DataPlane
 from lrpilot.protocol import REPORT, STEP, BatchEncoder, Bye, ClientStats, GroupInfo, Hello, encode
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -314,113 +323,86 @@ def daemon_fails(exe: str, tmp_path: Path, *flags: str) -> str:
         text=True,
         timeout=30,
     )
-    assert done.returncode == 1, done
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    return lines[0]
+    return one_line_error(done, "daemon")
 
 
-def test_a_bad_or_busy_metrics_address_is_one_line_and_exit_1(lrpilot_exe, tmp_path):
+def test_a_bad_or_busy_metrics_address_is_one_line_and_exit_1(
+    lrpilot_exe, running_daemon, tmp_path
+):
     line = daemon_fails(lrpilot_exe, tmp_path, "--metrics-addr", "9317")
     assert "metrics_addr" in line and "HOST:PORT" in line
-    with daemon_process(lrpilot_exe, tmp_path / "a", tmp_path / "a.log") as first:
-        line = daemon_fails(
-            lrpilot_exe,
-            tmp_path,
-            "--address",
-            f"tcp://127.0.0.1:{free_port()}",
-            "--control-address",
-            f"tcp://127.0.0.1:{free_port()}",
-            "--metrics-addr",
-            first.metrics,
-        )
-        assert line.startswith("lrpilot daemon: cannot serve metrics on " + first.metrics), line
+    taken = running_daemon.metrics
+    line = daemon_fails(
+        lrpilot_exe,
+        tmp_path,
+        "--address",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--control-address",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--metrics-addr",
+        taken,
+    )
+    assert line.startswith("lrpilot daemon: cannot serve metrics on " + taken), line
 
 
 def test_metrics_off_serves_nothing(lrpilot_exe, tmp_path):
     with daemon_process(
         lrpilot_exe, tmp_path / "s", tmp_path / "d.log", "--metrics-addr", "off"
     ) as daemon:
-        assert "metrics off" in daemon.log()
+        assert daemon.cli("runs") == []
+        # Nothing listens where the metrics would have been.
+        with pytest.raises(urllib.error.URLError) as refused:
+            http_get(f"http://{daemon.metrics}/healthz")
+        assert isinstance(refused.value.reason, ConnectionRefusedError), daemon.log()
 
 
-def test_scrapes_during_a_fast_training_all_parse(lrpilot_exe, tmp_path):
+def test_scrapes_during_a_fast_training_all_parse(running_daemon, tmp_path):
     """The collector runs on the HTTP thread while the daemon loop changes the
     registry: scrapes in a tight loop during a training must all succeed."""
-    with daemon_process(lrpilot_exe, tmp_path / "s", tmp_path / "d.log") as daemon:
-        training = Training(
-            tmp_path,
-            {
-                "steps": 20000,
-                "report_every": 100,
-                "seed": 1,
-                "deadline_s": 120,
-                "trainers": [
-                    {
-                        "run": "fast",
-                        "address": daemon.address,
-                        "policy": {"kind": "plateau", "metric": "val_loss", "patience": 2},
-                        "lrs": [0.1, 0.01],
-                        "out": str(tmp_path / "fast.jsonl"),
-                    }
-                ],
-            },
-        )
-        failures: list[BaseException] = []
-        scrapes = 0
-        stop = threading.Event()
+    daemon = running_daemon
+    policy = {"kind": "plateau", "metric": "val_loss", "patience": 2}
+    out = tmp_path / "fast.jsonl"
+    fast = stream_trainer("fast", daemon.address, out, policy=policy, sync=False, lrs=[0.1, 0.01])
+    config = {"steps": 20000, "report_every": 100, "seed": 1, "deadline_s": 120}
+    training = Training(tmp_path, {**config, "trainers": [fast]})
+    failures: list[BaseException] = []
+    scrapes = 0
+    stop = threading.Event()
 
-        def scrape_loop() -> None:
-            nonlocal scrapes
-            while not stop.is_set():
-                try:
-                    with urllib.request.urlopen(daemon.metrics_url, timeout=5) as response:
-                        text = response.read().decode()
-                    list(text_string_to_metric_families(text))
-                    scrapes += 1
-                except BaseException as exc:
-                    failures.append(exc)
-                    return
+    def scrape_loop() -> None:
+        nonlocal scrapes
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(daemon.metrics_url, timeout=5) as response:
+                    text = response.read().decode()
+                list(text_string_to_metric_families(text))
+                scrapes += 1
+            except BaseException as exc:
+                failures.append(exc)
+                return
 
-        thread = threading.Thread(target=scrape_loop)
-        thread.start()
-        try:
-            summary = training.finish(120)
-        finally:
-            stop.set()
-            thread.join(10)
-        assert not failures, failures
-        assert scrapes > 10
-
-        def run_step() -> float | None:
-            with urllib.request.urlopen(daemon.metrics_url, timeout=5) as response:
-                text = response.read().decode()
-            steps = [
-                s.value
-                for family in text_string_to_metric_families(text)
-                for s in family.samples
-                if s.name == "lrpilot_run_step" and s.labels == {"run": "fast"}
-            ]
-            return steps[0] if steps else None
-
-        # The hook drops what the daemon cannot take in time (close() waits
-        # 0.5 s): on a loaded machine the last steps may be among them.
-        dropped = summary["stats"]["fast"]["records_dropped"]
-        wait_for(
-            lambda: (run_step() or 0) >= 20000 - dropped,
-            10,
-            "the last step in /metrics",
-            lambda: f"lrpilot_run_step is {run_step()}; summary {summary}\n{daemon.log()[-3000:]}",
-        )
-
-
-def get(url: str, gzip_ok: bool = False) -> tuple[int, dict, bytes]:
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"} if gzip_ok else {})
+    thread = threading.Thread(target=scrape_loop)
+    thread.start()
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        summary = training.finish(120)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not failures, failures
+    assert scrapes > 10
+
+    def run_step() -> float | None:
+        return metric_value(daemon.scrape(), "lrpilot_run_step", run="fast")
+
+    # The hook drops what the daemon cannot take in time (close() waits
+    # 0.5 s): on a loaded machine the last steps may be among them.
+    dropped = summary["stats"]["fast"]["records_dropped"]
+    wait_for(
+        lambda: (run_step() or 0) >= 20000 - dropped,
+        10,
+        "the last step in /metrics",
+        lambda: f"lrpilot_run_step is {run_step()}; summary {summary}\n{daemon.log()[-3000:]}",
+    )
 
 
 def test_the_http_side_gzips_says_health_and_survives_a_failing_render():
@@ -435,21 +417,24 @@ def test_the_http_side_gzips_says_health_and_survives_a_failing_render():
     server = MetricsServer(render, "127.0.0.1", 0, lambda: wedged[0] if wedged else None)
     try:
         base = server.url.removesuffix("/metrics")
-        status, headers, body = get(server.url, gzip_ok=True)
+        status, headers, body = http_get(server.url, gzip_ok=True)
         assert status == 200 and headers["Content-Encoding"] == "gzip"
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert gzip.decompress(body).decode() == render()
-        status, headers, body = get(server.url)
+        status, headers, body = http_get(server.url)
         assert "Content-Encoding" not in headers and body.decode() == render()
         failing[0] = True
-        assert get(server.url)[0] == 500
-        status, _, body = get(base + "/healthz")  # renders nothing: fine while render fails
+        assert http_get(server.url)[0] == 500
+        status, _, body = http_get(base + "/healthz")  # renders nothing: fine while render fails
         assert (status, body) == (200, b"ok\n")
-        assert get(base + "/nope")[0] == 404
+        assert http_get(base + "/nope")[0] == 404
         wedged.append("the daemon loop has not turned for 12 s")
-        assert get(base + "/healthz")[0::2] == (503, b"the daemon loop has not turned for 12 s\n")
+        assert http_get(base + "/healthz")[0::2] == (
+            503,
+            b"the daemon loop has not turned for 12 s\n",
+        )
         failing[0] = False
-        assert get(server.url)[0] == 200
+        assert http_get(server.url)[0] == 200
     finally:
         server.close()
 
@@ -459,7 +444,7 @@ def test_metrics_serve_on_ipv4_names_and_ipv6(host):
     server = MetricsServer(lambda: "x 1\n", host, 0)
     try:
         assert server.url.startswith(f"http://{host}:")
-        assert get(server.url)[0::2] == (200, b"x 1\n")
+        assert http_get(server.url)[0::2] == (200, b"x 1\n")
     finally:
         server.close()
 
@@ -510,7 +495,7 @@ def test_the_metrics_server_gives_the_switch_interval_back_at_close():
     """A host that runs the daemon in a thread keeps its own setting."""
     import sys
 
-    from lrpilot.daemon.metrics_server import MetricsServer
+    from lrpilot.daemon.observability.metrics_server import MetricsServer
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.01)
@@ -523,7 +508,7 @@ def test_the_metrics_server_gives_the_switch_interval_back_at_close():
         sys.setswitchinterval(before)
 
 
-def test_a_burst_faster_than_the_loop_leaves_it_free_to_serve(lrpilot_exe, tmp_path):
+def test_a_burst_faster_than_the_loop_leaves_it_free_to_serve(running_daemon):
     """A client that sends faster than the daemon handles (here 300,000
     one-record batches, sent while the daemon was stopped, so they all wait
     for it at once): the loop works through them a slice at a time, and in
@@ -531,42 +516,40 @@ def test_a_burst_faster_than_the_loop_leaves_it_free_to_serve(lrpilot_exe, tmp_p
     Worked through in one go, they kept it from both for seconds (and the
     records in memory), however long the client kept sending."""
     burst = 300_000
-    with daemon_process(lrpilot_exe, tmp_path / "s", tmp_path / "d.log") as daemon:
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # the client's side keeps whatever it sends
-        sock.connect(daemon.address)
+    daemon = running_daemon
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)  # the client's side keeps whatever it sends
+    sock.connect(daemon.address)
+    try:
+        sock.send_multipart([encode(Hello(run="burst", groups=[GroupInfo(name="0", lr=0.1)]))])
+        assert sock.poll(10_000), "no welcome"
+        encoder = BatchEncoder("burst", 0)
+        frames = [encoder.encode([(k, k, STEP, {"loss": 1.0})], {}) for k in range(1, burst + 1)]
+        daemon.proc.send_signal(signal.SIGSTOP)
         try:
-            sock.send_multipart([encode(Hello(run="burst", groups=[GroupInfo(name="0", lr=0.1)]))])
-            assert sock.poll(10_000), "no welcome"
-            encoder = BatchEncoder("burst", 0)
-            frames = [
-                encoder.encode([(k, k, STEP, {"loss": 1.0})], {}) for k in range(1, burst + 1)
-            ]
-            daemon.proc.send_signal(signal.SIGSTOP)
-            try:
-                for frame in frames:
-                    sock.send_multipart(frame)
-            finally:
-                daemon.proc.send_signal(signal.SIGCONT)
-            # An operator asks again and again while the daemon works through it.
-            waits, stored, step = [], [], 0
-            while step < burst:
-                began = time.monotonic()
-                answer = control_request(daemon.control, {"op": "show", "run": "burst"}, 30)
-                waits.append(time.monotonic() - began)
-                step = answer["run"]["step"]
-                row = store_row(tmp_path / "s", "burst")
-                if step < burst and row is not None:
-                    stored.append(row["step"])
-            assert max(waits) < 0.5, f"the control plane took up to {max(waits):.1f} s"
-            assert len(waits) >= 5, waits
-            # ...and the store took the records as they were handled.
-            assert any(0 < s < burst for s in stored), stored
+            for frame in frames:
+                sock.send_multipart(frame)
         finally:
-            sock.close()
-            context.term()
+            daemon.proc.send_signal(signal.SIGCONT)
+        # An operator asks again and again while the daemon works through it.
+        waits, stored, step = [], [], 0
+        while step < burst:
+            began = time.monotonic()
+            answer = daemon.ask({"op": "show", "run": "burst"}, 30)
+            waits.append(time.monotonic() - began)
+            step = answer["run"]["step"]
+            row = store_row(daemon.state_dir, "burst")
+            if step < burst and row is not None:
+                stored.append(row["step"])
+        assert max(waits) < 0.5, f"the control plane took up to {max(waits):.1f} s"
+        assert len(waits) >= 5, waits
+        # ...and the store took the records as they were handled.
+        assert any(0 < s < burst for s in stored), stored
+    finally:
+        sock.close()
+        context.term()
 
 
 def test_livez_asks_only_whether_the_loop_turns_and_healthz_also_the_store():
@@ -578,18 +561,21 @@ def test_livez_asks_only_whether_the_loop_turns_and_healthz_also_the_store():
     )
     try:
         base = server.url.removesuffix("/metrics")
-        assert get(base + "/livez")[0::2] == (200, b"ok\n")
+        assert http_get(base + "/livez")[0::2] == (200, b"ok\n")
         problems["health"] = "cannot write to the store since 12:00: database or disk is full"
-        assert get(base + "/healthz")[0] == 503
-        assert get(base + "/livez")[0::2] == (200, b"ok\n")
+        assert http_get(base + "/healthz")[0] == 503
+        assert http_get(base + "/livez")[0::2] == (200, b"ok\n")
         problems["live"] = "the daemon loop has not turned for 12 s"
-        assert get(base + "/livez")[0::2] == (503, b"the daemon loop has not turned for 12 s\n")
+        assert http_get(base + "/livez")[0::2] == (
+            503,
+            b"the daemon loop has not turned for 12 s\n",
+        )
     finally:
         server.close()
 
 
 def test_the_policy_families_are_what_the_policies_declare():
-    from lrpilot.daemon.exporter import RUN_FAMILIES
+    from lrpilot.daemon.observability.exporter import RUN_FAMILIES
     from lrpilot.policies import POLICY_GAUGES
 
     exported = {name for name, _, _ in RUN_FAMILIES if name.startswith("lrpilot_policy_")}

@@ -25,8 +25,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,21 +34,21 @@ import pytest
 import zmq
 from conftest import ROOT
 from procs import (
+    LIVE,
     DaemonProcess,
     Training,
-    lrpilot,
+    first_difference,
+    metric_value,
     mounted_tmpfs,
-    ok_json,
     read_steps,
     settled_history,
+    stream_trainer,
     wait_for,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
-from lrpilot.daemon.control_client import request
 from lrpilot.protocol import REPORT, STEP, BatchEncoder, GroupInfo, Hello, Processed, encode
 
-TRAIN = ROOT / "tests" / "live" / "train_faults.py"
+TRAIN = LIVE / "train_faults.py"
 RUN = "faults"
 BASE_LRS = [0.2, 0.1]  # body, head
 # Cuts now and then on a real training's validation loss, and not so often
@@ -75,13 +73,10 @@ FLOOD_BATCHES, FLOOD_CHUNKS = 20_000, 5
 
 
 @pytest.fixture
-def processes(small_disk) -> Iterator[list]:
-    """Daemons and trainings a test starts; killed at the end whatever
-    happened, before the disk they write is unmounted."""
-    started: list = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
+def processes(small_disk, processes) -> list:
+    """conftest's, set up after the disk: so its processes are stopped
+    before the disk they write is unmounted."""
+    return processes
 
 
 @pytest.fixture
@@ -189,36 +184,25 @@ class Daemon:
     """The daemon under test, as the test reaches it: the command line,
     the control plane, its HTTP side, its process."""
 
-    def __init__(self, exe: str, proc: DaemonProcess) -> None:
-        self.exe, self.proc = exe, proc
+    def __init__(self, proc: DaemonProcess) -> None:
+        self.proc = proc
 
     def cli(self, *args: str):
-        return ok_json(lrpilot(self.exe, *args, "--control", self.proc.control, "--json"))
+        return self.proc.cli(*args)
 
     def show(self, run: str = RUN) -> dict:
-        return request(self.proc.control, {"op": "show", "run": run})["run"]
+        return self.proc.ask({"op": "show", "run": run})["run"]
 
     def history(self) -> list[dict]:
         return self.cli("history", RUN)
 
     def http(self, path: str) -> tuple[int, str]:
-        url = f"http://{self.proc.metrics}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as answer:
-                return answer.status, answer.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return self.proc.http(path)
 
     def metric(self, name: str, **labels: str) -> float:
-        status, text = self.http("/metrics")
-        assert status == 200, text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        raise AssertionError(f"{name} {labels} is not on /metrics")
+        value = metric_value(self.proc.scrape(), name, **labels)
+        assert value is not None, f"{name} {labels} is not on /metrics"
+        return value
 
     def rss_mib(self) -> float:
         """The daemon's resident anonymous memory (its heaps; not the store's
@@ -230,7 +214,7 @@ class Daemon:
 
 def all_applied(daemon: Daemon) -> bool:
     """Every journal entry of the run says at which step it was applied."""
-    history = request(daemon.proc.control, {"op": "history", "run": RUN})["history"]
+    history = daemon.proc.ask({"op": "history", "run": RUN})["history"]
     return all(entry["applied_step"] is not None for entry in history)
 
 
@@ -313,11 +297,8 @@ def lrs_from_journal(journal: list[dict], steps: int) -> list[list[float]]:
     return out
 
 
-def first_difference(got: list, want: list) -> str:
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            return f"first difference at step {i + 1}: the optimizer used {a}, the journal says {b}"
-    return f"lengths {len(got)} and {len(want)}"
+def differs(got: list, want: list) -> str:
+    return first_difference(got, want, "the optimizer used", "the journal says")
 
 
 # --- the test --------------------------------------------------------------------
@@ -342,22 +323,21 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
             "step_sleep": 0.01,
             "deadline_s": 100,
             "trainers": [
-                {
-                    "run": "paused",
-                    "address": first.address,
-                    "policy": PLATEAU,
-                    "sync": True,
-                    "sync_timeout": 20.0,
-                    "lrs": [0.1],
-                    "out": str(paused_out),
-                }
+                stream_trainer(
+                    "paused",
+                    first.address,
+                    paused_out,
+                    policy=PLATEAU,
+                    sync_timeout=20.0,
+                    lrs=[0.1],
+                )
             ],
         },
         name="paused",
     )
     processes.append(paused)
     first.wait_ready()
-    daemon = Daemon(lrpilot_exe, first)
+    daemon = Daemon(first)
     began = time.monotonic()
 
     # --- the disk fills up, and comes back ---------------------------------------
@@ -439,8 +419,9 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
     killed_at = trainer.step
     second = first.restart(lrpilot_exe, tmp_path / "second.log")
     processes.append(second)
-    daemon = Daemon(lrpilot_exe, second)
-    assert second.restored() == 2  # the training's run and the paused one
+    daemon = Daemon(second)
+    # It restored the training's run and the paused one.
+    assert sorted(r["run"] for r in second.cli("runs")) == [RUN, "paused"]
     trainer.at(killed_at + 200, 30, "the training to go on with the restarted daemon")
     wait_for(
         lambda: daemon.show()["version"] > before_kill,
@@ -448,7 +429,9 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
         "a cut by the restarted daemon",
         lambda: f"show: {daemon.show()}",
     )
-    assert f"run {RUN} rank 0/1 hello from" in second.log()
+    # The training came back by itself, from the same process.
+    sessions = daemon.show()["sessions"]
+    assert [(s["rank"], s["pid"]) for s in sessions] == [(0, trainer.proc.pid)], sessions
 
     # --- a client that stops reading, and a pilot that is stopped -----------------------
     # The same daemon, the same stretch of training, before and during.
@@ -460,7 +443,7 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
     rss = [daemon.rss_mib()]
     paused.proc.send_signal(signal.SIGSTOP)
     try:
-        held_paused = request(second.control, {"op": "set_lr", "run": "paused", "lr": 0.01})
+        held_paused = second.ask({"op": "set_lr", "run": "paused", "lr": 0.01})
         flood_from = trainer.step
         for _ in range(FLOOD_CHUNKS):
             deaf.send(FLOOD_BATCHES)
@@ -558,7 +541,7 @@ def test_a_training_through_a_full_disk_a_kill_9_and_a_deaf_client(
         assert entry["applied_step"] == entry["effective_step"] and not entry["late"], entry
     # ...and every entry due was used, from its step until the next one.
     want = lrs_from_journal(due, last)
-    assert used == want, first_difference(used, want)
+    assert used == want, differs(used, want)
 
     assert second.terminate() == 0
     log = second.log()

@@ -62,15 +62,16 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import FakeOptimizer, daemon_process, lrpilot, ok, simulate
+from procs import FakeOptimizer, control, daemon_process, lrpilot, ok, simulate
 from prometheus_client.parser import text_string_to_metric_families
 
 import lrpilot as lrpilot_client
-from lrpilot.daemon.cli.control_client import checked_answer, request
+from lrpilot.daemon.cli.control_client import checked_answer
 from lrpilot.daemon.cli.main import main as cli_main
+from lrpilot.daemon.control_protocol import MAX_CONTROL_BYTES
 from lrpilot.daemon.observability.exporter import DaemonCollector, Exposition
 from lrpilot.daemon.service.config import DaemonConfig
-from lrpilot.daemon.service.control import MAX_CONTROL_BYTES, ControlPlane
+from lrpilot.daemon.service.control import ControlPlane
 from lrpilot.daemon.service.dataplane import DataPlane
 from lrpilot.daemon.service.store import DB_NAME
 from lrpilot.policies import parse_policy
@@ -1324,10 +1325,10 @@ def test_a_real_daemon_serves_on_after_the_fuzz(corpus, lrpilot_exe, tmp_path):
         assert daemon.proc.poll() is None, daemon.log()
 
         # The operator's side: every run answers, on the wire and in the CLI.
-        runs = request(daemon.control, {"op": "runs"})["runs"]
+        runs = control(daemon.control, {"op": "runs"})["runs"]
         assert "live-victim" in {r["run"] for r in runs}
         for run in runs:
-            shown = request(daemon.control, {"op": "show", "run": run["run"]})
+            shown = control(daemon.control, {"op": "show", "run": run["run"]})
             assert shown["run"]["run"] == run["run"]
         ok(lrpilot(lrpilot_exe, "runs", "--control", daemon.control))
         json.loads(ok(lrpilot(lrpilot_exe, "runs", "--json", "--control", daemon.control)))

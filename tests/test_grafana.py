@@ -37,19 +37,20 @@ from procs import (
     Training,
     free_port,
     lrpilot,
+    metric_value,
     ok,
     ok_json,
+    one_line_error,
     settled_history,
+    stream_trainer,
     wait_for,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
-from lrpilot.daemon.cli import main as cli_main
-from lrpilot.daemon.dashboards import dashboard_dirs, find_dashboard_dir
+from lrpilot.daemon.cli.main import main as cli_main
+from lrpilot.daemon.observability.dashboards import dashboard_dirs, find_dashboard_dir
 
 TOKEN = "glsa_test-token-0123456789"
 SECRET_WORDS = "correct horse battery staple"
-PLATEAU = {"kind": "plateau", "metric": "val_loss", "factor": 0.5, "patience": 1, "threshold": 0.01}
 GRAFANA_ENV = ("LRPILOT_GRAFANA_TOKEN", "LRPILOT_GRAFANA_USER", "LRPILOT_GRAFANA_PASSWORD")
 
 
@@ -109,14 +110,8 @@ def outcomes(done) -> dict[tuple[str, str], str]:
     return {(o["kind"], o["uid"]): o["outcome"] for o in answer["objects"]}
 
 
-def one_line_error(done, *says: str) -> str:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("lrpilot dashboards: "), lines[0]
-    for words in says:
-        assert words in lines[0], lines[0]
-    return lines[0]
+def refused(done, *says: str) -> str:
+    return one_line_error(done, "dashboards", *says)
 
 
 # --- push ---------------------------------------------------------------------
@@ -251,7 +246,7 @@ def test_basic_auth_and_flags_over_environment(lrpilot_exe, dashboards, monkeypa
         done = push(
             lrpilot_exe, grafana, "--dir", str(dashboards), "--password", "nope", token=None
         )
-        line = one_line_error(done, "refused the credentials (401)")
+        line = refused(done, "refused the credentials (401)")
         assert "nope" not in line and SECRET_WORDS not in line
     finally:
         grafana.close()
@@ -260,7 +255,7 @@ def test_basic_auth_and_flags_over_environment(lrpilot_exe, dashboards, monkeypa
 def test_wrong_credentials_one_line_exit_1(lrpilot_exe, grafana, dashboards, monkeypatch):
     monkeypatch.setenv("LRPILOT_GRAFANA_TOKEN", TOKEN)  # right, but the flag wins
     done = push(lrpilot_exe, grafana, "--dir", str(dashboards), token="glsa_wrong")
-    line = one_line_error(done, grafana.url, "401")
+    line = refused(done, grafana.url, "401")
     assert "glsa_wrong" not in line and TOKEN not in line
     assert grafana.writes() == []
 
@@ -270,16 +265,16 @@ def test_unreachable_hanging_failing_grafana_one_line_exit_1(lrpilot_exe, grafan
     done = lrpilot(
         lrpilot_exe, "dashboards", "push", "--grafana-url", nobody, "--dir", str(dashboards)
     )
-    one_line_error(done, f"cannot reach Grafana at {nobody}", "connection refused")
+    refused(done, f"cannot reach Grafana at {nobody}", "connection refused")
 
     grafana.fail_with = 503
-    one_line_error(push(lrpilot_exe, grafana, "--dir", str(dashboards)), "answered 503")
+    refused(push(lrpilot_exe, grafana, "--dir", str(dashboards)), "answered 503")
 
     grafana.fail_with = None
     grafana.hang()
     started = time.monotonic()
     done = push(lrpilot_exe, grafana, "--dir", str(dashboards), "--timeout", "0.5")
-    one_line_error(done, "no answer from Grafana", "within 0.5s")
+    refused(done, "no answer from Grafana", "within 0.5s")
     assert time.monotonic() - started < 10
 
 
@@ -365,8 +360,8 @@ def test_no_secret_in_a_config_error(capsys):
 def test_the_works_again_line_counts_the_failures_no_line_counted(caplog):
     from types import SimpleNamespace
 
-    from lrpilot.daemon.annotations import AnnotationPoster
-    from lrpilot.daemon.engine import Change
+    from lrpilot.daemon.observability.annotations import AnnotationPoster
+    from lrpilot.daemon.service.engine import Change
     from lrpilot.protocol import LRCommand
 
     answers = iter([OSError("down")] * 4 + [None])
@@ -401,59 +396,35 @@ def start_training(
         "seed": 7,
         "deadline_s": 60,
         "trainers": [
-            {
-                "run": run,
-                "address": daemon.address,
-                "policy": PLATEAU,
-                "sync": True,
-                "sync_timeout": sync_timeout,
-                "lrs": [0.1, 0.05],
-                "out": str(where / f"{run}.jsonl"),
-            }
+            stream_trainer(run, daemon.address, where / f"{run}.jsonl", sync_timeout=sync_timeout)
         ],
     }
     return Training(where, config, name=run)
 
 
-def annotation_counts(daemon: DaemonProcess) -> dict[str, float]:
-    with urllib.request.urlopen(daemon.metrics_url, timeout=5) as answer:
-        text = answer.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "lrpilot_grafana_annotations":
-            return {s.labels["outcome"]: s.value for s in family.samples}
-    raise AssertionError("no lrpilot_grafana_annotations_total in /metrics")
-
-
-def history(exe: str, daemon: DaemonProcess, run: str) -> list[dict]:
-    return ok_json(lrpilot(exe, "history", run, "--json", "--control", daemon.control))
-
-
-@pytest.fixture
-def started() -> Iterator[list]:
-    """Daemons and trainings a test starts; killed at the end whatever happened."""
-    procs: list = []
-    yield procs
-    for proc in procs:
-        proc.stop()
+def annotation_counts(daemon: DaemonProcess) -> dict[str, float | None]:
+    text = daemon.scrape()
+    name = "lrpilot_grafana_annotations_total"
+    return {o: metric_value(text, name, outcome=o) for o in ("posted", "failed", "dropped")}
 
 
 def test_every_journaled_change_becomes_one_annotation(
-    lrpilot_exe, grafana, tmp_path, monkeypatch, started
+    lrpilot_exe, grafana, tmp_path, monkeypatch, processes
 ):
     monkeypatch.setenv("LRPILOT_GRAFANA_TOKEN", TOKEN)
     daemon = DaemonProcess(
         lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log", "--grafana-url", grafana.url
     )
-    started.append(daemon)
+    processes.append(daemon)
     daemon.wait_ready()
     run = "graf-ann"
     training = start_training(tmp_path, daemon, run, sync_timeout=10.0, gates=(140,))
-    started.append(training)
+    processes.append(training)
     training.at(140)  # an operator's change reaches a run while its training is live
     ok(lrpilot(lrpilot_exe, "set-lr", run, "0.01", "--control", daemon.control))
     training.go(140)
     training.finish()
-    changes = history(lrpilot_exe, daemon, run)
+    changes = daemon.cli("history", run)
     assert len(changes) >= 3, changes
     wait_for(
         lambda: len(grafana.annotations()) >= len(changes),
@@ -484,7 +455,7 @@ def test_every_journaled_change_becomes_one_annotation(
 
 @pytest.mark.parametrize("trouble", ["fails", "hangs"])
 def test_a_grafana_in_trouble_costs_the_daemon_nothing(
-    trouble, lrpilot_exe, grafana, tmp_path, monkeypatch, started
+    trouble, lrpilot_exe, grafana, tmp_path, monkeypatch, processes
 ):
     """Lock-step training with a 1 s sync timeout: had a post held the loop up
     (a hanging Grafana takes 1.5 s to time out), a step would time out."""
@@ -504,15 +475,15 @@ def test_a_grafana_in_trouble_costs_the_daemon_nothing(
         "--grafana-queue-size",
         "1",
     )
-    started.append(daemon)
+    processes.append(daemon)
     daemon.wait_ready()
     run = f"graf-{trouble}"
     training = start_training(tmp_path, daemon, run, sync_timeout=1.0)
-    started.append(training)
+    processes.append(training)
     summary = training.finish()
     stats = summary["stats"][run]
     assert (stats["sync_timeouts"], stats["commands_late"]) == (0, 0), stats
-    changes = settled_history(lambda: history(lrpilot_exe, daemon, run))
+    changes = settled_history(lambda: daemon.cli("history", run))
     assert len(changes) >= 3, changes
     assert all(e["applied_step"] == e["effective_step"] for e in changes), changes
 

@@ -4,7 +4,6 @@ thread of the test process."""
 
 from __future__ import annotations
 
-import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -14,23 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from procs import FakeOptimizer, wait_for
+from procs import FakeOptimizer, control, free_address, wait_for
 
 import lrpilot
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control_client import request
-from lrpilot.daemon.server import Daemon
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.server import Daemon
 from lrpilot.hook import IO_INTERVAL
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import LRCommand
-
-
-def nobody_listening() -> str:
-    """A loopback address with no daemon behind it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
 
 
 @contextmanager
@@ -121,9 +111,7 @@ def test_step_driven_schedule_is_exact_every_step_with_no_daemon(name):
     optimizer = make_optimizer()
     reference = parse_policy(spec).build([0.1, 0.02])
     steps = 2000
-    pilot = lrpilot.attach(
-        optimizer, run=f"no-daemon-{name}", policy=spec, daemon=nobody_listening()
-    )
+    pilot = lrpilot.attach(optimizer, run=f"no-daemon-{name}", policy=spec, daemon=free_address())
     try:
         seen_lrs, seen_momenta = [], []
         for _ in range(steps):
@@ -158,7 +146,7 @@ def test_exhausted_schedule_holds_the_last_lrs_and_warns_once():
     optimizer = two_groups()
     spec = {"kind": "onecycle", "max_lr": 0.1, "total_steps": 20}
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="exhausted", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="exhausted", policy=spec, daemon=free_address())
         try:
             for _ in range(20):
                 pilot.step()
@@ -181,7 +169,7 @@ def test_sync_without_daemon_times_out_once_then_stops_waiting():
             optimizer,
             run="sync-alone",
             policy=spec,
-            daemon=nobody_listening(),
+            daemon=free_address(),
             sync=True,
             sync_timeout=0.2,
         )
@@ -198,7 +186,7 @@ def test_sync_without_daemon_times_out_once_then_stops_waiting():
 
 
 def test_bounded_queue_drops_the_oldest_records_and_counts_them(tmp_path):
-    address = nobody_listening()
+    address = free_address()
     optimizer = two_groups()
     with recording() as caught:
         pilot = lrpilot.attach(optimizer, run="bounded", daemon=address, max_queue=8)
@@ -240,7 +228,7 @@ def test_foreign_scheduler_is_overridden_with_one_warning():
     spec = {"kind": "cosine", "T_max": 50}
     reference = parse_policy(spec).build([0.1, 0.02])
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="foreign", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="foreign", policy=spec, daemon=free_address())
         try:
             for _ in range(30):
                 train_step(optimizer)
@@ -266,7 +254,7 @@ def test_an_outside_lr_change_to_a_later_group_of_the_same_shape_is_overridden()
     spec = {"kind": "cosine", "T_max": 50}
     reference = parse_policy(spec).build([0.1, 0.02])
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="same-shape", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="same-shape", policy=spec, daemon=free_address())
         try:
             train_step(optimizer)
             optimizer.param_groups[1]["lr"] = 0.5
@@ -284,7 +272,7 @@ def test_an_outside_lr_change_to_a_later_group_of_the_same_shape_is_overridden()
 def test_an_outside_lr_change_without_a_policy_is_undone_and_counted_once():
     optimizer = two_groups()
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="no-policy-foreign", daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="no-policy-foreign", daemon=free_address())
         try:
             for _ in range(3):
                 train_step(optimizer)
@@ -308,7 +296,7 @@ def test_no_foreign_write_is_counted_when_lrpilot_is_alone():
             optimizer,
             run="alone",
             policy={"kind": "exponential", "gamma": 0.9},
-            daemon=nobody_listening(),
+            daemon=free_address(),
         )
         try:
             for _ in range(50):
@@ -380,10 +368,10 @@ def test_operator_commands_apply_to_a_run_whose_schedule_is_exhausted(daemon):
             for _ in range(15):  # past total_steps: the last LRs are held
                 pilot.step(loss=1.0)
             last = pilot.lrs
-            control = daemon.bound_control_address
+            control_address = daemon.bound_control_address
 
             def lrs_after_command(op: dict, applied: int) -> list[float]:
-                request(control, {"run": "exhausted-ops", **op})
+                control(control_address, {"run": "exhausted-ops", **op})
                 # Lock-step: the command lands one step after the daemon's step.
                 for _ in range(3):
                     pilot.step(loss=1.0)
@@ -407,7 +395,7 @@ def test_a_command_whose_state_does_not_load_changes_nothing():
     spec = CHECKPOINTED["warmup-cosine"]
     reference = parse_policy(spec).build([0.1, 0.02])
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="bad-state", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="bad-state", policy=spec, daemon=free_address())
         try:
             for _ in range(5):
                 pilot.step(loss=1.0)
@@ -447,7 +435,7 @@ def test_a_command_for_another_number_of_groups_changes_nothing(counts):
     spec = {"kind": "step", "step_size": 2, "gamma": 0.5}
     reference = parse_policy(spec).build([0.1, 0.02])
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="groups", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="groups", policy=spec, daemon=free_address())
         try:
             pilot.step(loss=1.0)
             reference.step()
@@ -468,7 +456,7 @@ def test_a_command_for_another_number_of_groups_changes_nothing(counts):
 
 
 def test_after_a_report_with_no_daemon_steps_stop_looking_for_the_answer():
-    pilot = lrpilot.attach(two_groups(), run="no-answer", daemon=nobody_listening())
+    pilot = lrpilot.attach(two_groups(), run="no-answer", daemon=free_address())
     exchanges = 0
     exchange = pilot._exchange
 
@@ -509,7 +497,7 @@ def test_after_a_report_with_no_daemon_steps_stop_looking_for_the_answer():
 
 @pytest.mark.parametrize("bad", ["high", None, [1.0], object(), torch.ones(2)])
 def test_non_number_metric_raises_type_error_naming_it(bad):
-    pilot = lrpilot.attach(two_groups(), run="bad-metric", daemon=nobody_listening())
+    pilot = lrpilot.attach(two_groups(), run="bad-metric", daemon=free_address())
     try:
         with pytest.raises(TypeError, match="'val_acc'"):
             pilot.step(loss=1.0, val_acc=bad)
@@ -520,7 +508,7 @@ def test_non_number_metric_raises_type_error_naming_it(bad):
 
 
 def test_numeric_string_metric_is_not_a_number():
-    pilot = lrpilot.attach(two_groups(), run="string-metric", daemon=nobody_listening())
+    pilot = lrpilot.attach(two_groups(), run="string-metric", daemon=free_address())
     try:
         with pytest.raises(TypeError, match="'loss'"):
             pilot.step(loss="0.5")
@@ -531,7 +519,7 @@ def test_numeric_string_metric_is_not_a_number():
 def test_a_step_refused_for_a_bad_metric_does_not_advance_the_schedule():
     optimizer = two_groups()
     spec = {"kind": "step", "step_size": 1, "gamma": 0.5}
-    pilot = lrpilot.attach(optimizer, run="refused", policy=spec, daemon=nobody_listening())
+    pilot = lrpilot.attach(optimizer, run="refused", policy=spec, daemon=free_address())
     try:
         pilot.step(loss=1.0)
         before = (pilot.step_count, pilot.lrs, [g["lr"] for g in optimizer.param_groups])
@@ -564,7 +552,7 @@ CHECKPOINTED = {
 @pytest.mark.parametrize("attach_with_policy", [True, False])
 def test_state_dict_continues_the_identical_sequence_in_a_fresh_pilot(name, attach_with_policy):
     spec = CHECKPOINTED[name]
-    address = nobody_listening()
+    address = free_address()
     whole = two_groups(torch.optim.SGD, momentum=0.9)
     straight = lrpilot.attach(whole, run="straight", policy=spec, daemon=address)
     first = two_groups(torch.optim.SGD, momentum=0.9)
@@ -609,7 +597,7 @@ def test_state_dict_continues_the_identical_sequence_in_a_fresh_pilot(name, atta
 )
 def test_attach_refuses_what_is_not_an_optimizer(thing):
     with pytest.raises(TypeError, match="param_groups"):
-        lrpilot.attach(thing, run="nope", daemon=nobody_listening())
+        lrpilot.attach(thing, run="nope", daemon=free_address())
 
 
 def test_attach_refuses_groups_without_lr():
@@ -617,7 +605,7 @@ def test_attach_refuses_groups_without_lr():
         param_groups = [{"params": []}]  # noqa: RUF012
 
     with pytest.raises(TypeError, match="'lr'"):
-        lrpilot.attach(Fake(), run="nope", daemon=nobody_listening())
+        lrpilot.attach(Fake(), run="nope", daemon=free_address())
 
 
 def test_named_param_groups_reach_the_daemon(daemon):
@@ -657,7 +645,7 @@ def test_optimizer_load_state_dict_after_attach_keeps_the_schedule_in_the_groups
     optimizer = two_groups()
     checkpoint = optimizer.state_dict()  # its groups hold lr 0.1 and 0.02
     spec = {"kind": "step", "step_size": 1, "gamma": 0.5}
-    pilot = lrpilot.attach(optimizer, run="reload", policy=spec, daemon=nobody_listening())
+    pilot = lrpilot.attach(optimizer, run="reload", policy=spec, daemon=free_address())
     try:
         old_groups = optimizer.param_groups
         for _ in range(3):
@@ -682,7 +670,7 @@ def test_an_lr_written_between_pilot_step_and_optimizer_step_is_not_used():
     spec = {"kind": "cosine", "T_max": 20}
     reference = parse_policy(spec).build([0.1])
     with recording() as caught:
-        pilot = lrpilot.attach(optimizer, run="late-write", policy=spec, daemon=nobody_listening())
+        pilot = lrpilot.attach(optimizer, run="late-write", policy=spec, daemon=free_address())
         try:
             for _ in range(10):
                 before = param.item()
@@ -708,7 +696,7 @@ def test_the_base_lr_is_torchs_initial_lr_when_a_scheduler_left_one():
     torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.002])
     spec = {"kind": "cosine", "T_max": 30}
-    pilot = lrpilot.attach(optimizer, run="initial-lr", policy=spec, daemon=nobody_listening())
+    pilot = lrpilot.attach(optimizer, run="initial-lr", policy=spec, daemon=free_address())
     try:
         assert pilot.lrs == parse_policy(spec).build([0.1, 0.02]).lrs
     finally:
@@ -724,7 +712,7 @@ def test_attach_after_a_warmup_that_left_lr_0_warns_and_training_goes_on():
             optimizer,
             run="lr-zero",
             policy={"kind": "cosine", "T_max": 5},
-            daemon=nobody_listening(),
+            daemon=free_address(),
         )
         try:
             for _ in range(3):
@@ -743,7 +731,7 @@ def test_attach_after_a_warmup_that_left_lr_0_warns_and_training_goes_on():
 @pytest.mark.parametrize("run", ["evil\x1b[31m", "a\nb", "x" * 201])
 def test_attach_refuses_a_run_id_the_daemon_would_refuse(run):
     with pytest.raises(ValueError, match="run must be 1 to 200 printable characters"):
-        lrpilot.attach(two_groups(), run=run, daemon=nobody_listening())
+        lrpilot.attach(two_groups(), run=run, daemon=free_address())
 
 
 def test_a_checkpoint_holds_what_the_metrics_did_to_a_plateau():
@@ -753,7 +741,7 @@ def test_a_checkpoint_holds_what_the_metrics_did_to_a_plateau():
     spec = {"kind": "plateau", "metric": "val_loss", "patience": 3}
     torch_optimizer = two_groups()
     reference = torch.optim.lr_scheduler.ReduceLROnPlateau(torch_optimizer, patience=3)
-    pilot = lrpilot.attach(optimizer, run="plateau-ckpt", policy=spec, daemon=nobody_listening())
+    pilot = lrpilot.attach(optimizer, run="plateau-ckpt", policy=spec, daemon=free_address())
     try:
         for value in (1.0, 1.1, 1.2):
             train_step(optimizer)
@@ -812,7 +800,7 @@ def test_a_command_that_sets_no_policy_is_told_from_one_that_keeps_it():
     params = [{"params": [], "lr": 0.1}]
     spec = {"kind": "exponential", "gamma": 0.5}
     pilot = lrpilot.attach(
-        FakeOptimizer(params), run="policy-set", policy=spec, daemon=nobody_listening()
+        FakeOptimizer(params), run="policy-set", policy=spec, daemon=free_address()
     )
     try:
         pilot.step()
@@ -885,7 +873,7 @@ def test_a_command_for_another_run_is_not_applied():
     from lrpilot.protocol import encode
 
     params = [{"params": [], "lr": 0.1}]
-    pilot = lrpilot.attach(FakeOptimizer(params), run="mine", daemon=nobody_listening())
+    pilot = lrpilot.attach(FakeOptimizer(params), run="mine", daemon=free_address())
     try:
         pilot.step()
         other = LRCommand(run="theirs", version=1, effective_step=1, state_step=0, lrs=[9.0])

@@ -48,14 +48,14 @@ def test_policies_import_only_each_other_pydantic_and_the_standard_library():
 def test_every_error_a_user_sees_is_an_lrpilot_error():
     """The CLI prints an LRPilotError as one line; anything else is a bug and
     shows its traceback. Each keeps its builtin base for `except ValueError`."""
-    from lrpilot.daemon.cli import CommandError
-    from lrpilot.daemon.control import ControlError
-    from lrpilot.daemon.control_client import ControlClientError
-    from lrpilot.daemon.dashboards import DashboardError
-    from lrpilot.daemon.grafana import GrafanaError
-    from lrpilot.daemon.server import DaemonError
-    from lrpilot.daemon.simulate import ReplayError
-    from lrpilot.daemon.store import StoreError, StoreWriteError
+    from lrpilot.daemon.cli.control_client import ControlClientError
+    from lrpilot.daemon.cli.main import CommandError
+    from lrpilot.daemon.cli.simulate import ReplayError
+    from lrpilot.daemon.control_protocol import ControlError
+    from lrpilot.daemon.observability.dashboards import DashboardError
+    from lrpilot.daemon.observability.grafana import GrafanaError
+    from lrpilot.daemon.service.server import DaemonError
+    from lrpilot.daemon.service.store import StoreError, StoreWriteError
     from lrpilot.errors import LRPilotError, UsageError
     from lrpilot.policies import ScheduleExhausted, SpecError
     from lrpilot.protocol import ProtocolError

@@ -21,11 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -34,11 +32,23 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ROOT
-from procs import DaemonProcess, FakeOptimizer, daemon_process, free_address, wait_for
+from procs import (
+    DIGITS_PLATEAU,
+    DaemonProcess,
+    FakeOptimizer,
+    daemon_process,
+    first_difference,
+    free_address,
+    metric_stream,
+    one_line_error,
+    read_jsonl,
+    simulate,
+    simulate_lines,
+    start_digits,
+    wait_for,
+)
 
 import lrpilot
-from lrpilot.daemon.control_client import request
 from lrpilot.protocol import (
     BatchEncoder,
     Error,
@@ -49,7 +59,6 @@ from lrpilot.protocol import (
     encode,
 )
 
-TRAIN = ROOT / "tests" / "live" / "train_digits.py"
 # An async pilot exchanges with the daemon at every report() and then at
 # every step until the answer comes; the daemon schedules a decision on the
 # record of step k for step k + 2 (docs/hook.md), one step after simulate's
@@ -57,7 +66,7 @@ TRAIN = ROOT / "tests" / "live" / "train_digits.py"
 # steps after simulate's.
 ASYNC_LAG = 3
 BASE_LRS = [0.2, 0.1]  # the training's param groups: body, head
-PLATEAU = {"kind": "plateau", "metric": "val_loss", "factor": 0.5, "patience": 1, "threshold": 0.05}
+PLATEAU = DIGITS_PLATEAU
 CYCLIC = {
     "kind": "cyclic",
     "base_lr": [0.01, 0.005],
@@ -84,18 +93,6 @@ def trainer(run: str, policy: dict, out: Path, *, sync: bool = False, report_eve
     return {**spec, "report_every": report_every}
 
 
-def start_training(config: dict, where: Path) -> subprocess.Popen:
-    path = where / "train.json"
-    path.write_text(json.dumps(config))
-    return subprocess.Popen(
-        [sys.executable, str(TRAIN), str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=open(where / "train.out", "w"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-
-
 def finish(proc: subprocess.Popen, where: Path, timeout: float = 90.0) -> dict:
     try:
         proc.wait(timeout)
@@ -108,15 +105,6 @@ def finish(proc: subprocess.Popen, where: Path, timeout: float = 90.0) -> dict:
     return json.loads((where / "summary.json").read_text())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    if lines and not lines[-1].endswith("}"):
-        lines.pop()  # a line the training is still writing
-    return [json.loads(line) for line in lines if line]
-
-
 class Recorded:
     """One trainer's output: its steps and its on_change events."""
 
@@ -126,33 +114,9 @@ class Recorded:
         self.changes = [line for line in lines if line.get("event") == "change"]
         assert [s["step"] for s in self.steps] == list(range(1, len(self.steps) + 1))
 
-    def stream(self) -> str:
-        """The recorded metric stream, as docs/policies.md's records: record k is
-        step k's loss plus the val_loss reported at step k."""
-        out = []
-        for s in self.steps:
-            metrics = {"loss": s["loss"]}
-            if "val_loss" in s:
-                metrics["val_loss"] = s["val_loss"]
-            out.append(json.dumps({"step": s["step"], "metrics": metrics}))
-        return "\n".join(out) + "\n"
-
     @property
     def lrs(self) -> list[list[float]]:
         return [s["lrs"] for s in self.steps]
-
-
-def simulate(exe: str, policy: dict, stream: str, base_lrs=BASE_LRS) -> list[dict]:
-    flags = [arg for lr in base_lrs for arg in ("--base-lr", repr(lr))]
-    done = subprocess.run(
-        [exe, "simulate", "--policy", json.dumps(policy), *flags],
-        input=stream,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def cut_steps(lrs: list[list[float]], start: list[float] = BASE_LRS) -> list[int]:
@@ -161,11 +125,8 @@ def cut_steps(lrs: list[list[float]], start: list[float] = BASE_LRS) -> list[int
     return [k for k in range(1, len(lrs) + 1) if lrs[k - 1] != before[k - 1]]
 
 
-def first_difference(got: list, want: list) -> str:
-    for k, (a, b) in enumerate(zip(got, want), start=1):
-        if a != b:
-            return f"first difference after step {k}: live {a}, simulate {b}"
-    return f"lengths {len(got)} and {len(want)}"
+def differs(got: list, want: list) -> str:
+    return first_difference(got, want, "live", "simulate")
 
 
 # --- sync, async and step-driven on one real training ------------------------
@@ -189,7 +150,7 @@ def trained(shared_daemon, digits, tmp_path_factory) -> dict:
             trainer("async-cyclic", CYCLIC, where / "cyclic.jsonl", report_every=10),
         ],
     }
-    summary = finish(start_training(config, where), where)
+    summary = finish(start_digits(config, where), where)
     return {
         "summary": summary,
         "sync-plateau": Recorded(where / "sync.jsonl"),
@@ -202,8 +163,8 @@ def test_sync_plateau_on_a_real_training_equals_simulate(trained, lrpilot_exe):
     run = trained["sync-plateau"]
     stats = trained["summary"]["stats"]["sync-plateau"]
     assert len(run.steps) == 305
-    want = [line["lrs"] for line in simulate(lrpilot_exe, PLATEAU, run.stream())]
-    assert run.lrs == want, first_difference(run.lrs, want)
+    want = simulate(lrpilot_exe, PLATEAU, metric_stream(run.steps), BASE_LRS)
+    assert run.lrs == want, differs(run.lrs, want)
     cuts = cut_steps(want)
     assert len(cuts) >= 2, f"the training was meant to plateau at least twice, cut at {cuts}"
     assert all(s["step"] % 10 == 0 for s in run.steps if s["step"] in cuts)
@@ -222,7 +183,7 @@ def test_async_plateau_cuts_within_the_lag_of_simulate(trained, lrpilot_exe):
     run = trained["async-plateau"]
     stats = trained["summary"]["stats"]["async-plateau"]
     assert len(run.steps) == 305
-    want = [line["lrs"] for line in simulate(lrpilot_exe, PLATEAU, run.stream())]
+    want = simulate(lrpilot_exe, PLATEAU, metric_stream(run.steps), BASE_LRS)
     expected, got = cut_steps(want), cut_steps(run.lrs)
     assert len(expected) >= 2, f"the training was meant to plateau at least twice: {expected}"
     assert len(got) == len(expected), f"live cuts at {got}, simulate at {expected}"
@@ -245,38 +206,51 @@ def test_async_cyclic_is_exact_every_step(trained, lrpilot_exe):
     run = trained["async-cyclic"]
     stats = trained["summary"]["stats"]["async-cyclic"]
     assert len(run.steps) == 305
-    lines = simulate(lrpilot_exe, CYCLIC, run.stream())
+    lines = simulate_lines(lrpilot_exe, CYCLIC, metric_stream(run.steps), BASE_LRS)
     want = [line["lrs"] for line in lines]
-    assert run.lrs == want, first_difference(run.lrs, want)
+    assert run.lrs == want, differs(run.lrs, want)
     momenta = [s["momenta"] for s in run.steps]
     want_momenta = [line["momenta"] for line in lines]
-    assert momenta == want_momenta, first_difference(momenta, want_momenta)
+    assert momenta == want_momenta, differs(momenta, want_momenta)
     assert len({lrs[0] for lrs in want}) > 50
     assert stats["commands_applied"] == 0  # nothing for the daemon to decide
     assert run.changes == []
     assert stats["records_dropped"] == 0
 
 
+def journal(daemon: DaemonProcess, run: str) -> list[dict]:
+    """The run's journal once it has every change the daemon made (the
+    store's thread writes an entry a moment after the decision)."""
+
+    def caught_up() -> list[dict] | None:
+        history = daemon.cli("history", run)
+        made = daemon.cli("show", run)["version"]
+        return history if [e["version"] for e in history][-1:] == [made] else None
+
+    return wait_for(caught_up, 10, f"{run}'s journal to catch up", daemon.log)
+
+
 def test_the_daemon_saw_each_run(trained, shared_daemon):
     runs = ("sync-plateau", "async-plateau", "async-cyclic")
 
     # A pilot's bye is sent without waiting for an answer: the training may
-    # be gone before the daemon has logged it.
-    def all_said_bye() -> str | None:
-        log = shared_daemon.log()
-        return log if all(f"run {run} rank 0 said bye at step 305" in log for run in runs) else None
+    # be gone before the daemon has taken it.
+    def all_said_bye() -> dict | None:
+        seen = {r["run"]: r for r in shared_daemon.cli("runs") if r["run"] in runs}
+        ended = all(seen.get(run, {}).get("status") == "ended" for run in runs)
+        return seen if ended else None
 
-    log = wait_for(all_said_bye, 10, "a bye from each run", shared_daemon.log)
+    seen = wait_for(all_said_bye, 10, "a bye from each run", shared_daemon.log)
     for run in runs:
-        assert f"run {run} rank 0/1 hello from" in log
+        # One rank of one (the hello), there until the last step (the bye).
+        assert (seen[run]["world_size"], seen[run]["step"]) == (1, 305), seen[run]
     for run in ("sync-plateau", "async-plateau"):
-        commands = re.findall(rf"run {run} v(\d+) from step (\d+)", log)
-        assert len(commands) == trained["summary"]["stats"][run]["commands_applied"]
-        assert [int(v) for v, _ in commands] == list(range(1, len(commands) + 1))
+        history = journal(shared_daemon, run)
+        assert len(history) == trained["summary"]["stats"][run]["commands_applied"]
+        assert [e["version"] for e in history] == list(range(1, len(history) + 1))
+        assert {e["actor"] for e in history} == {"policy"}
     # In lock-step each decision takes effect right after its record.
-    sync_steps = [
-        int(step) for _, step in re.findall(r"run sync-plateau v(\d+) from step (\d+)", log)
-    ]
+    sync_steps = [e["effective_step"] for e in journal(shared_daemon, "sync-plateau")]
     assert sync_steps == [c["step"] for c in trained["sync-plateau"].changes]
 
 
@@ -309,7 +283,7 @@ def test_daemon_killed_and_restarted_mid_run(lrpilot_exe, digits, tmp_path):
     training = None
     try:
         first.wait_ready()
-        training = start_training(config, tmp_path)
+        training = start_digits(config, tmp_path)
 
         # Kill the daemon while the training runs, once it has cut the
         # plateau run's LR at least once.
@@ -319,11 +293,22 @@ def test_daemon_killed_and_restarted_mid_run(lrpilot_exe, digits, tmp_path):
             return any(s.get("applied", 0) >= 1 for s in steps[-5:])
 
         wait_for(first_cut_applied, 60, "the first daemon's first plateau cut")
+        # What the first daemon had decided, as late as it can be asked (in
+        # this process: a `lrpilot` would take steps): its journal, and its
+        # last decision, which the store may not have yet.
+        asked = {"run": "restart-plateau"}
+        journaled = wait_for(
+            lambda: first.ask({"op": "history", **asked})["history"],
+            10,
+            "the first cut in the first daemon's journal",
+            first.log,
+        )
+        last_decided = first.ask({"op": "show", **asked})["run"]["last_change"]
         first.proc.send_signal(signal.SIGKILL)
         assert first.proc.wait(10) == -signal.SIGKILL
         killed_at = len(read_jsonl(cyclic_out))
         assert killed_at < pause_at
-        assert "run restart-plateau v1 from step" in first.log()
+        assert journaled[0]["version"] == 1 and journaled[0]["actor"] == "policy", journaled
         # The training goes on alone up to the pause; then a new daemon on
         # the same address, and the training goes on.
         wait_for(
@@ -342,8 +327,27 @@ def test_daemon_killed_and_restarted_mid_run(lrpilot_exe, digits, tmp_path):
             control=first.control,
         )
         second.wait_ready()
+        # The version it restored from the store: those after it are its own.
+        restored = second.ask({"op": "show", "run": "restart-plateau"})["run"]["version"]
         go.write_text("go")
         summary = finish(training, tmp_path)
+        steps = summary["steps"]
+
+        # The new daemon took both runs back from where the pilots were (its
+        # store had them as of the kill) and followed them to their last step.
+        for run in ("restart-cyclic", "restart-plateau"):
+
+            def said_bye(run: str = run) -> dict | None:
+                shown = second.cli("show", run)
+                return shown if (shown["status"], shown["step"]) == ("ended", steps) else None
+
+            wait_for(
+                said_bye,
+                10,
+                f"{run} to end at step {steps} on the new daemon",
+                lambda run=run: f"{second.cli('show', run)}\n--- daemon log\n{second.log()}",
+            )
+        history = journal(second, "restart-plateau")
     finally:
         if training is not None and training.poll() is None:
             training.kill()
@@ -355,26 +359,15 @@ def test_daemon_killed_and_restarted_mid_run(lrpilot_exe, digits, tmp_path):
     # The step-driven schedule never noticed: exact every step, before the
     # kill, without a daemon, and after the restart.
     cyclic = Recorded(cyclic_out)
-    steps = summary["steps"]
     assert len(cyclic.steps) == steps > pause_at
-    lines = simulate(lrpilot_exe, CYCLIC, cyclic.stream())
+    lines = simulate_lines(lrpilot_exe, CYCLIC, metric_stream(cyclic.steps), BASE_LRS)
     want = [line["lrs"] for line in lines]
-    assert cyclic.lrs == want, first_difference(cyclic.lrs, want)
+    assert cyclic.lrs == want, differs(cyclic.lrs, want)
     assert [s["momenta"] for s in cyclic.steps] == [line["momenta"] for line in lines]
     for run in ("restart-cyclic", "restart-plateau"):
         assert summary["stats"][run]["records_dropped"] == 0
 
-    # The new daemon took both runs back from where the pilots were...
-    log = second.log()
-    for run in ("restart-cyclic", "restart-plateau"):
-        hellos = [
-            int(line.rsplit(" ", 1)[1])
-            for line in log.splitlines()
-            if f"run {run} rank 0/1 hello from" in line
-        ]
-        assert hellos, log
-        assert hellos[0] >= pause_at
-    # ...and went on deciding for the plateau run. It resumed from its store
+    # The new daemon went on deciding for the plateau run. It resumed from its store
     # as of its last tick before the kill, so it may decide again what the
     # first daemon had decided from records that were not yet persisted (the
     # client sends those again): the same version, step and LRs, which the
@@ -385,16 +378,11 @@ def test_daemon_killed_and_restarted_mid_run(lrpilot_exe, digits, tmp_path):
     after = summary["stats"]["restart-plateau"]["commands_applied"]
     assert after > before
 
-    def decisions(text: str) -> list[tuple[int, int, list[float]]]:
-        return [
-            (int(version), int(step), [float(lr) for lr in lrs.split(", ")])
-            for version, step, lrs in re.findall(
-                r"run restart-plateau v(\d+) from step (\d+): lrs \[([^\]]*)\]", text
-            )
-        ]
-
-    commands, earlier = decisions(log), {v: c for v, *c in decisions(first.log())}
-    assert commands, log
+    commands = [(e["version"], e["effective_step"], e["new_lrs"]) for e in history]
+    commands = [c for c in commands if c[0] > restored]
+    earlier = {e["version"]: [e["effective_step"], e["new_lrs"]] for e in journaled}
+    earlier[last_decided["version"]] = [last_decided["step"], last_decided["lrs"]]
+    assert commands, history
     versions = [v for v, _, _ in commands]
     assert versions == list(range(versions[0], versions[0] + len(versions)))
     assert versions[0] <= before + 1 <= versions[-1]
@@ -531,12 +519,11 @@ def test_a_nan_or_inf_loss_is_data_and_lock_step_equals_simulate(shared_daemon, 
         json.dumps({"step": i, "metrics": {"loss": v}}) + "\n"
         for i, v in enumerate(losses, start=1)
     )
-    want = [line["lrs"] for line in simulate(lrpilot_exe, spec, stream, [0.1, 0.02])]
+    want = simulate(lrpilot_exe, spec, stream, [0.1, 0.02])
     assert got == want
     assert len(cut_steps(want, [0.1, 0.02])) >= 2
     # The daemon kept it as the run's last value (shown and exported).
-    shown = request(shared_daemon.control, {"op": "show", "run": "nan-run"})["run"]
-    assert shown["last_metrics"]["loss"] == 0.8
+    assert shared_daemon.cli("show", "nan-run")["last_metrics"]["loss"] == 0.8
 
 
 WARMUP_PLATEAU = {
@@ -576,38 +563,29 @@ def test_sync_warmup_then_plateau_equals_simulate_with_a_report_at_the_milestone
         + "\n"
         for k in range(1, 7)
     )
-    want = [line["lrs"] for line in simulate(lrpilot_exe, WARMUP_PLATEAU, stream, [0.1])]
+    want = simulate(lrpilot_exe, WARMUP_PLATEAU, stream, [0.1])
     assert got == want
 
 
 # --- the daemon process itself -----------------------------------------------
 
 
-def test_sigterm_stops_the_daemon_with_status_0(lrpilot_exe, tmp_path):
-    daemon = DaemonProcess(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log")
-    address = daemon.address
-    try:
-        daemon.wait_ready()
-        # A client is attached when it stops.
-        with raw_dealer(address) as sock:
-            assert isinstance(ask(sock, [hello_frame("sigterm-run")]), Welcome)
-            daemon.proc.send_signal(signal.SIGTERM)
-            assert daemon.proc.wait(10) == 0, daemon.log()
-    finally:
-        daemon.stop()
+def test_sigterm_stops_the_daemon_with_status_0(running_daemon):
+    daemon = running_daemon
+    # A client is attached when it stops.
+    with raw_dealer(daemon.address) as sock:
+        assert isinstance(ask(sock, [hello_frame("sigterm-run")]), Welcome)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0, daemon.log()
+    # What the user is told: that it stopped, and no traceback.
     assert "lrpilot daemon stopped" in daemon.log()
     assert "Traceback" not in daemon.log()
 
 
-def test_sigint_stops_the_daemon_with_status_0(lrpilot_exe, tmp_path):
-    daemon = DaemonProcess(lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log")
-    try:
-        daemon.wait_ready()
-        daemon.proc.send_signal(signal.SIGINT)
-        assert daemon.proc.wait(10) == 0, daemon.log()
-    finally:
-        daemon.stop()
-    assert "Traceback" not in daemon.log()
+def test_sigint_stops_the_daemon_with_status_0(running_daemon):
+    running_daemon.proc.send_signal(signal.SIGINT)
+    assert running_daemon.proc.wait(10) == 0, running_daemon.log()
+    assert "Traceback" not in running_daemon.log()
 
 
 def test_daemon_on_an_address_in_use_exits_1_with_one_line(lrpilot_exe, tmp_path):
@@ -630,13 +608,8 @@ def test_daemon_on_an_address_in_use_exits_1_with_one_line(lrpilot_exe, tmp_path
             text=True,
             timeout=30,
         )
-    assert done.returncode == 1, done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("lrpilot daemon: ")
-    assert address in lines[0]
-    assert "in use" in lines[0].lower()
-    assert done.stdout == ""
+    line = one_line_error(done, "daemon", address)
+    assert "in use" in line.lower()
 
 
 @pytest.mark.parametrize(
@@ -652,7 +625,4 @@ def test_daemon_with_a_bad_option_exits_1_with_one_line(lrpilot_exe, flags, says
     done = subprocess.run(
         [lrpilot_exe, "daemon", *own, *flags], capture_output=True, text=True, timeout=30
     )
-    assert done.returncode == 1, done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert says in lines[0]
+    one_line_error(done, "daemon", says)

@@ -32,7 +32,7 @@ def test_import_lrpilot_loads_no_heavy_dependency():
 def test_editable_install_maps_client_and_daemon_folders():
     """pyproject's package-dir maps client/ onto lrpilot and daemon/ onto lrpilot.daemon."""
     out = run_python(
-        "import json, lrpilot, lrpilot.policies, lrpilot.daemon, lrpilot.daemon.cli\n"
+        "import json, lrpilot, lrpilot.policies, lrpilot.daemon, lrpilot.daemon.cli.main\n"
         "print(json.dumps([lrpilot.__file__, lrpilot.policies.__file__,"
         " lrpilot.daemon.__file__]))"
     )
@@ -74,7 +74,8 @@ def test_the_dashboards_are_looked_for_where_pip_install_user_puts_them(tmp_path
     """A wheel's data files land under the install scheme's prefix: with
     `pip install --user` that is the user base, which must be searched."""
     code = (
-        "from lrpilot.daemon.dashboards import dashboard_dirs; print(*dashboard_dirs(), sep='\\n')"
+        "from lrpilot.daemon.observability.dashboards import dashboard_dirs; "
+        "print(*dashboard_dirs(), sep='\\n')"
     )
     env = {**os.environ, "PYTHONUSERBASE": str(tmp_path / "user")}
     done = subprocess.run(
@@ -113,7 +114,7 @@ def test_a_command_whose_extra_is_missing_says_which_to_install(tmp_path, argv, 
         f"        if name.split('.')[0] in {('prometheus_client', 'grafana_client', 'rich')!r}:\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from lrpilot.daemon.cli import main\n"
+        "from lrpilot.daemon.cli.main import main\n"
         f"sys.exit(main({argv!r}))\n"
     )
     env = {**os.environ, "LRPILOT_STATE_DIR": str(tmp_path)}

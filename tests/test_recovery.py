@@ -23,27 +23,26 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from procs import (
+    STREAM_PLATEAU,
     DaemonProcess,
     Training,
     lrpilot,
     metric_stream,
     ok,
-    ok_json,
     read_steps,
     settled_history,
     simulate,
     store_row,
+    stream_trainer,
     wait_for,
 )
 
-from lrpilot.daemon.config import DaemonConfig
-from lrpilot.daemon.control import ControlPlane
-from lrpilot.daemon.dataplane import DataPlane
+from lrpilot.daemon.service.config import DaemonConfig
+from lrpilot.daemon.service.control import ControlPlane
+from lrpilot.daemon.service.dataplane import DataPlane
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     REPORT,
@@ -56,8 +55,8 @@ from lrpilot.protocol import (
     encode,
 )
 
-PLATEAU = {"kind": "plateau", "metric": "val_loss", "factor": 0.5, "patience": 1, "threshold": 0.01}
-BASE_LRS = [0.1, 0.05]
+PLATEAU = STREAM_PLATEAU  # stream_trainer's
+BASE_LRS = [0.1, 0.05]  # stream_trainer's
 REPORT_EVERY = 5
 SEED = 11
 # What `show --json` says about a run's state (the rest is about its
@@ -79,28 +78,6 @@ STATE_KEYS = (
 )
 
 
-@pytest.fixture
-def processes() -> Iterator[list]:
-    """Daemons and trainings a test starts; killed at the end whatever happened."""
-    started: list = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-
-
-def trainer(run: str, daemon: DaemonProcess, out: Path, **extra) -> dict:
-    return {
-        "run": run,
-        "address": daemon.address,
-        "policy": PLATEAU,
-        "sync": True,
-        "sync_timeout": 10.0,
-        "lrs": BASE_LRS,
-        "out": str(out),
-        **extra,
-    }
-
-
 def config(steps: int, trainers: list[dict], gates: list[int] = ()) -> dict:
     return {
         "steps": steps,
@@ -112,13 +89,14 @@ def config(steps: int, trainers: list[dict], gates: list[int] = ()) -> dict:
     }
 
 
-def op(exe: str, daemon: DaemonProcess, *args: str):
-    return ok_json(lrpilot(exe, *args, "--control", daemon.control, "--json"))
+def state_of(daemon: DaemonProcess, run: str) -> tuple[dict, list[dict]]:
+    shown = daemon.cli("show", run)
+    return {k: shown[k] for k in STATE_KEYS}, daemon.cli("history", run)
 
 
-def state_of(exe: str, daemon: DaemonProcess, run: str) -> tuple[dict, list[dict]]:
-    shown = op(exe, daemon, "show", run)
-    return {k: shown[k] for k in STATE_KEYS}, op(exe, daemon, "history", run)
+def run_ids(daemon: DaemonProcess) -> list[str]:
+    """The runs the daemon has (a restarted one: those it restored)."""
+    return sorted(r["run"] for r in daemon.cli("runs"))
 
 
 def committed(daemon: DaemonProcess, run: str, step: int) -> bool:
@@ -179,15 +157,15 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
     outs = {name: tmp_path / f"{name}.jsonl" for name in ("crash", "held", "reference")}
     # A short sync_timeout: see test_the_sync_wait_covers_a_restart below.
     trainers = [
-        trainer("crash", doomed, outs["crash"], sync_timeout=2.0),
-        trainer("held", doomed, outs["held"], sync_timeout=2.0),
-        trainer("reference", reference_daemon, outs["reference"]),
+        stream_trainer("crash", doomed.address, outs["crash"], sync_timeout=2.0),
+        stream_trainer("held", doomed.address, outs["held"], sync_timeout=2.0),
+        stream_trainer("reference", reference_daemon.address, outs["reference"]),
     ]
     training = Training(tmp_path, config(200, trainers, gates=[60, 100]))
     processes.append(training)
 
     training.at(60)
-    hold = op(lrpilot_exe, doomed, "set-lr", "held", "0.01")
+    hold = doomed.cli("set-lr", "held", "0.01")
     assert hold["effective_step"] == 62
     training.go(60)
     training.at(100)
@@ -202,7 +180,7 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
         10,
         "the store to commit step 100",
     )
-    before = {run: state_of(lrpilot_exe, doomed, run) for run in ("crash", "held")}
+    before = {run: state_of(doomed, run) for run in ("crash", "held")}
     assert before["held"][0]["held"] is True
     # A plateau that has seen values: its best and its counter are state to keep.
     assert before["crash"][0]["policy_state"]["best"] < 10
@@ -213,8 +191,8 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
     # training's next step then waits for it: deterministic).
     restarted = doomed.restart(lrpilot_exe, tmp_path / "second.log")
     processes.append(restarted)
-    assert restarted.restored() == 2
-    after = {run: state_of(lrpilot_exe, restarted, run) for run in ("crash", "held")}
+    assert run_ids(restarted) == ["crash", "held"]
+    after = {run: state_of(restarted, run) for run in ("crash", "held")}
     assert after == before
     training.go(100)
     summary = training.finish()
@@ -226,16 +204,18 @@ def test_kill_9_and_restart_loses_nothing(lrpilot_exe, tmp_path, processes):
     want = simulate(lrpilot_exe, PLATEAU, metric_stream(crash), BASE_LRS)
     assert lrs_after(reference) == want
     assert lrs_after(crash) == want
-    journal = settled_history(lambda: op(lrpilot_exe, restarted, "history", "crash"), 200)
+    journal = settled_history(lambda: restarted.cli("history", "crash"), 200)
     assert decisions(journal) == decisions(
-        settled_history(lambda: op(lrpilot_exe, reference_daemon, "history", "reference"), 200)
+        settled_history(lambda: reference_daemon.cli("history", "reference"), 200)
     )
     assert [e for e in journal if e["effective_step"] > 101], "no decision after the restart"
-    assert "run crash rank 0/1 hello from" in restarted.log()
+    # The client came back by itself: the restarted daemon has the run to its end.
+    shown = restarted.cli("show", "crash")
+    assert (shown["step"], shown["world_size"]) == (200, 1), shown
     # The hold went on through the restart: no decision of the policy got
     # through, the LRs stayed where the operator put them.
     assert {tuple(line["used"]) for line in held[61:]} == {(0.01, 0.01)}
-    assert decisions(op(lrpilot_exe, restarted, "history", "held")) == decisions(before["held"][1])
+    assert decisions(restarted.cli("history", "held")) == decisions(before["held"][1])
     # The store has the stream once: the records the daemon got before the
     # kill, and those the client sent again after it, without repeats.
     assert from_run(lrpilot_exe, "crash", restarted.state_dir) == want
@@ -255,8 +235,8 @@ def test_the_sync_wait_covers_a_restart(lrpilot_exe, tmp_path, processes):
     doomed.wait_ready()
     crash_out, reference_out = tmp_path / "crash.jsonl", tmp_path / "reference.jsonl"
     trainers = [
-        trainer("crash", doomed, crash_out, sync_timeout=20.0),
-        trainer("reference", reference_daemon, reference_out),
+        stream_trainer("crash", doomed.address, crash_out, sync_timeout=20.0),
+        stream_trainer("reference", reference_daemon.address, reference_out),
     ]
     training = Training(tmp_path, {**config(1500, trainers), "step_sleep": 0.002})
     processes.append(training)
@@ -276,10 +256,8 @@ def test_the_sync_wait_covers_a_restart(lrpilot_exe, tmp_path, processes):
     want = simulate(lrpilot_exe, PLATEAU, metric_stream(crash), BASE_LRS)
     assert lrs_after(crash) == lrs_after(reference) == want
     last = len(crash)
-    assert decisions(
-        settled_history(lambda: op(lrpilot_exe, restarted, "history", "crash"), last)
-    ) == decisions(
-        settled_history(lambda: op(lrpilot_exe, reference_daemon, "history", "reference"), last)
+    assert decisions(settled_history(lambda: restarted.cli("history", "crash"), last)) == decisions(
+        settled_history(lambda: reference_daemon.cli("history", "reference"), last)
     )
 
 
@@ -293,7 +271,7 @@ def test_sigterm_flushes_the_store(lrpilot_exe, tmp_path, processes):
     out = tmp_path / "run.jsonl"
     # Stopped the moment the training ends: its last records, acks and run
     # state are at most in the tick that has not come yet.
-    training = Training(tmp_path, config(120, [trainer("term", daemon, out)]))
+    training = Training(tmp_path, config(120, [stream_trainer("term", daemon.address, out)]))
     processes.append(training)
     summary = training.finish()
     assert daemon.terminate() == 0
@@ -306,11 +284,11 @@ def test_sigterm_flushes_the_store(lrpilot_exe, tmp_path, processes):
     assert from_run(lrpilot_exe, "term", daemon.state_dir) == stream_lrs
     again = daemon.restart(lrpilot_exe, tmp_path / "second.log")
     processes.append(again)
-    assert again.restored() == 1
-    shown = op(lrpilot_exe, again, "show", "term")
+    assert run_ids(again) == ["term"]
+    shown = again.cli("show", "term")
     assert (shown["step"], shown["status"]) == (120, "ended")
     assert shown["policy_state"]["lrs"] == shown["lrs"] == stream_lrs[-1]
-    history = op(lrpilot_exe, again, "history", "term")
+    history = again.cli("history", "term")
     assert len(history) == shown["version"] == summary["stats"]["term"]["commands_applied"] >= 2
     # Each ack reached the journal before the daemon stopped.
     assert all(e["applied_step"] is not None for e in history)
@@ -327,17 +305,12 @@ def checkpointed(lrpilot_exe, tmp_path, processes, restart: bool) -> None:
     processes.append(daemon)
     daemon.wait_ready()
     saved = tmp_path / "ckpt.json"
-    first = Training(
-        tmp_path,
-        config(
-            150,
-            [
-                trainer("ckpt", daemon, tmp_path / "ckpt-1.jsonl", save_at=60, save_to=str(saved)),
-                trainer("straight", daemon, tmp_path / "straight.jsonl"),
-            ],
-        ),
-        name="first",
-    )
+    saving = {"save_at": 60, "save_to": str(saved)}
+    trainers = [
+        stream_trainer("ckpt", daemon.address, tmp_path / "ckpt-1.jsonl", **saving),
+        stream_trainer("straight", daemon.address, tmp_path / "straight.jsonl"),
+    ]
+    first = Training(tmp_path, config(150, trainers), name="first")
     processes.append(first)
     first.finish()
     if restart:
@@ -345,11 +318,9 @@ def checkpointed(lrpilot_exe, tmp_path, processes, restart: bool) -> None:
         daemon = daemon.restart(lrpilot_exe, tmp_path / "second.log")
         processes.append(daemon)
     assert json.loads(saved.read_text())["step"] == 60
-    second = Training(
-        tmp_path,
-        config(150, [trainer("ckpt", daemon, tmp_path / "ckpt-2.jsonl", load_from=str(saved))]),
-        name="second",
-    )
+    loading = {"load_from": str(saved)}
+    resumed = stream_trainer("ckpt", daemon.address, tmp_path / "ckpt-2.jsonl", **loading)
+    second = Training(tmp_path, config(150, [resumed]), name="second")
     processes.append(second)
     summary = second.finish()
     assert summary["first"] == 61

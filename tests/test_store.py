@@ -10,6 +10,7 @@ import contextlib
 import math
 import shutil
 import sqlite3
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from procs import mounted_tmpfs
 
+from lrpilot.daemon.service.records import BATCH_READERS, UnreadableBatch, read_records
 from lrpilot.daemon.service.store import (
     DB_NAME,
     DROP_REASONS,
@@ -29,10 +31,9 @@ from lrpilot.daemon.service.store import (
     StoreError,
     StoreWriteError,
     open_readonly,
-    read_records,
     upsert_run,
 )
-from lrpilot.protocol import REPORT, STEP, BatchEncoder, LRCommand
+from lrpilot.protocol import PROTOCOL_VERSION, REPORT, STEP, BatchEncoder, LRCommand
 
 PLATEAU = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}
 TABLES = {"runs", "journal", "snapshots", "batches", "quarantine"}
@@ -294,6 +295,67 @@ def test_the_recorded_stream_reads_back_in_order_within_bounds(opened):
         reader.close()
 
 
+# A protocol-1 batch as an lrpilot of that protocol stored it: the header as
+# the wire carried it (with fields a later reader does not need), the body
+# packed. Written out literally so that no change to lrpilot.protocol can
+# make this test write what it reads.
+V1_HEADER = (
+    '{"v":1,"t":"metrics","run":"old","rank":0,"first_seq":7,'
+    '"shapes":[["s",["loss"]],["r",["val_loss","acc"]]],"blocks":[[0,2],[1,1]],'
+    '"stats":{"records_dropped":0}}'
+)
+V1_BODY = (
+    struct.pack("<qd", 1, 0.5) + struct.pack("<qd", 2, 0.25) + struct.pack("<qdd", 2, 1.5, 0.75)
+)
+
+
+def insert_batch(path: Path, wire: int | None) -> None:
+    db = sqlite3.connect(path)
+    columns = "run_id, first_step, last_step, header, body, skip" + (", wire" if wire else "")
+    values = ["old", 1, 2, V1_HEADER, V1_BODY, 0] + ([wire] if wire else [])
+    with db:
+        db.execute(
+            f"INSERT INTO batches ({columns}) VALUES ({', '.join('?' * len(values))})", values
+        )
+    db.close()
+
+
+def test_every_wire_protocol_version_has_a_stored_batch_reader():
+    """The daemon stores batches in the current protocol: the store must read
+    them back the day the protocol moves on (add a reader, keep the old)."""
+    assert PROTOCOL_VERSION in BATCH_READERS and 1 in BATCH_READERS
+
+
+def test_a_store_from_before_the_wire_column_reads_its_batches_as_protocol_1(opened, tmp_path):
+    """A schema-2 store (no ``wire`` column) is migrated on open, and its
+    batches read with the protocol-1 reader, not today's models."""
+    path = tmp_path / "old" / DB_NAME
+    path.parent.mkdir()
+    db = sqlite3.connect(path)
+    for migration in MIGRATIONS[:2]:
+        db.executescript(migration)
+    db.execute("PRAGMA user_version=2")
+    db.close()
+    insert_batch(path, wire=None)
+    store = opened(path.parent)
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    assert steps_of(store, "old") == [
+        (1, STEP, {"loss": 0.5}),
+        (2, STEP, {"loss": 0.25}),
+        (2, REPORT, {"val_loss": 1.5, "acc": 0.75}),
+    ]
+
+
+def test_a_batch_of_an_unknown_protocol_is_refused_in_one_line(opened):
+    store = opened()
+    store.close()
+    insert_batch(store.path, wire=99)
+    reader = open_readonly(store.path)
+    with pytest.raises(UnreadableBatch, match="wire protocol 99; this lrpilot reads 1") as caught:
+        list(read_records(reader, "old"))
+    assert "\n" not in str(caught.value)
+
+
 def test_old_snapshots_thin_out_to_one_per_thousand_steps(opened):
     """Ticks land on any step: a resume far back still finds a snapshot about
     SNAPSHOT_SPACING steps back at most, and the newest SNAPSHOTS_KEPT stay."""
@@ -373,6 +435,7 @@ def test_a_store_that_takes_no_writes_says_so_and_keeps_the_batch(opened, caplog
     # Mended: the batch goes in, and only then is its client told.
     db = sqlite3.connect(store.path)
     db.execute(next(sql for sql in MIGRATIONS[0].split(";") if "CREATE TABLE batches" in sql))
+    db.execute(next(sql for sql in MIGRATIONS[2].split(";") if "batches" in sql))
     db.close()
     assert store.wait(timeout=5)
     assert store.error is None and store.backlog_batches == 0

@@ -34,8 +34,9 @@ from conftest import ROOT
 from procs import DaemonProcess, free_address, wait_for
 from rich.console import Console
 
-from lrpilot.daemon.control_client import ControlClientError, request
-from lrpilot.daemon.top import BLOCKS, SPARK_WIDTH, render, sparkline
+from lrpilot.daemon.cli.control_client import ControlClient, ControlClientError
+from lrpilot.daemon.cli.top import BLOCKS, SPARK_WIDTH, render, sparkline
+from lrpilot.daemon.control_protocol import RunSummary
 
 TRAIN = ROOT / "tests" / "live" / "train_tiny.py"
 ADDRESS = "tcp://127.0.0.1:7313"
@@ -48,7 +49,7 @@ VIEW_S = 10.0  # the view shows what is asked of it within this
 
 
 def summary(run: str = "exp-1", **changes) -> dict:
-    """A `runs` summary as the control plane sends it (daemon/control.py)."""
+    """A `runs` summary as the control plane sends it (daemon/service/control.py)."""
     base = {
         "run": run,
         "status": "active",
@@ -77,7 +78,8 @@ def summary(run: str = "exp-1", **changes) -> dict:
 
 def text_of(runs: list[dict], error: str | None = None, width: int = 160) -> str:
     console = Console(record=True, width=width, color_system=None)
-    console.print(render(runs, ADDRESS, error, NOW))
+    # Read as top reads an answer: through the control protocol's model.
+    console.print(render([RunSummary.model_validate(r) for r in runs], ADDRESS, error, NOW))
     return console.export_text()
 
 
@@ -201,9 +203,10 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def runs_of(daemon: DaemonProcess) -> list[dict]:
+def runs_of(daemon: DaemonProcess) -> list[RunSummary]:
     try:
-        return request(daemon.control, {"op": "runs"}, timeout=1.0)["runs"]
+        with ControlClient(daemon.control, timeout=1.0) as client:
+            return client.runs()
     except ControlClientError:
         return []
 
@@ -228,7 +231,7 @@ def live_run(lrpilot_exe, tmp_path_factory) -> Iterator[tuple[DaemonProcess, str
 
         def attached() -> bool:
             assert training.poll() is None, (where / "train.out").read_text()
-            return any(r["run"] == run and r["step"] > 0 for r in runs_of(daemon))
+            return any(r.run == run and r.step > 0 for r in runs_of(daemon))
 
         wait_for(attached, STARTUP_S, "the training to attach", lambda: daemon.log())
         yield daemon, run

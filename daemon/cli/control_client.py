@@ -1,17 +1,31 @@
-"""The command line's side of the control plane: one request, one answer."""
+"""The command line's side of the control plane: :class:`ControlClient`."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
+from pydantic import ValidationError
 
 from lrpilot.errors import LRPilotError
-from lrpilot.protocol import CONTROL_ENV, DEFAULT_CONTROL
+from lrpilot.protocol import CONTROL_ENV, DEFAULT_CONTROL, LRCommand, describe
 
-from ..service.control import MAX_CONTROL_BYTES
+from ..control_protocol import (
+    MAX_CONTROL_BYTES,
+    Answer,
+    CommandAnswer,
+    HistoryAnswer,
+    JournalEntry,
+    RunDetail,
+    RunsAnswer,
+    RunSummary,
+    ShowAnswer,
+    StoreAnswer,
+)
+
+A = TypeVar("A", bound=Answer)
 
 
 class ControlClientError(LRPilotError, RuntimeError):
@@ -42,36 +56,124 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def request(address: str, payload: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send ``payload`` to the daemon's control plane; its answer, or raise."""
-    data = json.dumps(payload).encode()
-    if len(data) > MAX_CONTROL_BYTES:
-        # The daemon's socket drops a larger message unanswered: say why here.
-        raise ControlClientError(
-            f"the request is {len(data)} bytes, over the {MAX_CONTROL_BYTES} the daemon takes"
-        )
-    context = zmq.Context()
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
+class ControlClient:
+    """The operator's side of the control plane, for the ``lrpilot`` commands
+    and ``top``: one REQ socket to the daemon's control address, one request
+    at a time, answers read into the control protocol's models.
+
+    Blocking: ``runs()``, ``show()``, ``history()``, ``set_lr()``,
+    ``pause()``, ``resume()``, ``policy()``, ``store()``, each its answer or a
+    ControlClientError (no answer within ``timeout``, or the daemon's one-line
+    refusal). Without blocking (``top``): :meth:`send`, poll :attr:`socket`,
+    :meth:`receive`; a request that got no answer is dropped with its socket
+    (:meth:`reset`), since a REQ socket cannot send again before it hears back.
+    """
+
+    def __init__(self, address: str, timeout: float = 5.0, actor: str | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.actor = actor  # who a change is journaled as (the daemon's default when None)
+        self._context = zmq.Context()
+        self.socket: zmq.Socket | None = None
+        self._op = ""
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- typed requests ----------------------------------------------------
+
+    def runs(self) -> list[RunSummary]:
+        return self._ask(RunsAnswer, op="runs").runs
+
+    def show(self, run: str) -> RunDetail:
+        return self._ask(ShowAnswer, op="show", run=run).run
+
+    def history(self, run: str, limit: int | None = None) -> list[JournalEntry]:
+        return self._ask(HistoryAnswer, op="history", run=run, limit=limit).history
+
+    def set_lr(self, run: str, lr: float, group: str | None = None) -> LRCommand:
+        return self._ask(CommandAnswer, op="set_lr", run=run, lr=lr, group=group).command
+
+    def pause(self, run: str) -> LRCommand:
+        return self._ask(CommandAnswer, op="pause", run=run).command
+
+    def resume(self, run: str) -> LRCommand:
+        return self._ask(CommandAnswer, op="resume", run=run).command
+
+    def policy(self, run: str, policy: dict[str, Any] | None) -> LRCommand:
+        """Switch the run to ``policy``; None gives back the script's own."""
+        return self._ask(CommandAnswer, op="policy", run=run, policy=policy).command
+
+    def store(self) -> str:
+        """The daemon's store path, once the daemon has committed what it has."""
+        return self._ask(StoreAnswer, op="store").path
+
+    def _ask(self, kind: type[A], **fields: Any) -> A:
+        if self.actor is not None:
+            fields["actor"] = self.actor
+        return self.read(kind, self.call(fields))
+
+    def read(self, kind: type[A], answer: dict[str, Any]) -> A:
         try:
-            sock.connect(address)
-        except zmq.ZMQError as exc:
+            return kind.model_validate(answer)
+        except ValidationError as exc:
             raise ControlClientError(
-                f"--control or ${CONTROL_ENV}: cannot connect to {address!r} ({exc.strerror}); "
-                f"an address is like {DEFAULT_CONTROL}"
+                f"the daemon at {self.address} answered with something this lrpilot cannot "
+                f"read as {kind.__name__} ({describe(exc)}); is it another version?"
             ) from None
-        sock.send(data)
-        if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+
+    # --- one request, raw --------------------------------------------------
+
+    def call(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send ``payload`` (a request as a JSON object) and wait for the
+        answer: the answer as a JSON object, or ControlClientError."""
+        self.send(payload)
+        assert self.socket is not None
+        if not self.socket.poll(int(self.timeout * 1000), zmq.POLLIN):
+            self.reset()
             raise ControlClientError(
-                f"no answer from a daemon at {address} within {timeout:g}s "
+                f"no answer from a daemon at {self.address} within {self.timeout:g}s "
                 "(is `lrpilot daemon` running? --control or $LRPILOT_CONTROL sets the address)"
             )
-        raw = sock.recv()
-    finally:
-        sock.close()
-        context.term()
-    return checked_answer(address, raw)
+        return self.receive()
+
+    def send(self, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        if len(data) > MAX_CONTROL_BYTES:
+            # The daemon's socket drops a larger message unanswered: say why here.
+            raise ControlClientError(
+                f"the request is {len(data)} bytes, over the {MAX_CONTROL_BYTES} the daemon takes"
+            )
+        if self.socket is None:
+            sock = self._context.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                sock.close()
+                raise ControlClientError(
+                    f"--control or ${CONTROL_ENV}: cannot connect to {self.address!r} "
+                    f"({exc.strerror}); an address is like {DEFAULT_CONTROL}"
+                ) from None
+            self.socket = sock
+        self.socket.send(data)
+
+    def receive(self) -> dict[str, Any]:
+        """The answer to the request sent (the socket has it: poll first)."""
+        assert self.socket is not None, "send() first"
+        return checked_answer(self.address, self.socket.recv())
+
+    def reset(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+
+    def close(self) -> None:
+        self.reset()
+        self._context.term()
 
 
 def checked_answer(address: str, raw: bytes) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from lrpilot import __version__
 from lrpilot.errors import LRPilotError
 
-from ..service.control import (
+from ..control_protocol import (
     LR_RULE,
     MAX_CONTROL_BYTES,
     MAX_HISTORY_LIMIT,
@@ -378,15 +378,8 @@ def add_dashboards_command(commands: argparse._SubParsersAction) -> None:
         action.set_defaults(func=cmd_dashboards)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="lrpilot",
-        description="Adaptive learning-rate control and telemetry for PyTorch training loops.",
-    )
-    parser.add_argument("--version", action="version", version=f"lrpilot {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    commands.required = True
-
+def add_simulate_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot simulate`: replay a metric stream, or a recorded run, through a policy."""
     sim = commands.add_parser(
         "simulate",
         help="replay a metric stream through a policy and print the LRs it gives",
@@ -435,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_flags(sim, json_flag=False)
     sim.set_defaults(func=cmd_simulate)
 
+
+def add_operator_commands(commands: argparse._SubParsersAction) -> None:
+    """The operator's commands to a running daemon, over its control plane."""
     ops = {
         "runs": ("list the runs the daemon knows", []),
         "show": ("show one run: LRs, policy, state, ranks, recent changes", ["run"]),
@@ -452,56 +448,69 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (text, positional) in ops.items():
         op = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        for arg in positional:
-            if arg == "lr":
-                op.add_argument(
-                    "lr",
-                    type=lr_value,
-                    metavar="LR",
-                    help="the new LR, 1e-12 to 1000: below, no float32 weight moves; above, "
-                    "no optimizer trains (docs/operations.md)",
-                )
-            elif arg == "file":
-                op.add_argument(
-                    "file",
-                    nargs="?",
-                    default=None,
-                    metavar="FILE|-",
-                    help="policy JSON file, - for standard input, or inline JSON (at most "
-                    f"{MAX_POLICY_BYTES >> 10} KiB, what a command to the training can carry)",
-                )
-            else:
-                op.add_argument(arg, metavar=arg.upper(), help="the run id")
+        for operand in positional:
+            add_operand(op, operand)
         add_control_flags(op)
         op.set_defaults(func=cmd_operation)
-        if name == "set-lr":
-            op.add_argument(
-                "--group", default=None, help="only this param group (by name or index)"
-            )
-        if name == "history":
-            op.add_argument(
-                "--limit",
-                type=whole_number_in(1, MAX_HISTORY_LIMIT),
-                metavar="N",
-                default=None,
-                help=f"only the last N changes (1 to {MAX_HISTORY_LIMIT})",
-            )
-        if name == "policy":
-            op.add_argument(
-                "--preview",
-                action="store_true",
-                help="replay the run's recorded stream through the policy and print "
-                "the LR curve it would have given; changes nothing",
-            )
-            op.add_argument(
-                "--requested",
-                action="store_true",
-                help="give back the policy the training script asked for",
-            )
-            op.add_argument(
-                "--state-dir", default=None, help="with --preview: read this store directly"
-            )
+        add_operator_options(op, name)
 
+
+def add_operand(parser: argparse.ArgumentParser, operand: str) -> None:
+    """One positional argument of an operator's command: the run, an LR or a policy."""
+    if operand == "lr":
+        parser.add_argument(
+            "lr",
+            type=lr_value,
+            metavar="LR",
+            help="the new LR, 1e-12 to 1000: below, no float32 weight moves; above, "
+            "no optimizer trains (docs/operations.md)",
+        )
+    elif operand == "file":
+        parser.add_argument(
+            "file",
+            nargs="?",
+            default=None,
+            metavar="FILE|-",
+            help="policy JSON file, - for standard input, or inline JSON (at most "
+            f"{MAX_POLICY_BYTES >> 10} KiB, what a command to the training can carry)",
+        )
+    else:
+        parser.add_argument(operand, metavar=operand.upper(), help="the run id")
+
+
+def add_operator_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options only one operator's command has (set-lr, history, policy)."""
+    if name == "set-lr":
+        parser.add_argument(
+            "--group", default=None, help="only this param group (by name or index)"
+        )
+    if name == "history":
+        parser.add_argument(
+            "--limit",
+            type=whole_number_in(1, MAX_HISTORY_LIMIT),
+            metavar="N",
+            default=None,
+            help=f"only the last N changes (1 to {MAX_HISTORY_LIMIT})",
+        )
+    if name == "policy":
+        parser.add_argument(
+            "--preview",
+            action="store_true",
+            help="replay the run's recorded stream through the policy and print "
+            "the LR curve it would have given; changes nothing",
+        )
+        parser.add_argument(
+            "--requested",
+            action="store_true",
+            help="give back the policy the training script asked for",
+        )
+        parser.add_argument(
+            "--state-dir", default=None, help="with --preview: read this store directly"
+        )
+
+
+def add_top_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot top`: the live terminal view of every run."""
     top = commands.add_parser(
         "top",
         help="a live terminal view of every run",
@@ -519,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.set_defaults(func=cmd_top)
 
+
+def add_daemon_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot daemon`: the daemon itself, configured by its flags."""
     daemon = commands.add_parser(
         "daemon",
         help="run the daemon that training processes attach to",
@@ -529,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(daemon)
     daemon.set_defaults(func=cmd_daemon)
 
+
+def add_demo_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot demo`: a daemon and a real training under its control."""
     demo = commands.add_parser(
         "demo",
         help="start a daemon and train a real model under its control",
@@ -554,6 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync", action="store_true", help="lock-step mode: every step waits for the daemon"
     )
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="lrpilot",
+        description="Adaptive learning-rate control and telemetry for PyTorch training loops.",
+    )
+    parser.add_argument("--version", action="version", version=f"lrpilot {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+    # The order here is the order `lrpilot --help` lists the commands in.
+    add_simulate_command(commands)
+    add_operator_commands(commands)
+    add_top_command(commands)
+    add_daemon_command(commands)
+    add_demo_command(commands)
     add_dashboards_command(commands)
     return parser
 

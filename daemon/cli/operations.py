@@ -20,13 +20,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from lrpilot.policies import SpecError, parse_policy
-from lrpilot.protocol import REPORT, STEP
+from pydantic import BaseModel
 
-from ..service.control import MAX_NAME
+from lrpilot.policies import SpecError, parse_policy
+from lrpilot.protocol import REPORT, STEP, LRCommand
+
+from ..control_protocol import MAX_NAME, JournalEntry
 from ..service.engine import PolicyEngine, StepGapTooLarge
-from ..service.store import DB_NAME, open_readonly, read_records
-from .control_client import control_address, printable, request
+from ..service.records import read_records
+from ..service.store import DB_NAME, open_readonly
+from .control_client import ControlClient, control_address, printable
 from .main import CommandError
 
 # Missing steps a replay steps through (up to ~1 us each): a stream that jumps
@@ -45,10 +48,10 @@ def actor() -> str:
     return printable(f"{user}@{socket.gethostname()}")[:MAX_NAME]
 
 
-def ask(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
-    return request(
-        control_address(args.control), {"op": op, "actor": actor(), **fields}, timeout=args.timeout
-    )
+def client(args: argparse.Namespace) -> ControlClient:
+    """The control client of a command's --control and --timeout; changes
+    are journaled as made by :func:`actor`."""
+    return ControlClient(control_address(args.control), args.timeout, actor())
 
 
 def lrs_text(lrs: Sequence[float] | None) -> str:
@@ -68,27 +71,40 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def emit(args: argparse.Namespace, answer: Any, text: str) -> None:
-    print(json.dumps(answer, indent=2) if args.json else text)
+    """``text`` for people, or with --json the answer (a model, or a list of
+    them) as the daemon sent it."""
+    if args.json:
+        print(json.dumps(as_json(answer), indent=2))
+    else:
+        print(text)
+
+
+def as_json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [as_json(item) for item in value]
+    return value
 
 
 # --- reads -----------------------------------------------------------------
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    runs = ask(args, "runs")["runs"]
+    with client(args) as control:
+        runs = control.runs()
     rows = [
         (
-            r["run"],
-            r["status"],
-            r["step"],
-            f"{r['steps_per_s']:.1f}",
-            lrs_text(r["lrs"]),
-            r["policy_kind"] or "-",
-            "held" if r["held"] else "",
+            r.run,
+            r.status,
+            r.step,
+            f"{r.steps_per_s:.1f}",
+            lrs_text(r.lrs),
+            r.policy_kind or "-",
+            "held" if r.held else "",
             "-"
-            if r["last_change"] is None
-            else f"v{r['last_change']['version']} @{r['last_change']['step']}: "
-            f"{r['last_change']['reason'][:50]}",
+            if r.last_change is None
+            else f"v{r.last_change.version} @{r.last_change.step}: {r.last_change.reason[:50]}",
         )
         for r in runs
     ]
@@ -97,57 +113,58 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    run = ask(args, "show", run=args.run)["run"]
+    with client(args) as control:
+        run = control.show(args.run)
     lines = [
-        f"run        {printable(run['run'])} ({printable(run['status'])}, "
-        f"ranks {printable(run['ranks'] or '-')} of {printable(run['world_size'])})",
-        f"step       {printable(run['step'])} ({run['steps_per_s']:.1f} steps/s)",
-        f"groups     {printable(', '.join(run['groups']))}",
-        f"lrs        {lrs_text(run['lrs'])}" + ("   HELD by an operator" if run["held"] else ""),
-        f"policy     {json.dumps(run['policy'])}",
-        f"requested  {json.dumps(run['requested_policy'])}",
-        f"version    {printable(run['version'])}",
-        f"metrics    {json.dumps(run['last_metrics'])}",
-        f"started    {when(run['created'])}",
+        f"run        {printable(run.run)} ({printable(run.status)}, "
+        f"ranks {printable(run.ranks or '-')} of {printable(run.world_size)})",
+        f"step       {printable(run.step)} ({run.steps_per_s:.1f} steps/s)",
+        f"groups     {printable(', '.join(run.groups))}",
+        f"lrs        {lrs_text(run.lrs)}" + ("   HELD by an operator" if run.held else ""),
+        f"policy     {json.dumps(run.policy)}",
+        f"requested  {json.dumps(run.requested_policy)}",
+        f"version    {printable(run.version)}",
+        f"metrics    {json.dumps(run.last_metrics)}",
+        f"started    {when(run.created)}",
     ]
-    if run["sessions"]:
+    if run.sessions:
         lines += [
             "",
             table(
                 ("RANK", "HOST", "PID", "MODE", "STEP", "STEPS/S", "APPLIED", "LATE BY", "DROPPED"),
                 [
                     (
-                        s["rank"],
-                        s["host"],
-                        s["pid"],
-                        "sync" if s["sync"] else "async",
-                        s["step"],
-                        f"{s['steps_per_s']:.1f}",
-                        f"v{s['applied_version']}",
-                        s["late_by"],
-                        s["stats"]["records_dropped"],
+                        s.rank,
+                        s.host,
+                        s.pid,
+                        "sync" if s.sync else "async",
+                        s.step,
+                        f"{s.steps_per_s:.1f}",
+                        f"v{s.applied_version}",
+                        s.late_by,
+                        s.stats.get("records_dropped", 0),
                     )
-                    for s in run["sessions"]
+                    for s in run.sessions
                 ],
             ),
         ]
-    if run["history"]:
-        lines += ["", "recent changes:", history_table(run["history"])]
+    if run.history:
+        lines += ["", "recent changes:", history_table(run.history)]
     emit(args, run, "\n".join(lines))
 
 
-def history_table(entries: Sequence[dict[str, Any]]) -> str:
+def history_table(entries: Sequence[JournalEntry]) -> str:
     return table(
         ("VER", "FROM STEP", "APPLIED", "TIME", "OLD -> NEW", "ACTOR", "REASON"),
         [
             (
-                f"v{e['version']}",
-                e["effective_step"],
-                "-" if e["applied_step"] is None else e["applied_step"],
-                when(e["time"]),
-                f"{lrs_text(e['old_lrs'])} -> {lrs_text(e['new_lrs'])}",
-                e["actor"],
-                e["reason"],
+                f"v{e.version}",
+                e.effective_step,
+                "-" if e.applied_step is None else e.applied_step,
+                when(e.time),
+                f"{lrs_text(e.old_lrs)} -> {lrs_text(e.new_lrs)}",
+                e.actor,
+                e.reason,
             )
             for e in entries
         ],
@@ -155,7 +172,8 @@ def history_table(entries: Sequence[dict[str, Any]]) -> str:
 
 
 def cmd_history(args: argparse.Namespace) -> None:
-    entries = ask(args, "history", run=args.run, limit=args.limit)["history"]
+    with client(args) as control:
+        entries = control.history(args.run, args.limit)
     nothing = f"no LR changes for {printable(args.run)}"
     emit(args, entries, history_table(entries) if entries else nothing)
 
@@ -163,35 +181,38 @@ def cmd_history(args: argparse.Namespace) -> None:
 # --- changes -----------------------------------------------------------------
 
 
-def report_change(args: argparse.Namespace, answer: dict[str, Any]) -> None:
-    c = answer["command"]
+def report_change(args: argparse.Namespace, c: LRCommand) -> None:
     emit(
         args,
         c,
         printable(
-            f"run {c['run']}: v{c['version']} from step {c['effective_step']}: "
-            f"lrs {lrs_text(c['lrs'])} ({c['reason']})"
+            f"run {c.run}: v{c.version} from step {c.effective_step}: "
+            f"lrs {lrs_text(c.lrs)} ({c.reason})"
         ),
     )
 
 
 def cmd_set_lr(args: argparse.Namespace) -> None:
-    report_change(args, ask(args, "set_lr", run=args.run, lr=args.lr, group=args.group))
+    with client(args) as control:
+        report_change(args, control.set_lr(args.run, args.lr, args.group))
 
 
 def cmd_pause(args: argparse.Namespace) -> None:
-    report_change(args, ask(args, "pause", run=args.run))
+    with client(args) as control:
+        report_change(args, control.pause(args.run))
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    report_change(args, ask(args, "resume", run=args.run))
+    with client(args) as control:
+        report_change(args, control.resume(args.run))
 
 
 def cmd_policy(args: argparse.Namespace, policy: dict[str, Any] | None) -> None:
     if args.preview:
         preview(args, policy)
         return
-    report_change(args, ask(args, "policy", run=args.run, policy=policy))
+    with client(args) as control:
+        report_change(args, control.policy(args.run, policy))
 
 
 # --- what-if ------------------------------------------------------------------
@@ -206,9 +227,10 @@ def open_run_store(args: argparse.Namespace, run_id: str) -> tuple[Any, dict[str
         if row is None:
             raise CommandError(f"unknown run {run_id!r} in {args.state_dir}")
         return db, {"base_lrs": json.loads(row[0])}
-    path = ask(args, "store")["path"]  # also makes the daemon commit what it has
-    run = ask(args, "show", run=run_id)["run"]
-    return open_readonly(Path(path)), run
+    with client(args) as control:
+        path = control.store()  # also makes the daemon commit what it has
+        run = control.show(run_id)
+    return open_readonly(Path(path)), {"base_lrs": run.base_lrs}
 
 
 def replay_run(

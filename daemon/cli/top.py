@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -36,7 +35,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .control_client import control_address, printable
+from ..control_protocol import LastChange, RunsAnswer, RunSummary
+from .control_client import ControlClient, ControlClientError, control_address, printable
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 24  # loss samples shown (the daemon samples once a second)
@@ -56,6 +56,7 @@ COLUMNS = (
 MAX_GROUPS_SHOWN = 4  # LR column: groups named before "+N more"
 QUIT_KEYS = b"qQ"
 QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RUNS = {"op": "runs"}
 
 
 # --- drawing -----------------------------------------------------------------
@@ -103,15 +104,14 @@ def lrs_cell(groups: Sequence[Any] | None, lrs: Sequence[Any] | None) -> str:
     return " ".join(shown) + (f" +{more} more" if more > 0 else "")
 
 
-def change_cell(change: dict[str, Any] | None) -> str:
+def change_cell(change: LastChange | None) -> str:
     """``v3 @120 policy: plateau ...``: version, step, actor, reason."""
-    if not change:
+    if change is None:
         return "-"
-    reason = printable(change.get("reason") or "")
+    reason = printable(change.reason)
     if len(reason) > REASON_WIDTH:
         reason = reason[: REASON_WIDTH - 1] + "…"
-    version, step, actor = (printable(change.get(k, "?")) for k in ("version", "step", "actor"))
-    return f"v{version} @{step} {actor}: {reason}"
+    return f"v{change.version} @{change.step} {printable(change.actor)}: {reason}"
 
 
 def loss_cell(history: Sequence[Any] | None) -> Text:
@@ -121,31 +121,26 @@ def loss_cell(history: Sequence[Any] | None) -> Text:
     return Text.assemble((sparkline(history), "cyan"), " ", _num(history[-1]))
 
 
-def run_row(run: dict[str, Any]) -> list[RenderableType]:
+def run_row(run: RunSummary) -> list[RenderableType]:
     """One row; every cell a Text (a str cell would be read as rich markup)."""
-    status = printable(run.get("status", "?"))
-    policy = Text(printable(run.get("policy_kind") or "-"))
-    if run.get("held"):
+    policy = Text(printable(run.policy_kind or "-"))
+    if run.held:
         policy.append(" HELD", style="bold yellow")
-    ranks = run.get("ranks")
-    ranks = ranks if isinstance(ranks, list) else []
     return [
-        Text(printable(run.get("run", "?")), style="bold"),
-        Text(status, style="green" if status == "active" else "dim"),
-        Text(printable(run.get("step", "-"))),
-        Text(_num(run.get("steps_per_s"), ".1f")),
-        loss_cell(run.get("loss_history")),
-        Text(lrs_cell(run.get("groups"), run.get("lrs"))),
+        Text(printable(run.run), style="bold"),
+        Text(run.status, style="green" if run.status == "active" else "dim"),
+        Text(str(run.step)),
+        Text(_num(run.steps_per_s, ".1f")),
+        loss_cell(run.loss_history),
+        Text(lrs_cell(run.groups, run.lrs)),
         policy,
-        Text(change_cell(run.get("last_change")), no_wrap=True, overflow="ellipsis"),
-        Text(printable(f"{len(ranks)}/{run.get('world_size', '?')}")),
-        Text(printable(run.get("lag_steps", "-"))),
+        Text(change_cell(run.last_change), no_wrap=True, overflow="ellipsis"),
+        Text(f"{len(run.ranks)}/{run.world_size}"),
+        Text(str(run.lag_steps)),
     ]
 
 
-def render(
-    runs: list[dict[str, Any]], address: str, error: str | None, now: float
-) -> RenderableType:
+def render(runs: list[RunSummary], address: str, error: str | None, now: float) -> RenderableType:
     """The whole view for one moment: header, the error line (when the daemon
     did not answer), one row per run (or "no runs"), footer. ``runs`` are the
     control plane's ``runs`` summaries; ``now`` is wall-clock seconds."""
@@ -180,57 +175,12 @@ def render(
 # --- asking the daemon ---------------------------------------------------------
 
 
-def runs_in(answer: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The run summaries of a ``runs`` answer (what is not one is left out),
-    or None when it has no list of them."""
-    runs = answer.get("runs")
-    if not isinstance(runs, list):
-        return None
-    return [run for run in runs if isinstance(run, dict)]
-
-
-class Asker:
-    """One ``runs`` request at a time over a REQ socket, without blocking:
-    :meth:`send`, then poll :attr:`socket`, then :meth:`receive`. A request
-    that got no answer is dropped with its socket (:meth:`reset`), since a REQ
-    socket cannot send again before it hears back."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.context = zmq.Context()
-        self.socket: zmq.Socket | None = None
-
-    def send(self) -> None:
-        if self.socket is None:
-            self.socket = self.context.socket(zmq.REQ)
-            self.socket.setsockopt(zmq.LINGER, 0)
-            self.socket.connect(self.address)
-        self.socket.send(json.dumps({"op": "runs"}).encode())
-
-    def receive(self) -> tuple[list[dict[str, Any]] | None, str | None]:
-        """The runs, or the reason there are none."""
-        assert self.socket is not None
-        raw = self.socket.recv()
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            return None, f"daemon at {self.address} answered something not JSON — retrying"
-        if not isinstance(answer, dict) or not answer.get("ok"):
-            why = answer.get("error") if isinstance(answer, dict) else None
-            return None, f"daemon at {self.address} refused: {why or 'no reason'} — retrying"
-        runs = runs_in(answer)
-        if runs is None:
-            return None, f"daemon at {self.address} answered no list of runs — retrying"
-        return runs, None
-
-    def reset(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-
-    def close(self) -> None:
-        self.reset()
-        self.context.term()
+def runs_from(client: ControlClient) -> tuple[list[RunSummary] | None, str | None]:
+    """The runs of the answer the client's socket has, or why there are none."""
+    try:
+        return client.read(RunsAnswer, client.receive()).runs, None
+    except ControlClientError as exc:
+        return None, f"daemon at {client.address}: {exc} — retrying"
 
 
 # --- the terminal ----------------------------------------------------------------
@@ -288,8 +238,8 @@ def run_view(
     key_fd: int | None,
     wake_fd: int,
 ) -> None:
-    asker = Asker(address)
-    runs: list[dict[str, Any]] = []
+    asker = ControlClient(address, timeout)
+    runs: list[RunSummary] = []
     error: str | None = None
     sent_at: float | None = None  # monotonic time of the request in flight
     next_ask = time.monotonic()
@@ -305,7 +255,7 @@ def run_view(
             while True:
                 now = time.monotonic()
                 if sent_at is None and now >= next_ask:
-                    asker.send()
+                    asker.send(RUNS)
                     sent_at = now
                 wait = (sent_at + timeout if sent_at is not None else next_ask) - now
                 poller = zmq.Poller()
@@ -326,7 +276,7 @@ def run_view(
                         return
                 now = time.monotonic()
                 if asker.socket is not None and asker.socket in ready:
-                    got, error = asker.receive()
+                    got, error = runs_from(asker)
                     if got is not None:
                         runs = got
                     assert sent_at is not None  # the socket is polled only while an ask is out
@@ -348,12 +298,9 @@ def main(args: argparse.Namespace) -> None:
     timeout = max(0.05, float(args.timeout))
     if not sys.stdout.isatty():
         # Piped (`lrpilot top | less`, a cron job): one frame, no live view.
-        from .control_client import request
-
-        answer = request(address, {"op": "runs"}, timeout=timeout)
-        runs = runs_in(answer)
-        error = None if runs is not None else f"daemon at {address} answered no list of runs"
-        Console(width=160).print(render(runs or [], address, error, time.time()))
+        with ControlClient(address, timeout) as client:
+            runs = client.runs()
+        Console(width=160).print(render(runs, address, None, time.time()))
         return
     try:
         with interrupt_pipe() as wake_fd, keys_mode(sys.stdin) as key_fd:

@@ -1,135 +1,54 @@
-"""The control plane: what an operator asks of the daemon (``lrpilot runs``,
-``show``, ``set-lr``, ``policy``, ``pause``, ``resume``, ``history``).
+"""The control plane: what the daemon does with an operator's request
+(``lrpilot runs``, ``show``, ``set-lr``, ``policy``, ``pause``, ``resume``,
+``history``). The requests, answers and their bounds are the control
+protocol's (daemon/control_protocol.py); this module answers them.
 
-Requests and answers are JSON objects over a ZeroMQ REQ/ROUTER pair on
-loopback: ``{"op": ..., ...}`` in, ``{"ok": true, ...}`` or
-``{"ok": false, "error": "one line"}`` out. Each change is validated before
-anything moves, journaled, and sent to every rank of the run as a command
-scheduled a little ahead (about 100 ms of the run's steps), so all ranks
-apply it at the same step.
-
-Every field of a request is hostile until checked: each is bounded here, and
-whatever a request gets wrong is answered with one line, never an internal
-error. The bounds below are shared with the command line (daemon/cli/main.py),
-which refuses the same values before sending them.
+Each change is validated before anything moves, journaled, and sent to every
+rank of the run as a command scheduled a little ahead (about 100 ms of the
+run's steps), so all ranks apply it at the same step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
-from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-from lrpilot.errors import LRPilotError
 from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
-from lrpilot.protocol import MAX_COUNT
 
+from ..control_protocol import (
+    LR_RULE,
+    Answer,
+    CommandAnswer,
+    ControlError,
+    HistoryAnswer,
+    HistoryRequest,
+    JournalEntry,
+    LastChange,
+    PauseRequest,
+    PolicyRequest,
+    Refusal,
+    ResumeRequest,
+    RunDetail,
+    RunsAnswer,
+    RunsRequest,
+    RunSummary,
+    SessionInfo,
+    SetLRRequest,
+    ShowAnswer,
+    ShowRequest,
+    StoreAnswer,
+    StoreRequest,
+    ascii_decimal,
+    lr_allowed,
+    parse_request,
+    policy_problem,
+    refusal,
+)
 from .dataplane import DataPlane, Outgoing
 from .engine import Change
-from .registry import Run
+from .registry import Run, Session
 
 log = logging.getLogger("lrpilot.daemon")
-
-# The largest request the control socket takes (server.py sets it as the
-# socket's ZMQ_MAXMSGSIZE, so a larger one is dropped before it is buffered
-# whole). The largest real request is a policy switch: MAX_POLICY_BYTES of
-# policy and a few names, sixteen times under this.
-MAX_CONTROL_BYTES = 1 << 20
-# A policy an operator may send. A command carries the policy's spec and its
-# state to every rank, and the hook refuses a message over
-# lrpilot.protocol.MAX_MESSAGE_BYTES (4 MiB); 64 KiB of spec (thousands of
-# milestones, far more than any schedule lists) keeps the command far under it.
-MAX_POLICY_BYTES = 64 << 10
-POLICY_RULE = f"a policy must be at most {MAX_POLICY_BYTES // 1024} KiB of JSON"
-# Every number in a policy: as every count on the wire (lrpilot.protocol), so
-# that no step count or size overflows the float the policy code makes of it.
-MAX_POLICY_NUMBER = MAX_COUNT
-# The LRs an operator may set. Below 1e-12 an update moves no float32 weight
-# (it is under the weight's rounding for any gradient a training survives):
-# a typo, not a choice; `pause` is how to stop the LR moving. Above 1e3 is
-# beyond any optimizer's working range (LARS/LAMB base LRs reach tens) and
-# near what overflows the first update in half precision.
-LR_MIN, LR_MAX = 1e-12, 1e3
-LR_RULE = f"an LR must be a positive number from {LR_MIN:g} to {LR_MAX:g}"
-# `history --limit`: more entries than a journal of a million steps holds.
-MAX_HISTORY_LIMIT = 1_000_000
-MAX_NAME = 200  # characters of a run or group name, as the protocol's hello allows
-MAX_ERROR_CHARS = 500  # an answer's error line is cut there (it quotes what it refuses)
-# Text a client chooses and the daemon journals (who made a change): no control
-# characters (C0, DEL, C1), which would act on the terminal that prints it.
-PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
-
-RunId = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
-
-
-class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    actor: str = Field("operator", min_length=1, max_length=MAX_NAME, pattern=PRINTABLE)
-
-
-class RunsRequest(Request):
-    op: Literal["runs"]
-
-
-class ShowRequest(Request):
-    op: Literal["show"]
-    run: RunId
-
-
-class SetLRRequest(Request):
-    op: Literal["set_lr"]
-    run: RunId
-    lr: float  # checked in op_set_lr, against LR_RULE
-    group: str | None = Field(None, min_length=1, max_length=MAX_NAME)
-
-
-class PolicyRequest(Request):
-    op: Literal["policy"]
-    run: RunId
-    policy: dict[str, Any] | None  # None: give back the policy the script asked for
-
-
-class PauseRequest(Request):
-    op: Literal["pause"]
-    run: RunId
-
-
-class ResumeRequest(Request):
-    op: Literal["resume"]
-    run: RunId
-
-
-class HistoryRequest(Request):
-    op: Literal["history"]
-    run: RunId
-    limit: int | None = Field(None, ge=1, le=MAX_HISTORY_LIMIT)
-
-
-class StoreRequest(Request):
-    op: Literal["store"]
-
-
-ControlRequest = Annotated[
-    RunsRequest
-    | ShowRequest
-    | SetLRRequest
-    | PolicyRequest
-    | PauseRequest
-    | ResumeRequest
-    | HistoryRequest
-    | StoreRequest,
-    Field(discriminator="op"),
-]
-_REQUEST: TypeAdapter[Any] = TypeAdapter(ControlRequest)
-
-
-class ControlError(LRPilotError, ValueError):
-    """A request the daemon refuses; the message is the one line the CLI prints."""
 
 
 class ControlPlane:
@@ -137,18 +56,17 @@ class ControlPlane:
         self.plane = plane
 
     def handle(self, raw: bytes) -> tuple[dict[str, Any], Outgoing]:
-        """Answer one request; the commands it caused, for the data plane to send."""
-        if len(raw) > MAX_CONTROL_BYTES:
-            return refusal(f"bad request: {len(raw)} bytes, over the {MAX_CONTROL_BYTES} allowed")
+        """Answer one request (as the wire's JSON object); the commands it
+        caused, for the data plane to send."""
+        answer, outgoing = self.answer(raw)
+        return answer.model_dump(), outgoing
+
+    def answer(self, raw: bytes) -> tuple[Answer | Refusal, Outgoing]:
         try:
-            request = _REQUEST.validate_json(raw)
-        except ValidationError as exc:
-            return refusal(f"bad request: {describe_request(exc)}")
-        try:
-            answer, outgoing = getattr(self, "op_" + request.op)(request)
+            request = parse_request(raw)
+            return getattr(self, "op_" + request.op)(request)
         except ControlError as exc:
-            return refusal(str(exc))
-        return {"ok": True, **answer}, outgoing
+            return refusal(str(exc)), []
 
     def _run(self, run_id: str) -> Run:
         run = self.plane.registry.runs.get(run_id)
@@ -179,15 +97,15 @@ class ControlPlane:
 
     # --- reads ------------------------------------------------------------
 
-    def op_runs(self, request: RunsRequest) -> tuple[dict, Outgoing]:
+    def op_runs(self, request: RunsRequest) -> tuple[RunsAnswer, Outgoing]:
         runs = sorted(self.plane.registry.runs.values(), key=lambda r: r.created)
-        return {"runs": [summary(run) for run in runs]}, []
+        return RunsAnswer(runs=[summary(run) for run in runs]), []
 
-    def op_show(self, request: ShowRequest) -> tuple[dict, Outgoing]:
+    def op_show(self, request: ShowRequest) -> tuple[ShowAnswer, Outgoing]:
         run = self._run(request.run)
         engine = run.engine
-        detail = summary(run)
-        detail.update(
+        detail = RunDetail(
+            **summary(run).model_dump(),
             policy=engine.spec.model_dump() if engine.spec else None,
             requested_policy=run.requested_policy,
             policy_base_lrs=engine.base_lrs,
@@ -196,22 +114,25 @@ class ControlPlane:
             version=engine.version,
             last_metrics=run.last_metrics,
             sessions=[session_info(s) for s in sorted(run.sessions.values(), key=lambda s: s.rank)],
-            history=self.plane.store.history(run.run_id, limit=5),
+            history=self._history(run.run_id, limit=5),
             store=str(self.plane.store.path),
         )
-        return {"run": detail}, []
+        return ShowAnswer(run=detail), []
 
-    def op_history(self, request: HistoryRequest) -> tuple[dict, Outgoing]:
+    def op_history(self, request: HistoryRequest) -> tuple[HistoryAnswer, Outgoing]:
         run = self._run(request.run)
-        return {"history": self.plane.store.history(run.run_id, request.limit)}, []
+        return HistoryAnswer(history=self._history(run.run_id, request.limit)), []
 
-    def op_store(self, request: StoreRequest) -> tuple[dict, Outgoing]:
+    def _history(self, run_id: str, limit: int | None) -> list[JournalEntry]:
+        return [JournalEntry.model_validate(e) for e in self.plane.store.history(run_id, limit)]
+
+    def op_store(self, request: StoreRequest) -> tuple[StoreAnswer, Outgoing]:
         self.plane.flush()  # so a reader sees every record received so far
-        return {"path": str(self.plane.store.path)}, []
+        return StoreAnswer(path=str(self.plane.store.path)), []
 
     # --- changes ----------------------------------------------------------
 
-    def op_set_lr(self, request: SetLRRequest) -> tuple[dict, Outgoing]:
+    def op_set_lr(self, request: SetLRRequest) -> tuple[CommandAnswer, Outgoing]:
         if not lr_allowed(request.lr):
             raise ControlError(f"lr: {LR_RULE}, got {request.lr:g}")
         run = self._run(request.run)
@@ -224,9 +145,9 @@ class ControlPlane:
         change = run.engine.hold(
             lrs, f"set-lr {request.lr} ({where}); held until resume", request.actor, self._lead(run)
         )
-        return {"command": change.command.model_dump()}, self._send(run, change)
+        return CommandAnswer(command=change.command), self._send(run, change)
 
-    def op_pause(self, request: PauseRequest) -> tuple[dict, Outgoing]:
+    def op_pause(self, request: PauseRequest) -> tuple[CommandAnswer, Outgoing]:
         run = self._run(request.run)
         if run.engine.held is not None:
             raise ControlError(f"run {run.run_id!r} is already held at {run.engine.held}")
@@ -238,17 +159,17 @@ class ControlPlane:
             self._lead(run),
             cause="pause",
         )
-        return {"command": change.command.model_dump()}, self._send(run, change)
+        return CommandAnswer(command=change.command), self._send(run, change)
 
-    def op_resume(self, request: ResumeRequest) -> tuple[dict, Outgoing]:
+    def op_resume(self, request: ResumeRequest) -> tuple[CommandAnswer, Outgoing]:
         run = self._run(request.run)
         if run.engine.held is None:
             raise ControlError(f"run {run.run_id!r} is not held (nothing to resume)")
         self._require_live(run)
         change = run.engine.release(request.actor, self._lead(run))
-        return {"command": change.command.model_dump()}, self._send(run, change)
+        return CommandAnswer(command=change.command), self._send(run, change)
 
-    def op_policy(self, request: PolicyRequest) -> tuple[dict, Outgoing]:
+    def op_policy(self, request: PolicyRequest) -> tuple[CommandAnswer, Outgoing]:
         problem = None if request.policy is None else policy_problem(request.policy)
         if problem:
             raise ControlError(f"policy: {problem}")
@@ -265,78 +186,7 @@ class ControlPlane:
             else f"policy given back to the script's ({what})"
         )
         change = run.engine.switch(spec, reason, request.actor, self._lead(run))
-        return {"command": change.command.model_dump()}, self._send(run, change)
-
-
-def refusal(error: str) -> tuple[dict[str, Any], Outgoing]:
-    """The answer to a refused request: its error on one line, cut to a length
-    a terminal shows (it may quote what a client sent)."""
-    line = " ".join(error.split())
-    if len(line) > MAX_ERROR_CHARS:
-        line = line[: MAX_ERROR_CHARS - 1] + "…"
-    return {"ok": False, "error": line}, []
-
-
-def describe_request(exc: ValidationError) -> str:
-    """One line for what is wrong with a request: ``field: rule (got value)``."""
-    parts = []
-    for err in exc.errors(include_url=False)[:3]:
-        kind, loc = err["type"], [str(p) for p in err["loc"][1:]]  # [0] is the op
-        if kind == "union_tag_invalid":
-            ctx = err["ctx"]
-            parts.append(f"op: unknown op {ctx['tag']!r} (ops: {ctx['expected_tags']})")
-        elif kind == "union_tag_not_found":
-            parts.append("op: missing (a request is a JSON object with an op)")
-        elif kind in ("dict_type", "model_type", "model_attributes_type") and not loc:
-            parts.append("a request is a JSON object with an op")
-        elif kind == "json_invalid":
-            parts.append(f"not JSON: {err['ctx']['error']}")
-        elif kind == "extra_forbidden":
-            parts.append(f"{'.'.join(loc)}: unknown field")
-        elif kind == "missing":
-            parts.append(f"{'.'.join(loc)}: required field is missing")
-        elif kind == "string_pattern_mismatch":
-            parts.append(f"{'.'.join(loc)}: must not hold control characters")
-        else:
-            got = repr(err.get("input"))
-            got = got if len(got) <= 40 else got[:39] + "…"
-            parts.append(f"{'.'.join(loc) or 'request'}: {err['msg']} (got {got})")
-    return "; ".join(parts)
-
-
-def lr_allowed(lr: float) -> bool:
-    return math.isfinite(lr) and LR_MIN <= lr <= LR_MAX
-
-
-def policy_problem(policy: Any) -> str | None:
-    """Why ``policy`` (JSON from a client) is refused before its spec is read,
-    or None: it is too large for a command, or it holds a number the policy
-    code would overflow on (a step count of 1e30 fits no float)."""
-    size = len(json.dumps(policy, separators=(",", ":")).encode())
-    if size > MAX_POLICY_BYTES:
-        return f"{POLICY_RULE}, got {size} bytes"
-    for number in numbers(policy):
-        if not (math.isfinite(number) and abs(number) <= MAX_POLICY_NUMBER):
-            return f"a number in a policy must be finite and within ±2**53, got {number:g}"
-    return None
-
-
-def numbers(value: Any) -> Iterator[int | float]:
-    """Every number in a JSON value."""
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    for item in items:
-        yield from numbers(item)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
-
-
-def ascii_decimal(text: str, max_digits: int = 18) -> int | None:
-    """``text`` as a non-negative int when it is only ASCII digits (``str.isdigit``
-    also takes '²' and other digits ``int()`` refuses or reads otherwise), and
-    short enough to be an index or a count (18 digits fit an int64)."""
-    if len(text) <= max_digits and re.fullmatch(r"[0-9]+", text):
-        return int(text)
-    return None
+        return CommandAnswer(command=change.command), self._send(run, change)
 
 
 def try_policy(wanted: dict[str, Any], lrs: list[float]) -> Any:
@@ -372,50 +222,47 @@ def group_indices(run: Run, group: str | None) -> list[int]:
     )
 
 
-def summary(run: Run) -> dict[str, Any]:
+def summary(run: Run) -> RunSummary:
     engine = run.engine
     last = engine.last_change
-    return {
-        "run": run.run_id,
-        "status": "active" if run.sessions else "ended",
-        "step": run.step,
-        "steps_per_s": round(
-            sum(s.steps_per_s for s in run.sessions.values()) / max(1, len(run.sessions)), 2
-        ),
-        "groups": run.group_names,
-        "lrs": engine.lrs,
-        "policy_kind": engine.spec.kind if engine.spec else None,
-        "held": engine.held is not None,
-        "ranks": sorted(run.sessions),
-        "world_size": run.world_size,
-        # How far the slowest rank is behind the leading one, as in /metrics
-        # (lrpilot_rank_lag_steps); how late commands landed is per rank in show.
-        "lag_steps": run.step - min((s.step for s in run.sessions.values()), default=run.step),
-        "loss_history": list(run.loss_history),
-        "last_change": None
+    sessions = run.sessions.values()
+    return RunSummary(
+        run=run.run_id,
+        status="active" if run.sessions else "ended",
+        step=run.step,
+        steps_per_s=round(sum(s.steps_per_s for s in sessions) / max(1, len(sessions)), 2),
+        groups=run.group_names,
+        lrs=engine.lrs,
+        policy_kind=engine.spec.kind if engine.spec else None,
+        held=engine.held is not None,
+        ranks=sorted(run.sessions),
+        world_size=run.world_size,
+        lag_steps=run.step - min((s.step for s in sessions), default=run.step),
+        loss_history=list(run.loss_history),
+        last_change=None
         if last is None
-        else {
-            "version": last.version,
-            "step": last.effective_step,
-            "lrs": last.lrs,
-            "reason": last.reason,
-            "actor": last.actor,
-        },
-        "created": run.created,
-        "ended": run.ended,
-    }
+        else LastChange(
+            version=last.version,
+            step=last.effective_step,
+            lrs=last.lrs,
+            reason=last.reason,
+            actor=last.actor,
+        ),
+        created=run.created,
+        ended=run.ended,
+    )
 
 
-def session_info(session: Any) -> dict[str, Any]:
-    return {
-        "rank": session.rank,
-        "host": session.host,
-        "pid": session.pid,
-        "sync": session.sync,
-        "step": session.step,
-        "steps_per_s": round(session.steps_per_s, 2),
-        "applied_version": session.applied_version,
-        "applied_step": session.applied_step,
-        "late_by": session.late_by,
-        "stats": {k: getattr(session.stats, k) for k in session.stats.__dataclass_fields__},
-    }
+def session_info(session: Session) -> SessionInfo:
+    return SessionInfo(
+        rank=session.rank,
+        host=session.host,
+        pid=session.pid,
+        sync=session.sync,
+        step=session.step,
+        steps_per_s=round(session.steps_per_s, 2),
+        applied_version=session.applied_version,
+        applied_step=session.applied_step,
+        late_by=session.late_by,
+        stats={k: getattr(session.stats, k) for k in session.stats.__dataclass_fields__},
+    )

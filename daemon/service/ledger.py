@@ -210,4 +210,3 @@ class Ledger:
     def persisted(self) -> Outgoing:
         out, self._persisted = self._persisted, []
         return out
-

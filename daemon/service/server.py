@@ -9,7 +9,6 @@ next poll (within 100 ms); the store is flushed before the daemon exits.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -19,11 +18,12 @@ import zmq
 
 from lrpilot.errors import LRPilotError
 
+from ..control_protocol import MAX_CONTROL_BYTES, encode_answer, refusal
 from ..observability.annotations import AnnotationPoster
 from ..observability.exporter import DaemonCollector, Exposition
 from ..observability.metrics_server import MetricsServer
 from .config import DaemonConfig, is_loopback
-from .control import MAX_CONTROL_BYTES, ControlPlane
+from .control import ControlPlane
 from .dataplane import DataPlane
 from .store import StoreError
 
@@ -212,11 +212,11 @@ class Daemon:
             # A REQ client puts an empty delimiter frame before its request.
             envelope, raw = frames[:-1], frames[-1] if frames else b""
             try:
-                answer, outgoing = self.control.handle(raw)
+                answer, outgoing = self.control.answer(raw)
             except Exception:
                 log.exception("internal error handling a control request")
-                answer, outgoing = {"ok": False, "error": "internal error; see the daemon log"}, []
-            sock.send_multipart([identity, *envelope, json.dumps(answer).encode()])
+                answer, outgoing = refusal("internal error; see the daemon log"), []
+            sock.send_multipart([identity, *envelope, encode_answer(answer)])
             self._send(outgoing)
 
     def _send(self, replies: list) -> None:

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from lrpilot.errors import LRPilotError
-from lrpilot.protocol import MetricsHeader, decode_records
+from lrpilot.protocol import PROTOCOL_VERSION
+
+from .records import read_records
 
 DB_NAME = "lrpilot.sqlite3"
 log = logging.getLogger("lrpilot.daemon")
@@ -118,6 +120,12 @@ MIGRATIONS: list[str] = [
         time REAL NOT NULL
     );
     """,
+    # 2 -> 3: the wire protocol version each batch was received in, so that
+    # batches stay readable after the protocol changes (daemon/service/records.py
+    # keeps a reader for every version a store may hold). Older rows are v1.
+    """
+    ALTER TABLE batches ADD COLUMN wire INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 RUN_COLUMNS = (
@@ -153,7 +161,7 @@ JSON_COLUMNS = {
     "old_lrs",
     "new_lrs",
 }
-BATCH_COLUMNS = ("run_id", "first_step", "last_step", "header", "body", "skip")
+BATCH_COLUMNS = ("run_id", "first_step", "last_step", "header", "body", "skip", "wire")
 JOURNAL_COLUMNS = (
     "run_id",
     "version",
@@ -891,8 +899,11 @@ def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
 
 def _write_batches(db: sqlite3.Connection, rows: list[tuple]) -> None:
     db.executemany(
-        f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) VALUES (?,?,?,?,?,?)",
-        [storable(row, BATCH_COLUMNS, f"run {row[0]}'s records") for row in rows],
+        f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) VALUES (?,?,?,?,?,?,?)",
+        [
+            storable((*row, PROTOCOL_VERSION), BATCH_COLUMNS, f"run {row[0]}'s records")
+            for row in rows
+        ],
     )
 
 
@@ -1020,41 +1031,6 @@ def op_size(op: str, arg: Any) -> int:
     if op == "batches":
         return sum(len(row[3]) + len(row[4]) + 100 for row in arg)
     return len(repr(arg)) + 100
-
-
-def read_records(
-    db: sqlite3.Connection,
-    run_id: str,
-    after: int = 0,
-    until: int | None = None,
-    after_seq: int | None = None,
-) -> Iterator[tuple[int, str, dict[str, float]]]:
-    """(step, kind, metrics) of a run's recorded stream, in arrival order,
-    for the steps after ``after`` up to ``until``; with ``after_seq``, also
-    the records of step ``after`` itself whose seq is later (a snapshot taken
-    between a step and its report has the step, not the report).
-
-    The stream is kept as the metrics batches came off the wire (decoding
-    them to rows in the daemon's loop cost more than all the rest of ingest);
-    records a batch repeated (``skip``) are left out. Non-finite metrics are
-    data (a diverged loss) and come back as they were."""
-    until = until if until is not None else 2**62
-    first = after if after_seq is not None else after + 1
-    rows = db.execute(
-        "SELECT header, body, skip, valid_until FROM batches WHERE run_id = ? AND last_step >= ?"
-        " AND first_step <= ? ORDER BY rowid",
-        (run_id, first, until),
-    )
-    for header, body, skip, valid_until in rows:
-        last = min(until, valid_until if valid_until is not None else until)
-        parsed = MetricsHeader.model_validate_json(header)
-        seq = parsed.first_seq
-        for i, (step, kind, metrics) in enumerate(decode_records(parsed, body)):
-            if i < skip or not first <= step <= last:
-                continue
-            if step == after and (after_seq is None or seq + i <= after_seq):
-                continue
-            yield step, kind, metrics
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:
