@@ -1,10 +1,12 @@
 """The training-side hook: ``lrpilot.attach(optimizer)`` returns a :class:`Pilot`.
 
-One ``pilot.step(**metrics)`` per optimizer step. The pilot evaluates the
-run's policy locally, step by step (so step-driven schedules are exact and go
-on while the daemon is away), queues the metrics for the daemon, and applies
-the daemon's versioned LR commands (metric-driven decisions, overrides) at the
-step they name. It never waits for the daemon unless ``sync=True``.
+The pilot counts the optimizer's real steps (torch's optimizer step hooks:
+gradient accumulation and steps a GradScaler skips are not steps), evaluates
+the run's policy locally at each (so step-driven schedules are exact and go
+on while the daemon is away), and applies the daemon's versioned LR commands
+(metric-driven decisions, overrides) at the step they name. ``pilot.step(**metrics)``
+once per batch gives the metrics of the last real step and talks to the
+daemon. It never waits for the daemon unless ``sync=True``.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def attach(
     sync_timeout: float = 1.0,
     max_queue: int = MAX_QUEUE,
     on_change: ChangeCallback | None = None,
+    steps: str = "auto",
 ) -> Pilot:
     """Attach lrpilot to ``optimizer`` (anything with torch-style ``param_groups``).
 
@@ -100,19 +103,65 @@ def attach(
       equal ``lrpilot simulate`` on the same metrics step for step.
     - ``on_change(step, old_lrs, new_lrs, reason, actor)``: called when a
       daemon command changes the LRs, before optimizer step ``step``.
+    - ``rank``, ``world_size``: from ``torch.distributed`` when it is
+      initialised, else ``$RANK`` and ``$WORLD_SIZE`` (as torch reads them).
+    - ``steps``: what a step is. ``"optimizer"``: the optimizer's real steps,
+      through torch's step hooks (accumulation and skipped steps are right
+      with no effort); ``"calls"``: each ``pilot.step()``; ``"auto"``
+      (default): the optimizer's when it has step hooks (torch >= 2.0).
     """
+    found_rank, found_world = distributed_rank()
     return Pilot(
         optimizer,
         run=run or default_run_id(),
         policy=policy,
         daemon=daemon or os.environ.get(DAEMON_ENV) or DEFAULT_DAEMON,
         sync=sync,
-        rank=int(os.environ.get("RANK", 0)) if rank is None else rank,
-        world_size=int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size,
+        rank=found_rank if rank is None else rank,
+        world_size=found_world if world_size is None else world_size,
         sync_timeout=sync_timeout,
         max_queue=max_queue,
         on_change=on_change,
+        steps=steps,
     )
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: ``torch.distributed``'s when it is
+    initialised (Lightning, Accelerate and ``mp.spawn`` set it up, and do not
+    all set ``$RANK``), else the launcher's ``$RANK`` and ``$WORLD_SIZE``, as
+    torch's env:// rendezvous reads them; 0 and 1 when neither says. torch
+    is not imported for this: a process that has not imported it has not
+    initialised it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    found = []
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1)):
+        text = os.environ.get(name, "")
+        try:
+            found.append(int(text) if text.strip() else default)
+        except ValueError:
+            raise UsageError(f"lrpilot.attach: ${name} must be an integer, got {text!r}") from None
+    return found[0], found[1]
+
+
+def innermost(optimizer: Any) -> Any:
+    """The optimizer that really steps: Accelerate's ``AcceleratedOptimizer``
+    and Lightning's ``LightningOptimizer`` wrap a torch optimizer (as
+    ``.optimizer`` and ``._optimizer``) and call its ``step()`` only on a
+    real step, so its step hooks count those; the wrappers' own do not fire."""
+    seen = optimizer
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if (
+            inner is None
+            or inner is seen
+            or not isinstance(getattr(inner, "param_groups", None), list)
+        ):
+            return seen
+        seen = inner
+    return seen
 
 
 def as_float(name: str, value: Any) -> float:
@@ -193,7 +242,9 @@ class Pilot:
         sync_timeout: float,
         max_queue: int,
         on_change: ChangeCallback | None,
+        steps: str = "auto",
     ) -> None:
+        optimizer = innermost(optimizer)
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all("lr" in g for g in groups):
             raise TypeError("lrpilot.attach: optimizer must have param_groups with an 'lr' each")
@@ -252,6 +303,23 @@ class Pilot:
         self._processed_seq = 0
         self._daemon_silent = False
         self._closed = False
+        register_post = getattr(optimizer, "register_step_post_hook", None)
+        if steps not in ("auto", "optimizer", "calls"):
+            raise UsageError(
+                f"lrpilot.attach: steps must be auto, optimizer or calls, got {steps!r}"
+            )
+        if steps == "optimizer" and not callable(register_post):
+            raise UsageError(
+                "lrpilot.attach: steps='optimizer' needs an optimizer with torch's step hooks "
+                "(register_step_post_hook, torch >= 2.0); use steps='calls'"
+            )
+        # Real optimizer steps: a step is what the optimizer took, not a call.
+        self.counts_optimizer_steps = steps != "calls" and callable(register_post)
+        self._recorded = 0  # the last step whose STEP record is queued
+        # Metrics of calls since the last real step (accumulation, a skipped
+        # step): name -> (sum, count), averaged into the next step's record.
+        self._held_metrics: dict[str, tuple[Any, int]] = {}
+        self._mirror_from = -1  # records at or before this step do not feed the mirror
         self._encoder = BatchEncoder(run, rank)
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
         if self._policy is not None:
@@ -262,6 +330,9 @@ class Pilot:
         # puts lrpilot's back just before the step reads it.
         register = getattr(optimizer, "register_step_pre_hook", None)
         self._step_hook = register(self._before_optimizer_step) if callable(register) else None
+        self._post_hook = (
+            register_post(self._after_optimizer_step) if self.counts_optimizer_steps else None
+        )
         # Hello waits for the first step, report or load_state_dict: a pilot
         # about to load a checkpoint must not first tell the daemon it is at
         # step 0 (the daemon would take that for a restart from scratch).
@@ -270,8 +341,12 @@ class Pilot:
     # --- the hot path -----------------------------------------------------
 
     def step(self, **metrics: Any) -> None:
-        """One optimizer step happened; ``metrics`` are its values (numbers,
-        numpy scalars or 0-d tensors). Leaves the next step's LRs in the groups."""
+        """Once per batch, after ``optimizer.step()``: ``metrics`` are the
+        values of the optimizer's last step (numbers, numpy scalars or 0-d
+        tensors). Where the optimizer did not step since the last call
+        (gradient accumulation, a step a GradScaler skipped) they are held
+        and averaged into the next real step's record. With ``steps='calls'``
+        each call is a step. Leaves the next step's LRs in the groups."""
         for name, value in metrics.items():
             if type(value) is not float:
                 metrics[name] = as_float(name, value)
@@ -279,22 +354,25 @@ class Pilot:
             self._send_hello()  # as of before this step: the daemon takes it next
         if self._optimizer.param_groups is not self._groups:
             self._regroup()
-        n = self.step_count = self.step_count + 1
+        # Something that wrote the groups since (a torch scheduler stepped
+        # after the optimizer) is undone here, so the groups show lrpilot's
+        # LRs after every call; the pre-hook is the last line before a step.
         if not self._tensor_lrs:
             for group, lr in zip(self._groups, self._left):
                 if group["lr"] != lr:
                     self._foreign_write(group, lr)
-        policy = self._policy
-        if policy is not None and not self._exhausted:
-            try:
-                policy.step(NO_METRICS)
-            except ScheduleExhausted as exc:
-                self._exhausted = True
-                self._warn_once("exhausted", f"{exc}; holding the last LRs")
-        if self._mirror is not None:
-            self._feed_mirror(metrics, step=True)
-        self._enqueue(n, STEP, metrics)
-        if self.sync:
+        if not self.counts_optimizer_steps:
+            self._advance()
+            self._record(metrics)
+            recorded = True
+        elif self.step_count > self._recorded:
+            self._record(metrics)
+            recorded = True
+        else:
+            self._hold(metrics)
+            recorded = False
+        n = self.step_count
+        if self.sync and recorded:
             self._exchange(wait_for=self._seq)
         # New records since the last I/O, not the queue's length: with the
         # daemon away the queue stays long, and I/O every step would cost.
@@ -308,6 +386,63 @@ class Pilot:
             self._apply_due(n)
         self._write_current()
 
+    def _advance(self) -> None:
+        """One real step: the local policy moves on (step-driven schedules
+        need no metrics)."""
+        self.step_count += 1
+        policy = self._policy
+        if policy is not None and not self._exhausted:
+            try:
+                policy.step(NO_METRICS)
+            except ScheduleExhausted as exc:
+                self._exhausted = True
+                self._warn_once("exhausted", f"{exc}; holding the last LRs")
+
+    def _record(self, metrics: dict[str, Any]) -> None:
+        """Queue the STEP record of the current step, with the metrics held
+        since the last one folded in (their mean)."""
+        if self._held_metrics:
+            metrics = self._merge_held(metrics)
+        n = self.step_count
+        for missing in range(self._recorded + 1, n):
+            self._emit(missing, STEP, {})  # steps no call came for: no metrics
+        self._emit(n, STEP, metrics)
+        self._recorded = n
+
+    def _hold(self, metrics: dict[str, Any]) -> None:
+        held = self._held_metrics
+        for name, value in metrics.items():
+            total, count = held.get(name, (0.0, 0))
+            held[name] = (total + value, count + 1)
+
+    def _merge_held(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        self._hold(metrics)
+        merged = {name: total / count for name, (total, count) in self._held_metrics.items()}
+        self._held_metrics = {}
+        return merged
+
+    def _emit(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+        """A record goes out: the mirror takes it as the daemon's engine will
+        (unless a command rebuilt the mirror at or after its step), then the
+        queue."""
+        if self._mirror is not None and step > self._mirror_from:
+            self._feed_mirror(metrics, step=kind != REPORT)
+        self._enqueue(step, kind, metrics)
+
+    def _record_pending(self) -> None:
+        """The optimizer stepped and no ``pilot.step()`` came after: the
+        step's record goes out now, before anything that needs it (the next
+        step, a report, a checkpoint, a hello)."""
+        if self.counts_optimizer_steps and self._recorded < self.step_count:
+            self._record({})
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        self._advance()
+        # The next step's LRs are in the groups at once; commands that came
+        # are applied once this step's record is out (pilot.step, or the
+        # next step's pre-hook), after its metrics have fed the mirror.
+        self._write_current()
+
     def _before_optimizer_step(self, *_: Any) -> None:
         if self._optimizer.param_groups is not self._groups:
             self._regroup()
@@ -315,6 +450,14 @@ class Pilot:
             for group, lr in zip(self._groups, self._left):
                 if group["lr"] != lr:
                     self._foreign_write(group, lr)
+        if self.counts_optimizer_steps:
+            if not self._said_hello:
+                self._send_hello()
+            if self._recorded < self.step_count:
+                self._record({})
+                if self._pending:
+                    self._apply_due(self.step_count)
+                    self._write_current()
 
     def report(self, **metrics: Any) -> None:
         """Metrics that are not a new step (a validation loss, say): they belong
@@ -326,9 +469,8 @@ class Pilot:
             self._send_hello()
         if self._optimizer.param_groups is not self._groups:
             self._regroup()
-        if self._mirror is not None:
-            self._feed_mirror(metrics, step=False)
-        self._enqueue(self.step_count, REPORT, metrics)
+        self._record_pending()  # a report comes after its step's record
+        self._emit(self.step_count, REPORT, metrics)
         # Reports are rare and are what metric-driven policies wait for: send
         # now rather than at the next I/O tick, and look for the answer at
         # every step until it comes (a decision, or the daemon's persisted
@@ -572,6 +714,7 @@ class Pilot:
             # commands): the mirror starts from it. A decision's command is
             # one the mirror has made itself, from the same metrics.
             self._mirror = self._mirror_of(spec, policy, base)
+            self._mirror_from = n  # records of this step and before are the old one's
         self._policy, self._spec, self._policy_base = policy, spec, base
         self._held = list(command.lrs) if command.hold else None
         self._exhausted = exhausted
@@ -615,6 +758,7 @@ class Pilot:
 
     def _send_hello(self) -> None:
         self._said_hello = True
+        self._record_pending()  # the hello's step and state include it
         self._send(
             Hello(
                 run=self.run,
@@ -698,6 +842,7 @@ class Pilot:
 
     def state_dict(self) -> dict[str, Any]:
         """What a training checkpoint needs to restore the LR state, daemon or not."""
+        self._record_pending()
         return {
             "format": 1,
             "run": self.run,
@@ -729,7 +874,9 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._spec, self._policy, self.step_count = spec, policy, step
+        self._recorded, self._held_metrics = step, {}
         self._mirror = self._mirror_of(spec, policy, base)
+        self._mirror_from = step
         self._policy_base, self._held = base, held
         self._exhausted = False
         self._applied_version = int(state.get("applied_version", 0))
@@ -745,6 +892,7 @@ class Pilot:
         deadline = time.monotonic() + timeout
         if not self._said_hello:
             self._send_hello()
+        self._record_pending()
         while True:
             self._exchange()
             if not self._queue or not self._link.writable() or time.monotonic() >= deadline:
@@ -763,8 +911,9 @@ class Pilot:
         bye = Bye(run=self.run, rank=self.rank, step=self.step_count, stats=self.stats)
         self._send(bye, warn=False)  # a daemon that is away learns it by silence
         self._link.close()
-        if self._step_hook is not None:
-            self._step_hook.remove()
+        for hook in (self._step_hook, self._post_hook):
+            if hook is not None:
+                hook.remove()
 
     def __enter__(self) -> Pilot:
         return self

@@ -320,7 +320,7 @@ def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
     """(step, kind, metrics) of a run's recorded stream, read from the daemon's
     store (while it runs) as the daemon reads it: metrics batches, not rows."""
     from lrpilot.daemon.service.records import read_records
-    from lrpilot.daemon.service.store import DB_NAME, open_readonly
+    from lrpilot.daemon.service.schema import DB_NAME, open_readonly
 
     db = open_readonly(state_dir / DB_NAME)
     try:

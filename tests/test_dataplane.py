@@ -18,7 +18,7 @@ import pytest
 from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.control import ControlPlane, summary
 from lrpilot.daemon.service.dataplane import ASK_AGAIN_AFTER, DataPlane
-from lrpilot.daemon.service.store import read_records
+from lrpilot.daemon.service.records import read_records
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     MAX_COUNT,

@@ -73,7 +73,7 @@ from lrpilot.daemon.observability.exporter import DaemonCollector, Exposition
 from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.control import ControlPlane
 from lrpilot.daemon.service.dataplane import DataPlane
-from lrpilot.daemon.service.store import DB_NAME
+from lrpilot.daemon.service.schema import DB_NAME
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import (
     MAX_MESSAGE_BYTES,

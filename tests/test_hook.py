@@ -149,9 +149,11 @@ def test_exhausted_schedule_holds_the_last_lrs_and_warns_once():
         pilot = lrpilot.attach(optimizer, run="exhausted", policy=spec, daemon=free_address())
         try:
             for _ in range(20):
+                train_step(optimizer)
                 pilot.step()
             last = pilot.lrs
             for _ in range(10):
+                train_step(optimizer)
                 pilot.step()
                 assert [g["lr"] for g in optimizer.param_groups] == last
         finally:
@@ -175,6 +177,7 @@ def test_sync_without_daemon_times_out_once_then_stops_waiting():
         )
         try:
             for _ in range(200):
+                train_step(optimizer)
                 pilot.step(loss=1.0)
                 reference.step()
                 assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
@@ -194,6 +197,7 @@ def test_bounded_queue_drops_the_oldest_records_and_counts_them(tmp_path):
             # Each report() sends at once: the socket's pipe fills (no daemon),
             # then the pilot's own queue of 8 records, then the oldest go.
             for i in range(1, 301):
+                train_step(optimizer)
                 pilot.step(loss=float(i))
                 pilot.report(val_loss=float(i))
             total = 600
@@ -332,6 +336,7 @@ def test_metric_values_of_every_number_type_reach_the_daemon(daemon):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for value in values:
+                train_step(optimizer)
                 pilot.step(loss=value)
                 lrs.append([g["lr"] for g in optimizer.param_groups])
         assert not [str(w.message) for w in caught if "requires_grad" in str(w.message)]
@@ -366,6 +371,7 @@ def test_operator_commands_apply_to_a_run_whose_schedule_is_exhausted(daemon):
         )
         try:
             for _ in range(15):  # past total_steps: the last LRs are held
+                train_step(optimizer)
                 pilot.step(loss=1.0)
             last = pilot.lrs
             control_address = daemon.bound_control_address
@@ -374,6 +380,7 @@ def test_operator_commands_apply_to_a_run_whose_schedule_is_exhausted(daemon):
                 control(control_address, {"run": "exhausted-ops", **op})
                 # Lock-step: the command lands one step after the daemon's step.
                 for _ in range(3):
+                    train_step(optimizer)
                     pilot.step(loss=1.0)
                 assert pilot.stats.commands_applied == applied
                 return [g["lr"] for g in optimizer.param_groups]
@@ -398,6 +405,7 @@ def test_a_command_whose_state_does_not_load_changes_nothing():
         pilot = lrpilot.attach(optimizer, run="bad-state", policy=spec, daemon=free_address())
         try:
             for _ in range(5):
+                train_step(optimizer)
                 pilot.step(loss=1.0)
                 reference.step()
             # A sequential state that gets as far as its step count, then
@@ -415,6 +423,7 @@ def test_a_command_whose_state_does_not_load_changes_nothing():
                 )
             )
             for _ in range(40):
+                train_step(optimizer)
                 pilot.step(loss=1.0)
                 reference.step()
                 assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
@@ -437,6 +446,7 @@ def test_a_command_for_another_number_of_groups_changes_nothing(counts):
     with recording() as caught:
         pilot = lrpilot.attach(optimizer, run="groups", policy=spec, daemon=free_address())
         try:
+            train_step(optimizer)
             pilot.step(loss=1.0)
             reference.step()
             fields = {"lrs": [0.05, 0.01], "hold": True, **counts}
@@ -444,6 +454,7 @@ def test_a_command_for_another_number_of_groups_changes_nothing(counts):
                 LRCommand(run="groups", version=1, effective_step=2, state_step=1, **fields)
             )
             for _ in range(4):
+                train_step(optimizer)
                 pilot.step(loss=1.0)
                 reference.step()
                 assert [g["lr"] for g in optimizer.param_groups] == reference.lrs
@@ -517,9 +528,13 @@ def test_numeric_string_metric_is_not_a_number():
 
 
 def test_a_step_refused_for_a_bad_metric_does_not_advance_the_schedule():
+    """When calls are steps (steps='calls'), a call refused for its metrics
+    is no step. (Counting the optimizer's steps, the optimizer says.)"""
     optimizer = two_groups()
     spec = {"kind": "step", "step_size": 1, "gamma": 0.5}
-    pilot = lrpilot.attach(optimizer, run="refused", policy=spec, daemon=free_address())
+    pilot = lrpilot.attach(
+        optimizer, run="refused", policy=spec, daemon=free_address(), steps="calls"
+    )
     try:
         pilot.step(loss=1.0)
         before = (pilot.step_count, pilot.lrs, [g["lr"] for g in optimizer.param_groups])
@@ -560,10 +575,12 @@ def test_state_dict_continues_the_identical_sequence_in_a_fresh_pilot(name, atta
     try:
         expected = []
         for _ in range(97):
+            train_step(whole)
             straight.step(loss=1.0)
             expected.append(([g["lr"] for g in whole.param_groups], momenta_of(whole)))
         got = []
         for _ in range(37):
+            train_step(first)
             before.step(loss=1.0)
             got.append(([g["lr"] for g in first.param_groups], momenta_of(first)))
         state = before.state_dict()
@@ -581,6 +598,7 @@ def test_state_dict_continues_the_identical_sequence_in_a_fresh_pilot(name, atta
         assert [g["lr"] for g in second.param_groups] == got[-1][0]
         assert momenta_of(second) == got[-1][1]
         for _ in range(60):
+            train_step(second)
             after.step(loss=1.0)
             got.append(([g["lr"] for g in second.param_groups], momenta_of(second)))
         assert after.stats.foreign_lr_writes == 0

@@ -1,5 +1,6 @@
 """Which part may import which (docs/architecture.md), read from the source:
-the training side never imports the daemon, and policies are pure."""
+the training side never imports the daemon, policies are pure, and the
+daemon's layers point one way."""
 
 from __future__ import annotations
 
@@ -25,6 +26,36 @@ def imports_of(path) -> set[str]:
     return found
 
 
+def daemon_module(path, name: str) -> str | None:
+    """What ``path`` (a file under daemon/) imports as ``name``, as a module
+    of lrpilot.daemon without that prefix (``service.engine``, ``cli``; the
+    package itself is ``""``), or None for a module outside the daemon."""
+    if name == "lrpilot.daemon" or name.startswith("lrpilot.daemon."):
+        return name.removeprefix("lrpilot.daemon").lstrip(".")
+    level = len(name) - len(name.lstrip("."))
+    if not level:
+        return None
+    package = path.relative_to(ROOT / "daemon").parent.parts
+    base = package[: max(0, len(package) - (level - 1))]
+    return ".".join([*base, name[level:]]).strip(".")
+
+
+# The page's "Inside the daemon, layers point one way", per module of
+# daemon/service: the siblings it may import, and where the page says "only",
+# all it may import from outside the standard library (None: not said).
+SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
+    "engine": (set(), {"lrpilot.policies", "lrpilot.protocol"}),
+    "ledger": (set(), {"lrpilot.protocol"}),
+    "records": (set(), {"lrpilot.errors"}),
+    "schema": (set(), {"lrpilot.errors"}),
+    "store_ops": ({"schema"}, {"lrpilot.protocol"}),
+    "store": ({"schema", "store_ops", "records"}, {"lrpilot.protocol"}),
+    "registry": ({"engine", "ledger"}, None),
+    "dataplane": ({"engine", "ledger", "registry", "store", "config"}, None),
+    "control": ({"dataplane", "engine", "registry", "control_protocol"}, None),
+}
+
+
 def test_the_client_never_imports_the_daemon_nor_heavy_libraries():
     for path in sorted((ROOT / "client").rglob("*.py")):
         for name in imports_of(path):
@@ -45,6 +76,34 @@ def test_policies_import_only_each_other_pydantic_and_the_standard_library():
             assert relative_sibling or pure_stdlib or top == "pydantic", (path, name)
 
 
+def test_the_daemon_s_layers_point_one_way():
+    service = ROOT / "daemon" / "service"
+    for path in sorted(service.glob("*.py")):
+        for name in imports_of(path):
+            layer = (daemon_module(path, name) or "").split(".")[0]
+            assert layer != "cli", (path, name)
+            assert layer != "observability" or path.name == "server.py", (path, name)
+    for stem, (siblings, outside) in SERVICE_LAYERS.items():
+        path = service / f"{stem}.py"
+        for name in imports_of(path):
+            module = daemon_module(path, name)
+            if module is not None:
+                # A sibling by its name; the control protocol, above the service, by its own.
+                assert module.removeprefix("service.") in siblings, (path, name)
+            elif outside is not None:
+                stdlib = name.split(".")[0] in sys.stdlib_module_names
+                assert stdlib or name in outside, (path, name)
+    # Shared by the daemon and its command line, so it stands below both.
+    control_protocol = ROOT / "daemon" / "control_protocol.py"
+    for name in imports_of(control_protocol):
+        assert not name.startswith("."), name
+        assert daemon_module(control_protocol, name) is None, name
+        stdlib = name.split(".")[0] in sys.stdlib_module_names
+        assert stdlib or name in ("pydantic", "lrpilot.errors", "lrpilot.protocol"), name
+        stdlib = name.split(".")[0] in sys.stdlib_module_names
+        assert stdlib or name in ("pydantic", "lrpilot.errors", "lrpilot.protocol"), name
+
+
 def test_every_error_a_user_sees_is_an_lrpilot_error():
     """The CLI prints an LRPilotError as one line; anything else is a bug and
     shows its traceback. Each keeps its builtin base for `except ValueError`."""
@@ -54,8 +113,9 @@ def test_every_error_a_user_sees_is_an_lrpilot_error():
     from lrpilot.daemon.control_protocol import ControlError
     from lrpilot.daemon.observability.dashboards import DashboardError
     from lrpilot.daemon.observability.grafana import GrafanaError
+    from lrpilot.daemon.service.schema import StoreError
     from lrpilot.daemon.service.server import DaemonError
-    from lrpilot.daemon.service.store import StoreError, StoreWriteError
+    from lrpilot.daemon.service.store import StoreWriteError
     from lrpilot.errors import LRPilotError, UsageError
     from lrpilot.policies import ScheduleExhausted, SpecError
     from lrpilot.protocol import ProtocolError

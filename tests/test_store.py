@@ -20,19 +20,15 @@ import pytest
 from procs import mounted_tmpfs
 
 from lrpilot.daemon.service.records import BATCH_READERS, UnreadableBatch, read_records
-from lrpilot.daemon.service.store import (
+from lrpilot.daemon.service.schema import (
     DB_NAME,
-    DROP_REASONS,
     MIGRATIONS,
     SCHEMA_VERSION,
-    SNAPSHOT_SPACING,
-    SNAPSHOTS_KEPT,
-    Store,
     StoreError,
-    StoreWriteError,
     open_readonly,
-    upsert_run,
 )
+from lrpilot.daemon.service.store import DROP_REASONS, Store, StoreWriteError
+from lrpilot.daemon.service.store_ops import SNAPSHOT_SPACING, SNAPSHOTS_KEPT, upsert_run
 from lrpilot.protocol import PROTOCOL_VERSION, REPORT, STEP, BatchEncoder, LRCommand
 
 PLATEAU = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}

@@ -28,7 +28,7 @@ from lrpilot.protocol import REPORT, STEP, LRCommand
 from ..control_protocol import MAX_NAME, JournalEntry
 from ..service.engine import PolicyEngine, StepGapTooLarge
 from ..service.records import read_records
-from ..service.store import DB_NAME, open_readonly
+from ..service.schema import DB_NAME, open_readonly
 from .control_client import ControlClient, control_address, printable
 from .main import CommandError
 

@@ -31,7 +31,7 @@ from lrpilot.protocol import (
     MAX_MESSAGE_BYTES,
 )
 
-from .store import default_state_dir
+from .schema import default_state_dir
 
 DEFAULT_METRICS_ADDR = "127.0.0.1:9317"
 METRICS_ADDR_ENV = "LRPILOT_METRICS_ADDR"

@@ -25,7 +25,7 @@ from ..observability.metrics_server import MetricsServer
 from .config import DaemonConfig, is_loopback
 from .control import ControlPlane
 from .dataplane import DataPlane
-from .store import StoreError
+from .schema import StoreError
 
 log = logging.getLogger("lrpilot.daemon")
 

@@ -1,5 +1,6 @@
 """The store: the daemon's runs, policy state, LR journal and recorded metric
-streams, in SQLite (WAL) under the state directory.
+streams, in SQLite (WAL) under the state directory. The file's tables and
+migrations are schema.py's; the writes, as ops, are store_ops.py's.
 
 Two connections. The daemon's loop owns one for what must be on disk before
 anything is sent (journal entries, operator changes) and for reads. A writer
@@ -16,9 +17,6 @@ itself (a value SQLite cannot hold, a constraint) is the op's fault: only
 that run's ops of that batch are dropped and counted in ``dropped``; the
 other runs' go in. At open the file is checked (``check_problems``) and a
 runs row the daemon cannot use is moved to the ``quarantine`` table.
-
-The schema has a version; ``MIGRATIONS[i]`` takes a store from version i to
-i + 1, and opening a store applies whatever it lacks.
 """
 
 from __future__ import annotations
@@ -37,187 +35,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.errors import LRPilotError
-from lrpilot.protocol import PROTOCOL_VERSION
-
 from .records import read_records
+from .schema import (
+    DB_NAME,
+    BadRow,
+    OutOfRange,
+    StoreError,
+    connect,
+    decode_row,
+    decode_run,
+    migrate,
+    quick_check,
+    transaction,
+)
+from .store_ops import OP_NAMES, apply_ops, op_size, ops_by_run, run_of, write_journal, write_run
 
-DB_NAME = "lrpilot.sqlite3"
 log = logging.getLogger("lrpilot.daemon")
 
-MIGRATIONS: list[str] = [
-    # 0 -> 1: the first release.
-    """
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        ended REAL,
-        group_names TEXT NOT NULL,
-        base_lrs TEXT NOT NULL,
-        world_size INTEGER NOT NULL,
-        requested_policy TEXT,
-        policy TEXT,
-        policy_base_lrs TEXT NOT NULL,
-        policy_state TEXT,
-        step INTEGER NOT NULL,
-        driver TEXT,
-        seq INTEGER NOT NULL,
-        stored_seq INTEGER NOT NULL,
-        rev INTEGER NOT NULL,
-        version INTEGER NOT NULL,
-        lrs TEXT NOT NULL,
-        held TEXT
-    );
-    CREATE TABLE journal (
-        id INTEGER PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        effective_step INTEGER NOT NULL,
-        state_step INTEGER NOT NULL,
-        old_lrs TEXT NOT NULL,
-        new_lrs TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        time REAL NOT NULL,
-        policy TEXT,
-        hold INTEGER NOT NULL,
-        applied_step INTEGER,
-        late INTEGER
-    );
-    CREATE UNIQUE INDEX journal_by_run ON journal (run_id, version);
-    CREATE TABLE batches (
-        run_id TEXT NOT NULL,
-        first_step INTEGER NOT NULL,
-        last_step INTEGER NOT NULL,
-        header TEXT NOT NULL,
-        body BLOB NOT NULL,
-        skip INTEGER NOT NULL,
-        valid_until INTEGER
-    );
-    CREATE INDEX batches_by_run ON batches (run_id, last_step);
-    CREATE TABLE snapshots (
-        run_id TEXT NOT NULL,
-        step INTEGER NOT NULL,
-        rev INTEGER NOT NULL,
-        seq INTEGER NOT NULL,
-        version INTEGER NOT NULL,
-        policy TEXT,
-        policy_base_lrs TEXT NOT NULL,
-        policy_state TEXT,
-        lrs TEXT NOT NULL,
-        held TEXT
-    );
-    CREATE INDEX snapshots_by_run ON snapshots (run_id, step);
-    """,
-    # 1 -> 2: runs rows the daemon could not use, moved out of runs at open
-    # (``row`` is the row as it was, as JSON) so that the others start.
-    """
-    CREATE TABLE quarantine (
-        run_id TEXT,
-        row TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        time REAL NOT NULL
-    );
-    """,
-    # 2 -> 3: the wire protocol version each batch was received in, so that
-    # batches stay readable after the protocol changes (daemon/service/records.py
-    # keeps a reader for every version a store may hold). Older rows are v1.
-    """
-    ALTER TABLE batches ADD COLUMN wire INTEGER NOT NULL DEFAULT 1;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-RUN_COLUMNS = (
-    "run_id",
-    "created",
-    "updated",
-    "ended",
-    "group_names",
-    "base_lrs",
-    "world_size",
-    "requested_policy",
-    "policy",
-    "policy_base_lrs",
-    "policy_state",
-    "step",
-    "driver",
-    "seq",
-    "stored_seq",
-    "rev",
-    "version",
-    "lrs",
-    "held",
-)
-JSON_COLUMNS = {
-    "group_names",
-    "base_lrs",
-    "requested_policy",
-    "policy",
-    "policy_base_lrs",
-    "policy_state",
-    "lrs",
-    "held",
-    "old_lrs",
-    "new_lrs",
-}
-BATCH_COLUMNS = ("run_id", "first_step", "last_step", "header", "body", "skip", "wire")
-JOURNAL_COLUMNS = (
-    "run_id",
-    "version",
-    "effective_step",
-    "state_step",
-    "old_lrs",
-    "new_lrs",
-    "reason",
-    "actor",
-    "time",
-    "policy",
-    "hold",
-)
-SNAPSHOT_COLUMNS = (
-    "run_id",
-    "step",
-    "rev",
-    "seq",
-    "version",
-    "policy",
-    "policy_base_lrs",
-    "policy_state",
-    "lrs",
-    "held",
-)
-# Snapshots a run keeps: the newest ones, for resuming from a recent
-# checkpoint, and for older ones the first of every SNAPSHOT_SPACING steps
-# (ticks seldom land on a multiple), so a resume replays about that many at most.
-SNAPSHOTS_KEPT, SNAPSHOT_SPACING = 200, 1000
 # While the store cannot be written, the writer keeps what it could not write
 # (about this many bytes, the records first to go) and tries again this often.
 BACKLOG_BYTES, RETRY_S = 64 * 2**20, 1.0
-INT64 = range(-(2**63), 2**63)  # what an SQLite INTEGER holds
-PROBLEMS_SHOWN = 20  # quick_check lines kept and logged
 # Why the store gave an op up (``Store.dropped``): it failed by itself (the
 # first three), waited past backlog_bytes, or was waiting when the store closed.
 DROP_REASONS = ("out_of_range", "constraint", "bad_op", "backlog_full", "closed")
 
 
-class StoreError(LRPilotError, RuntimeError):
-    """The store cannot be opened or read (bad path, newer schema, not a store)."""
-
-
 class StoreWriteError(StoreError):
     """A write on the loop's connection failed (disk full, file not writable,
     a value the store cannot hold); nothing of it was written."""
-
-
-class OutOfRange(ValueError):
-    """A value the store cannot hold: an int beyond SQLite's 64 bits (Python's
-    sqlite3 raises OverflowError for it, mid-statement, naming nothing)."""
-
-
-class BadRow(ValueError):
-    """A runs row the daemon cannot use (not JSON, a field missing or of the
-    wrong type)."""
 
 
 def is_store_fault(exc: BaseException) -> bool:
@@ -237,155 +82,6 @@ def drop_reason(exc: BaseException) -> str:
     if isinstance(exc, sqlite3.IntegrityError):
         return "constraint"
     return "bad_op"
-
-
-def storable(values: Sequence[Any], names: Sequence[str], what: str) -> tuple:
-    """``values`` as a row SQLite can hold, else OutOfRange naming the field."""
-    for name, value in zip(names, values):
-        if isinstance(value, int) and value not in INT64:
-            raise OutOfRange(f"{what}: {name} {value} is beyond the store's 64-bit integers")
-    return tuple(values)
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("LRPILOT_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return Path(base) / "lrpilot"
-
-
-def dumps(value: Any) -> str | None:
-    # Python's json writes inf as Infinity (plateau's best before any value).
-    return None if value is None else json.dumps(value)
-
-
-def connect(
-    path: Path, durability: str = "normal", thread_bound: bool = True
-) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=thread_bound)
-    db.execute("PRAGMA journal_mode=WAL")
-    # normal: a commit survives the daemon being killed (it is in the WAL
-    # file); full: it also survives power loss, at an fsync per commit.
-    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-    db.row_factory = sqlite3.Row
-    return db
-
-
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """Commit what the block writes, or roll it back: a failed write must not
-    leave the connection inside a transaction that every later one trips on."""
-    db.execute(begin)
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:  # SQLite ends it by itself after some errors (disk full)
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def migrate(db: sqlite3.Connection, where: Path | str = "the store") -> int:
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{where} has schema version {version}; this lrpilot knows up to {SCHEMA_VERSION}"
-        )
-    for target in range(version, SCHEMA_VERSION):
-        with transaction(db):
-            for statement in MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version={target + 1}")
-    return SCHEMA_VERSION
-
-
-def quick_check(db: sqlite3.Connection) -> list[str]:
-    """What ``PRAGMA quick_check`` finds wrong with the file (empty: nothing).
-    On some damage SQLite stops the check with an error: that is the finding."""
-    try:
-        found = [line for (line,) in db.execute(f"PRAGMA quick_check({PROBLEMS_SHOWN})")]
-    except sqlite3.DatabaseError as exc:
-        return [str(exc)]
-    return [] if found == ["ok"] else found
-
-
-def decode_row(row: sqlite3.Row) -> dict[str, Any]:
-    names = row.keys()  # iterating a sqlite3.Row gives its values, not its names
-    return {
-        k: (json.loads(row[k]) if k in JSON_COLUMNS and row[k] is not None else row[k])
-        for k in names
-    }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _list_of(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, list) and all(test(v) for v in value)
-
-
-def _or_null(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or test(value)
-
-
-def _is_object(value: Any) -> bool:
-    return isinstance(value, dict)
-
-
-# What each runs column must hold, as the daemon builds a run from it.
-RUN_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "run_id": ("text", lambda v: isinstance(v, str) and v != ""),
-    "created": ("a number", _is_number),
-    "updated": ("a number", _is_number),
-    "ended": ("a number or null", _or_null(_is_number)),
-    "group_names": ("a list of names", _list_of(lambda v: isinstance(v, str))),
-    "base_lrs": ("a list of numbers", _list_of(_is_number)),
-    "world_size": ("an integer", _is_int),
-    "requested_policy": ("an object or null", _or_null(_is_object)),
-    "policy": ("an object or null", _or_null(_is_object)),
-    "policy_base_lrs": ("a list of numbers", _list_of(_is_number)),
-    "policy_state": ("an object or null", _or_null(_is_object)),
-    "step": ("an integer", _is_int),
-    "driver": ("text or null", _or_null(lambda v: isinstance(v, str))),
-    "seq": ("an integer", _is_int),
-    "stored_seq": ("an integer", _is_int),
-    "rev": ("an integer", _is_int),
-    "version": ("an integer", _is_int),
-    "lrs": ("a list of numbers", _list_of(_is_number)),
-    "held": ("a list of numbers or null", _or_null(_list_of(_is_number))),
-}
-
-
-def decode_run(raw: sqlite3.Row) -> dict[str, Any]:
-    """A runs row as the daemon builds a run from it, else BadRow saying
-    which field is wrong."""
-    row = {}
-    for name in RUN_COLUMNS:
-        value = raw[name]
-        if name in JSON_COLUMNS and value is not None:
-            try:
-                value = json.loads(value)
-            except (TypeError, ValueError) as exc:
-                raise BadRow(f"{name} is not JSON ({exc})") from None
-        what, fits = RUN_FIELDS[name]
-        if not fits(value):
-            raise BadRow(f"{name} is {_shown(value)}, not {what}")
-        row[name] = value
-    return row
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -489,17 +185,17 @@ class Store:
         def write() -> None:
             self._insert_journal(run_id, command, old_lrs)
             if row is not None:
-                _write_run(self._db, row)
+                write_run(self._db, row)
 
         self._write_now(f"run {run_id}'s journal entry v{command.version}", write)
 
     def _insert_journal(self, run_id: str, command: Any, old_lrs: Sequence[float]) -> None:
-        _write_journal(self._db, (run_id, command, old_lrs))
+        write_journal(self._db, (run_id, command, old_lrs))
 
     def save_run(self, row: dict[str, Any]) -> None:
         """Write a run's whole state now, with a snapshot (a new run).
         StoreWriteError if it cannot be written."""
-        self._write_now(f"run {row.get('run_id')}'s state", lambda: _write_run(self._db, row))
+        self._write_now(f"run {row.get('run_id')}'s state", lambda: write_run(self._db, row))
 
     def _write_now(self, what: str, write: Callable[[], None]) -> None:
         """One transaction on the loop's connection. A failure is rolled back
@@ -883,160 +579,5 @@ class Store:
         self._db.close()
 
 
-def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
-    """Write a run's row unless the store already has a newer revision: the
-    loop's connection (decisions) and the writer's (ticks) may commit out of
-    order."""
-    values = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in RUN_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in RUN_COLUMNS if c != "run_id")
-    sql = (
-        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)})"
-        f" VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
-        f" ON CONFLICT (run_id) DO UPDATE SET {updates} WHERE excluded.rev > runs.rev"
-    )
-    return sql, storable(values, RUN_COLUMNS, f"run {row['run_id']}'s row")
-
-
-def _write_batches(db: sqlite3.Connection, rows: list[tuple]) -> None:
-    db.executemany(
-        f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) VALUES (?,?,?,?,?,?,?)",
-        [
-            storable((*row, PROTOCOL_VERSION), BATCH_COLUMNS, f"run {row[0]}'s records")
-            for row in rows
-        ],
-    )
-
-
-def _write_run(db: sqlite3.Connection, row: dict[str, Any]) -> None:
-    db.execute(*upsert_run(row))
-    _write_snapshot(db, row)
-
-
-def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
-    snap = tuple(dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in SNAPSHOT_COLUMNS)
-    db.execute(
-        f"INSERT INTO snapshots ({', '.join(SNAPSHOT_COLUMNS)})"
-        f" VALUES ({', '.join('?' * len(SNAPSHOT_COLUMNS))})",
-        storable(snap, SNAPSHOT_COLUMNS, f"run {row['run_id']}'s snapshot"),
-    )
-    db.execute(
-        "DELETE FROM snapshots WHERE run_id = ?1"
-        " AND rowid NOT IN"
-        " (SELECT rowid FROM snapshots WHERE run_id = ?1 ORDER BY rowid DESC LIMIT ?2)"
-        " AND rowid NOT IN"
-        " (SELECT MIN(rowid) FROM snapshots WHERE run_id = ?1 GROUP BY step / ?3)",
-        (row["run_id"], SNAPSHOTS_KEPT, SNAPSHOT_SPACING),
-    )
-
-
-def _write_journal(db: sqlite3.Connection, arg: tuple[str, Any, Sequence[float]]) -> None:
-    """A journal entry; also the writer's op for one the loop could not write
-    (the store was failing): it waits in the backlog, never trimmed."""
-    run_id, command, old_lrs = arg
-    values = (
-        run_id,
-        command.version,
-        command.effective_step,
-        command.state_step,
-        dumps(list(old_lrs)),
-        dumps(command.lrs),
-        command.reason,
-        command.actor,
-        time.time(),
-        dumps(command.policy),
-        int(command.hold),
-    )
-    db.execute(
-        f"INSERT OR IGNORE INTO journal ({', '.join(JOURNAL_COLUMNS)})"
-        f" VALUES ({', '.join('?' * len(JOURNAL_COLUMNS))})",
-        storable(values, JOURNAL_COLUMNS, f"run {run_id}'s journal"),
-    )
-
-
-def _write_applied(db: sqlite3.Connection, arg: tuple[str, int, int, bool]) -> None:
-    run_id, version, applied_step, late = arg
-    db.execute(
-        "UPDATE journal SET applied_step = ?, late = ? WHERE run_id = ? AND version = ?"
-        " AND applied_step IS NULL",
-        storable(
-            (applied_step, int(late), run_id, version),
-            ("applied_step", "late", "run_id", "version"),
-            f"run {run_id}'s journal",
-        ),
-    )
-
-
-def _truncate(db: sqlite3.Connection, arg: tuple[str, int]) -> None:
-    """A run resumed from a checkpoint at ``step``: its later records and
-    snapshots belong to a timeline that no longer is."""
-    run_id, step = arg
-    storable((step,), ("step",), f"run {run_id}'s truncation")
-    db.execute("DELETE FROM batches WHERE run_id = ? AND first_step > ?", (run_id, step))
-    db.execute(  # MIN: an earlier resume's cut stands
-        "UPDATE batches SET valid_until = MIN(COALESCE(valid_until, ?1), ?1)"
-        " WHERE run_id = ?2 AND last_step > ?1",
-        (step, run_id),
-    )
-    db.execute("DELETE FROM snapshots WHERE run_id = ? AND step > ?", (run_id, step))
-
-
-OP_NAMES = {
-    "journal": "journal entry",
-    "batches": "records",
-    "run": "row and snapshot",
-    "applied": "applied mark",
-    "truncate": "truncation",
-}
-WRITERS: dict[str, Callable[[sqlite3.Connection, Any], None]] = {
-    "journal": _write_journal,
-    "batches": _write_batches,
-    "run": _write_run,
-    "applied": _write_applied,
-    "truncate": _truncate,
-}
-
-
-def apply_ops(db: sqlite3.Connection, ops: list[tuple[str, Any]]) -> None:
-    for op, arg in ops:
-        WRITERS[op](db, arg)
-
-
-def run_of(op: str, arg: Any) -> str:
-    """The run an op writes for ("?" for one too broken to say)."""
-    try:
-        return str(arg["run_id"] if op == "run" else arg[0])
-    except (KeyError, IndexError, TypeError):
-        return "?"
-
-
-def ops_by_run(ops: list[tuple[str, Any]]) -> list[tuple[str, list[tuple[str, Any]]]]:
-    """A batch's ops by run, each run's in their order. A run's records and
-    its row (whose stored_seq counts them) go in together or not at all."""
-    by_run: dict[str, list[tuple[str, Any]]] = {}
-    for op, arg in ops:
-        if op == "batches":
-            for row in arg:
-                by_run.setdefault(run_of(op, row), []).append((op, [row]))
-        else:
-            by_run.setdefault(run_of(op, arg), []).append((op, arg))
-    return list(by_run.items())
-
-
 def mib(size: int) -> str:
     return f"{size / 2**20:.3g} MiB"
-
-
-def op_size(op: str, arg: Any) -> int:
-    """About how many bytes an op holds in memory while it waits."""
-    if op == "batches":
-        return sum(len(row[3]) + len(row[4]) + 100 for row in arg)
-    return len(repr(arg)) + 100
-
-
-def open_readonly(path: Path) -> sqlite3.Connection:
-    """For the command line: read a daemon's store while it runs."""
-    if not path.exists():
-        raise StoreError(f"no lrpilot store at {path}")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    db.row_factory = sqlite3.Row
-    return db
