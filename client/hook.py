@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from . import __version__
+from .device_reads import DeviceRead, device_type
 from .errors import UsageError
 from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError, parse_policy
 from .protocol import (
@@ -178,6 +179,19 @@ def as_float(name: str, value: Any) -> float:
     raise TypeError(f"lrpilot: metric {name!r} must be a number, got {type(value).__name__}")
 
 
+def as_number(name: str, value: Any) -> Any:
+    """A metric value as a float, or, for a one-element tensor on a device
+    with a reader (CUDA), the tensor itself: read later without waiting
+    (client/device_reads.py)."""
+    if device_type(value) is not None:
+        if value.numel() != 1:  # metadata: no wait on the device
+            raise TypeError(
+                f"lrpilot: metric {name!r} must be a number, got a tensor of {value.numel()} values"
+            )
+        return value
+    return as_float(name, value)
+
+
 def caller_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside
     lrpilot (the user's training loop), however deep the call came from."""
@@ -320,6 +334,9 @@ class Pilot:
         # step): name -> (sum, count), averaged into the next step's record.
         self._held_metrics: dict[str, tuple[Any, int]] = {}
         self._mirror_from = -1  # records at or before this step do not feed the mirror
+        # Records whose values are still on a device (CUDA), oldest first:
+        # (step, kind, metrics, DeviceRead or None), queued once read.
+        self._reading: deque = deque()
         self._encoder = BatchEncoder(run, rank)
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
         if self._policy is not None:
@@ -331,7 +348,9 @@ class Pilot:
         register = getattr(optimizer, "register_step_pre_hook", None)
         self._step_hook = register(self._before_optimizer_step) if callable(register) else None
         self._post_hook = (
-            register_post(self._after_optimizer_step) if self.counts_optimizer_steps else None
+            register_post(self._after_optimizer_step)
+            if self.counts_optimizer_steps and callable(register_post)
+            else None
         )
         # Hello waits for the first step, report or load_state_dict: a pilot
         # about to load a checkpoint must not first tell the daemon it is at
@@ -349,7 +368,7 @@ class Pilot:
         each call is a step. Leaves the next step's LRs in the groups."""
         for name, value in metrics.items():
             if type(value) is not float:
-                metrics[name] = as_float(name, value)
+                metrics[name] = as_number(name, value)
         if not self._said_hello:
             self._send_hello()  # as of before this step: the daemon takes it next
         if self._optimizer.param_groups is not self._groups:
@@ -372,6 +391,8 @@ class Pilot:
             self._hold(metrics)
             recorded = False
         n = self.step_count
+        if self._reading:
+            self._release_read()
         if self.sync and recorded:
             self._exchange(wait_for=self._seq)
         # New records since the last I/O, not the queue's length: with the
@@ -424,10 +445,32 @@ class Pilot:
     def _emit(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
         """A record goes out: the mirror takes it as the daemon's engine will
         (unless a command rebuilt the mirror at or after its step), then the
-        queue."""
+        queue. A record with values still on a device waits, in order with
+        the records after it, until they are read (at once in lock-step)."""
+        if self._reading or any(type(v) is not float for v in metrics.values()):
+            read = DeviceRead(metrics) if any(device_type(v) for v in metrics.values()) else None
+            self._reading.append((step, kind, metrics, read))
+            self._release_read(wait=self.sync)
+            return
+        self._take(step, kind, metrics)
+
+    def _take(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         if self._mirror is not None and step > self._mirror_from:
             self._feed_mirror(metrics, step=kind != REPORT)
         self._enqueue(step, kind, metrics)
+
+    def _release_read(self, wait: bool = False) -> None:
+        """Queue the records whose device values have come, oldest first (all
+        of them, waiting for the device, with ``wait``)."""
+        reading = self._reading
+        while reading:
+            step, kind, metrics, read = reading[0]
+            if read is not None:
+                if not (wait or read.ready()):
+                    return
+                metrics = read.metrics(wait=wait)
+            reading.popleft()
+            self._take(step, kind, metrics)
 
     def _record_pending(self) -> None:
         """The optimizer stepped and no ``pilot.step()`` came after: the
@@ -464,7 +507,7 @@ class Pilot:
         to the last step, and metric-driven policies act on them."""
         for name, value in metrics.items():
             if type(value) is not float:
-                metrics[name] = as_float(name, value)
+                metrics[name] = as_number(name, value)
         if not self._said_hello:
             self._send_hello()
         if self._optimizer.param_groups is not self._groups:
@@ -759,6 +802,7 @@ class Pilot:
     def _send_hello(self) -> None:
         self._said_hello = True
         self._record_pending()  # the hello's step and state include it
+        self._release_read(wait=True)
         self._send(
             Hello(
                 run=self.run,
@@ -843,6 +887,7 @@ class Pilot:
     def state_dict(self) -> dict[str, Any]:
         """What a training checkpoint needs to restore the LR state, daemon or not."""
         self._record_pending()
+        self._release_read(wait=True)  # the mirror's state includes every step
         return {
             "format": 1,
             "run": self.run,
@@ -873,6 +918,7 @@ class Pilot:
             raise UsageError(
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
+        self._release_read(wait=True)  # records of the timeline being left
         self._spec, self._policy, self.step_count = spec, policy, step
         self._recorded, self._held_metrics = step, {}
         self._mirror = self._mirror_of(spec, policy, base)
@@ -893,6 +939,7 @@ class Pilot:
         if not self._said_hello:
             self._send_hello()
         self._record_pending()
+        self._release_read(wait=True)
         while True:
             self._exchange()
             if not self._queue or not self._link.writable() or time.monotonic() >= deadline:

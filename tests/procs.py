@@ -508,3 +508,44 @@ class FakeOptimizer:
 
     def __init__(self, param_groups: list[dict]) -> None:
         self.param_groups = param_groups
+
+
+@contextmanager
+def serving(state_dir: Path, address: str = "tcp://127.0.0.1:0") -> Iterator[Any]:
+    """A daemon in a thread of the test process, with its own store and free
+    ports (never the defaults)."""
+    from lrpilot.daemon.service.config import DaemonConfig
+    from lrpilot.daemon.service.server import Daemon
+
+    config = DaemonConfig(address=address, control_address="tcp://127.0.0.1:0", state_dir=state_dir)
+    daemon = Daemon(config)
+    thread = daemon.serve_in_thread()
+    try:
+        assert daemon.ready.is_set()
+        yield daemon
+    finally:
+        daemon.stop()
+        thread.join(5)
+        daemon.close()
+
+
+def two_groups(optimizer_cls: Any = None, **kwargs: Any) -> Any:
+    """A torch optimizer over two small params: groups "body" (LR 0.1) and 0.02."""
+    import torch
+
+    optimizer_cls = optimizer_cls or torch.optim.SGD
+    body, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    return optimizer_cls(
+        [{"params": [body], "lr": 0.1, "name": "body"}, {"params": [head], "lr": 0.02}],
+        **kwargs,
+    )
+
+
+def train_step(optimizer: Any) -> None:
+    """A real optimizer step (on a fixed gradient) with whatever LRs are in the groups."""
+    import torch
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, 0.01)
+    optimizer.step()

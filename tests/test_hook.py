@@ -8,34 +8,17 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from procs import FakeOptimizer, control, free_address, wait_for
+from procs import FakeOptimizer, control, free_address, serving, train_step, two_groups, wait_for
 
 import lrpilot
-from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.server import Daemon
 from lrpilot.hook import IO_INTERVAL
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import LRCommand
-
-
-@contextmanager
-def serving(state_dir: Path, address: str = "tcp://127.0.0.1:0") -> Iterator[Daemon]:
-    """A daemon in a thread, with its own store and free ports (never the defaults)."""
-    config = DaemonConfig(address=address, control_address="tcp://127.0.0.1:0", state_dir=state_dir)
-    daemon = Daemon(config)
-    thread = daemon.serve_in_thread()
-    try:
-        assert daemon.ready.is_set()
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(5)
-        daemon.close()
 
 
 @pytest.fixture
@@ -57,22 +40,6 @@ def lrpilot_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
         for w in caught
         if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("lrpilot")
     ]
-
-
-def two_groups(optimizer_cls=torch.optim.SGD, **kwargs) -> torch.optim.Optimizer:
-    body, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
-    return optimizer_cls(
-        [{"params": [body], "lr": 0.1, "name": "body"}, {"params": [head], "lr": 0.02}],
-        **kwargs,
-    )
-
-
-def train_step(optimizer: torch.optim.Optimizer) -> None:
-    """A real optimizer step (on a fixed gradient) with whatever LRs are in the groups."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = torch.full_like(p, 0.01)
-    optimizer.step()
 
 
 SCHEDULES = {
