@@ -259,6 +259,17 @@ class Pilot:
         steps: str = "auto",
     ) -> None:
         optimizer = innermost(optimizer)
+        if steps not in ("auto", "optimizer", "calls"):
+            raise UsageError(
+                f"lrpilot.attach: steps must be auto, optimizer or calls, got {steps!r}"
+            )
+        if steps == "optimizer" and not callable(
+            getattr(optimizer, "register_step_post_hook", None)
+        ):
+            raise UsageError(
+                "lrpilot.attach: steps='optimizer' needs an optimizer with torch's step hooks "
+                "(register_step_post_hook, torch >= 2.0); use steps='calls'"
+            )
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all("lr" in g for g in groups):
             raise TypeError("lrpilot.attach: optimizer must have param_groups with an 'lr' each")
@@ -279,23 +290,7 @@ class Pilot:
         # Capturable optimizers keep the LR in a tensor: write it in place, and
         # do not compare it (that would wait on the device every step).
         self._tensor_lrs = any(hasattr(g["lr"], "fill_") for g in groups)
-        self._spec = parse_policy(policy) if policy is not None else None
-        unusable = [
-            (name, lr)
-            for name, lr in zip(self.group_names, self.base_lrs)
-            if not (math.isfinite(lr) and lr > 0)
-        ]
-        if self._spec is not None and unusable:
-            # A training job must not die at attach for the LRs it had (a
-            # warmup that left 0 without initial_lr): it runs on, unsteered.
-            name, lr = unusable[0]
-            self._warn_once(
-                "base-lr",
-                f"param group {name!r} has lr={lr} at attach (and no torch initial_lr): a policy "
-                "needs positive base LRs, so this run goes on without one (telemetry only); "
-                "attach before any scheduler changes the LRs, or give the groups their LRs",
-            )
-            self._spec = None
+        self._spec = self._usable_spec(policy)
         self._policy: Policy | None = self._spec.build(self.base_lrs) if self._spec else None
         self._mirror = self._mirror_of(self._spec, self._policy, self.base_lrs)
         self._policy_base = list(self.base_lrs)  # an operator's switch rebases the policy
@@ -317,18 +312,6 @@ class Pilot:
         self._processed_seq = 0
         self._daemon_silent = False
         self._closed = False
-        register_post = getattr(optimizer, "register_step_post_hook", None)
-        if steps not in ("auto", "optimizer", "calls"):
-            raise UsageError(
-                f"lrpilot.attach: steps must be auto, optimizer or calls, got {steps!r}"
-            )
-        if steps == "optimizer" and not callable(register_post):
-            raise UsageError(
-                "lrpilot.attach: steps='optimizer' needs an optimizer with torch's step hooks "
-                "(register_step_post_hook, torch >= 2.0); use steps='calls'"
-            )
-        # Real optimizer steps: a step is what the optimizer took, not a call.
-        self.counts_optimizer_steps = steps != "calls" and callable(register_post)
         self._recorded = 0  # the last step whose STEP record is queued
         # Metrics of calls since the last real step (accumulation, a skipped
         # step): name -> (sum, count), averaged into the next step's record.
@@ -341,10 +324,41 @@ class Pilot:
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
         if self._policy is not None:
             self._write(self._policy)
-        # What optimizer.step() uses must be lrpilot's LR, also when something
-        # writes the groups between pilot.step() and optimizer.step()
-        # (Lightning steps a ReduceLROnPlateau there): torch's step pre-hook
-        # puts lrpilot's back just before the step reads it.
+        self._hook_optimizer(optimizer, steps)
+        # Hello waits for the first step, report or load_state_dict: a pilot
+        # about to load a checkpoint must not first tell the daemon it is at
+        # step 0 (the daemon would take that for a restart from scratch).
+        self._said_hello = False
+
+    def _usable_spec(self, policy: Mapping[str, Any] | PolicySpec | None) -> PolicySpec | None:
+        """The policy's spec, or None (with one warning) when a group's base
+        LR is unusable: a training job must not die at attach for the LRs it
+        had (a warmup that left 0 without initial_lr); it runs on, unsteered."""
+        spec = parse_policy(policy) if policy is not None else None
+        unusable = [
+            (name, lr)
+            for name, lr in zip(self.group_names, self.base_lrs)
+            if not (math.isfinite(lr) and lr > 0)
+        ]
+        if spec is None or not unusable:
+            return spec
+        name, lr = unusable[0]
+        self._warn_once(
+            "base-lr",
+            f"param group {name!r} has lr={lr} at attach (and no torch initial_lr): a policy "
+            "needs positive base LRs, so this run goes on without one (telemetry only); "
+            "attach before any scheduler changes the LRs, or give the groups their LRs",
+        )
+        return None
+
+    def _hook_optimizer(self, optimizer: Any, steps: str) -> None:
+        """Torch's step hooks. The pre-hook: what optimizer.step() uses must
+        be lrpilot's LR, also when something writes the groups between
+        pilot.step() and optimizer.step() (Lightning steps a
+        ReduceLROnPlateau there). The post-hook: a step is one the optimizer
+        took, not a call (accumulation, a GradScaler's skipped steps)."""
+        register_post = getattr(optimizer, "register_step_post_hook", None)
+        self.counts_optimizer_steps = steps != "calls" and callable(register_post)
         register = getattr(optimizer, "register_step_pre_hook", None)
         self._step_hook = register(self._before_optimizer_step) if callable(register) else None
         self._post_hook = (
@@ -352,10 +366,6 @@ class Pilot:
             if self.counts_optimizer_steps and callable(register_post)
             else None
         )
-        # Hello waits for the first step, report or load_state_dict: a pilot
-        # about to load a checkpoint must not first tell the daemon it is at
-        # step 0 (the daemon would take that for a restart from scratch).
-        self._said_hello = False
 
     # --- the hot path -----------------------------------------------------
 
