@@ -20,10 +20,12 @@ def run_python(code: str) -> str:
 
 
 def test_import_lrpilot_loads_no_heavy_dependency():
-    """`import lrpilot` in a fresh interpreter must not pull torch or the daemon's libraries."""
+    """`import lrpilot` in a fresh interpreter must not pull torch, the
+    frameworks the integrations are for, or the daemon's libraries."""
     out = run_python(
-        "import json, sys, lrpilot, lrpilot.policies\n"
-        "heavy = ['torch', 'prometheus_client', 'grafana_client', 'lrpilot.daemon']\n"
+        "import json, sys, lrpilot, lrpilot.policies, lrpilot.integrations\n"
+        "heavy = ['torch', 'prometheus_client', 'grafana_client', 'lrpilot.daemon',\n"
+        "         'lightning', 'pytorch_lightning', 'transformers', 'accelerate']\n"
         "print(json.dumps([m for m in heavy if m in sys.modules]))"
     )
     assert json.loads(out) == []
