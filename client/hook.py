@@ -27,6 +27,7 @@ from typing import Any
 from . import __version__
 from .device_reads import DeviceRead, device_type
 from .errors import UsageError
+from .keys import ClientKeys, find_client_keys
 from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError, parse_policy
 from .protocol import (
     DAEMON_ENV,
@@ -90,6 +91,7 @@ def attach(
     max_queue: int = MAX_QUEUE,
     on_change: ChangeCallback | None = None,
     steps: str = "auto",
+    keys: str | os.PathLike[str] | None = None,
 ) -> Pilot:
     """Attach lrpilot to ``optimizer`` (anything with torch-style ``param_groups``).
 
@@ -110,6 +112,9 @@ def attach(
       through torch's step hooks (accumulation and skipped steps are right
       with no effort); ``"calls"``: each ``pilot.step()``; ``"auto"``
       (default): the optimizer's when it has step hooks (torch >= 2.0).
+    - ``keys``: this client's key directory for a daemon with keys
+      (``client.key_secret`` and ``daemon.key``; docs/security.md); default
+      ``$LRPILOT_KEYS``, else ``~/.config/lrpilot/keys`` when it exists.
     """
     found_rank, found_world = distributed_rank()
     return Pilot(
@@ -124,6 +129,7 @@ def attach(
         max_queue=max_queue,
         on_change=on_change,
         steps=steps,
+        keys=find_client_keys(keys),
     )
 
 
@@ -257,6 +263,7 @@ class Pilot:
         max_queue: int,
         on_change: ChangeCallback | None,
         steps: str = "auto",
+        keys: ClientKeys | None = None,
     ) -> None:
         optimizer = innermost(optimizer)
         if steps not in ("auto", "optimizer", "calls"):
@@ -321,7 +328,7 @@ class Pilot:
         # (step, kind, metrics, DeviceRead or None), queued once read.
         self._reading: deque = deque()
         self._encoder = BatchEncoder(run, rank)
-        self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes)
+        self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes, keys=keys)
         if self._policy is not None:
             self._write(self._policy)
         self._hook_optimizer(optimizer, steps)

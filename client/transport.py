@@ -13,6 +13,8 @@ from typing import cast
 
 import zmq
 
+from .keys import ClientKeys
+
 # 64 batches in the pipe; beyond that the hook's own queue (counted in
 # records) holds telemetry, so its bound is the one users set and see.
 PIPE_MESSAGES = 64
@@ -24,10 +26,12 @@ EVENTS, POLLIN, POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 class DaemonLink:
-    def __init__(self, address: str, identity: bytes) -> None:
+    def __init__(self, address: str, identity: bytes, keys: ClientKeys | None = None) -> None:
         self.address = address
         self._context = zmq.Context()
         sock = self._context.socket(zmq.DEALER)
+        if keys is not None:
+            keys.apply(sock)  # CURVE: the handshake proves both ends' keys
         sock.setsockopt(zmq.ROUTING_ID, identity)
         sock.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)

@@ -1,6 +1,6 @@
 """The daemon's options as a user gives them: where it binds (the same
-environment variables the clients read), and that an exposed data plane
-needs an explicit --insecure until clients have keys."""
+environment variables the clients read), and that a plane bound off
+loopback needs keys or an explicit --insecure."""
 
 from __future__ import annotations
 
@@ -67,3 +67,12 @@ def test_absurd_daemon_limits_are_refused(lrpilot_exe, tmp_path, flag, value):
     )
     assert done.returncode != 0
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("address", ["tcp://0.0.0.0:7313", "tcp://10.1.2.3:7313"])
+def test_an_exposed_control_plane_needs_keys_or_insecure(address, tmp_path):
+    with pytest.raises(ValidationError, match="--control-address .* --keys DIR"):
+        DaemonConfig(control_address=address, state_dir=tmp_path)
+    assert DaemonConfig(control_address=address, insecure=True, state_dir=tmp_path).insecure
+    keyed = DaemonConfig(control_address=address, keys=tmp_path / "keys", state_dir=tmp_path)
+    assert keyed.keys == tmp_path / "keys"

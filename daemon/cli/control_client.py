@@ -10,6 +10,7 @@ import zmq
 from pydantic import ValidationError
 
 from lrpilot.errors import LRPilotError
+from lrpilot.keys import ClientKeys
 from lrpilot.protocol import CONTROL_ENV, DEFAULT_CONTROL, LRCommand, describe
 
 from ..control_protocol import (
@@ -69,10 +70,17 @@ class ControlClient:
     (:meth:`reset`), since a REQ socket cannot send again before it hears back.
     """
 
-    def __init__(self, address: str, timeout: float = 5.0, actor: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 5.0,
+        actor: str | None = None,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self.actor = actor  # who a change is journaled as (the daemon's default when None)
+        self.actor = actor  # who a change is journaled as (a daemon with keys: the key's name)
+        self.keys = keys
         self._context = zmq.Context()
         self.socket: zmq.Socket | None = None
         self._op = ""
@@ -134,9 +142,15 @@ class ControlClient:
         assert self.socket is not None
         if not self.socket.poll(int(self.timeout * 1000), zmq.POLLIN):
             self.reset()
+            keys = (
+                f"with the keys in {self.keys.where}"
+                if self.keys is not None
+                else "without keys (a daemon with --keys refuses those: --keys or $LRPILOT_KEYS)"
+            )
             raise ControlClientError(
-                f"no answer from a daemon at {self.address} within {self.timeout:g}s "
-                "(is `lrpilot daemon` running? --control or $LRPILOT_CONTROL sets the address)"
+                f"no answer from a daemon at {self.address} within {self.timeout:g}s, asked "
+                f"{keys} (is `lrpilot daemon` running? --control or $LRPILOT_CONTROL sets the "
+                "address)"
             )
         return self.receive()
 
@@ -150,6 +164,8 @@ class ControlClient:
         if self.socket is None:
             sock = self._context.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                self.keys.apply(sock)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:

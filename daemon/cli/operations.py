@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lrpilot.keys import find_client_keys
 from lrpilot.policies import SpecError, parse_policy
 from lrpilot.protocol import REPORT, STEP, LRCommand
 
@@ -51,7 +52,8 @@ def actor() -> str:
 def client(args: argparse.Namespace) -> ControlClient:
     """The control client of a command's --control and --timeout; changes
     are journaled as made by :func:`actor`."""
-    return ControlClient(control_address(args.control), args.timeout, actor())
+    keys = find_client_keys(getattr(args, "keys", None))
+    return ControlClient(control_address(args.control), args.timeout, actor(), keys)
 
 
 def lrs_text(lrs: Sequence[float] | None) -> str:

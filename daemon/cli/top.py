@@ -35,6 +35,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from lrpilot.keys import ClientKeys, find_client_keys
+
 from ..control_protocol import LastChange, RunsAnswer, RunSummary
 from .control_client import ControlClient, ControlClientError, control_address, printable
 
@@ -237,8 +239,9 @@ def run_view(
     timeout: float,
     key_fd: int | None,
     wake_fd: int,
+    keys: ClientKeys | None = None,
 ) -> None:
-    asker = ControlClient(address, timeout)
+    asker = ControlClient(address, timeout, keys=keys)
     runs: list[RunSummary] = []
     error: str | None = None
     sent_at: float | None = None  # monotonic time of the request in flight
@@ -294,16 +297,17 @@ def run_view(
 def main(args: argparse.Namespace) -> None:
     """``lrpilot top``: runs until q or Ctrl-C, then returns (exit 0)."""
     address = control_address(args.control)
+    keys = find_client_keys(getattr(args, "keys", None))
     interval = max(0.05, float(args.interval))
     timeout = max(0.05, float(args.timeout))
     if not sys.stdout.isatty():
         # Piped (`lrpilot top | less`, a cron job): one frame, no live view.
-        with ControlClient(address, timeout) as client:
+        with ControlClient(address, timeout, keys=keys) as client:
             runs = client.runs()
         Console(width=160).print(render(runs, address, None, time.time()))
         return
     try:
         with interrupt_pipe() as wake_fd, keys_mode(sys.stdin) as key_fd:
-            run_view(Console(), address, interval, timeout, key_fd, wake_fd)
+            run_view(Console(), address, interval, timeout, key_fd, wake_fd, keys)
     except KeyboardInterrupt:  # Ctrl-C before the pipe was in place
         pass

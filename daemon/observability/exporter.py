@@ -72,6 +72,10 @@ REJECT_REASONS = (
     "internal_error",
     "reply_dropped",
 )
+# Why a client was refused for its key (DataPlane.auth_refused's keys): a
+# handshake with no key or an unknown one (ZeroMQ refuses it), a message its
+# key may not send (data plane), a request its role may not make (control).
+AUTH_REASONS = ("no_key", "unknown_key", "forbidden", "forbidden_control")
 # ClientStats fields exported per rank as lrpilot_rank_<field>_total: (field, help).
 RANK_COUNTERS = (
     ("records_sent", "records the rank's hook sent"),
@@ -162,6 +166,17 @@ class DaemonCollector:
         for reason in sorted(set(REJECT_REASONS) | set(counts)):
             rejected.add_metric([reason], counts.get(reason, 0))
         yield rejected
+        refused = CounterMetricFamily(
+            "lrpilot_auth_refused",
+            "clients refused for their key (with --keys): no_key and unknown_key at the "
+            "handshake, forbidden (a message outside the key's runs) and forbidden_control "
+            "(a request outside its role)",
+            labels=["reason"],
+        )
+        counts = dict(plane.auth_refused)
+        for reason in sorted(set(AUTH_REASONS) | set(counts)):
+            refused.add_metric([reason], counts.get(reason, 0))
+        yield refused
         posted = CounterMetricFamily(
             "lrpilot_grafana_annotations",
             "Grafana annotations for LR changes, by outcome",

@@ -43,6 +43,8 @@ def default_metrics_addr() -> str:
 
 # Grafana credentials come from the environment (a flag would show in `ps`);
 # `lrpilot dashboards push` reads the same variables.
+# The daemon's key directory (a client's is $LRPILOT_KEYS: lrpilot.keys).
+DAEMON_KEYS_ENV = "LRPILOT_DAEMON_KEYS"
 GRAFANA_TOKEN_ENV = "LRPILOT_GRAFANA_TOKEN"
 GRAFANA_USER_ENV = "LRPILOT_GRAFANA_USER"
 GRAFANA_PASSWORD_ENV = "LRPILOT_GRAFANA_PASSWORD"
@@ -91,19 +93,25 @@ class DaemonConfig(BaseModel):
     address: str = Field(
         default_factory=lambda: _env(DAEMON_ENV) or DEFAULT_DAEMON,
         description="ZeroMQ address the data plane (ROUTER) binds ($LRPILOT_DAEMON, which the "
-        "hook reads too); off loopback only with --insecure until clients have keys",
+        "hook reads too); off loopback only with --keys (or --insecure)",
     )
     control_address: str = Field(
         default_factory=lambda: _env(CONTROL_ENV) or DEFAULT_CONTROL,
         description="ZeroMQ address of the control plane (lrpilot runs, set-lr, policy, ...; "
-        "$LRPILOT_CONTROL, which the CLI reads too); loopback only until control traffic can "
-        "be authenticated",
+        "$LRPILOT_CONTROL, which the CLI reads too); off loopback only with --keys (or "
+        "--insecure)",
+    )
+    keys: Path | None = Field(
+        default_factory=lambda: _env(DAEMON_KEYS_ENV),
+        description="the daemon's key directory (`lrpilot keys init DIR` makes it; "
+        "$LRPILOT_DAEMON_KEYS): both planes then take only CURVE clients whose public key is "
+        "in DIR/allowed/, each with its role (docs/security.md); SIGHUP reads allowed/ again",
     )
     insecure: bool = Field(
         default=False,
-        description="let the data plane bind an address other machines reach, with no "
-        "authentication: anyone who can connect can report for any run and steer its "
-        "metric-driven decisions (a warning is logged at every start)",
+        description="let a plane bind an address other machines reach without --keys: anyone "
+        "who can connect can report for any run, steer its decisions and (control plane) "
+        "set its LRs (a warning is logged at every start)",
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,
@@ -221,22 +229,20 @@ class DaemonConfig(BaseModel):
             raise ValueError(f"expected a ZeroMQ address like tcp://127.0.0.1:7311, got {value!r}")
         return value
 
-    @field_validator("control_address")
-    @classmethod
-    def _loopback(cls, value: str) -> str:
-        """Anyone who reaches the control plane can steer every run."""
-        if not is_loopback(value):
-            raise ValueError(f"the control plane must be on loopback (127.0.0.1), got {value!r}")
-        return value
-
     @model_validator(mode="after")
-    def _exposed_data_plane(self) -> DaemonConfig:
-        if not self.insecure and not is_loopback(self.address):
-            raise ValueError(
-                f"address {self.address!r} is reachable from other machines and clients have "
-                "no keys yet: anyone could report for and steer any run; pass --insecure to "
-                "bind it anyway (on a network you trust), or bind 127.0.0.1"
-            )
+    def _exposed_without_keys(self) -> DaemonConfig:
+        """Off loopback, anyone who reaches a plane could report for any run
+        (data) or set its LRs (control): keys, or a deliberate --insecure."""
+        if self.keys is not None or self.insecure:
+            return self
+        for flag, address in (("address", self.address), ("control-address", self.control_address)):
+            if not is_loopback(address):
+                raise ValueError(
+                    f"--{flag} {address!r} is reachable from other machines and the daemon has "
+                    "no keys: anyone could report for, steer and set the LRs of any run; give "
+                    "--keys DIR (`lrpilot keys init DIR` makes them), or --insecure to bind it "
+                    "anyway on a network you trust, or bind 127.0.0.1"
+                )
         return self
 
     @field_validator("metrics_addr")

@@ -44,6 +44,7 @@ from ..control_protocol import (
     policy_problem,
     refusal,
 )
+from .auth import Key
 from .dataplane import DataPlane, Outgoing
 from .engine import Change
 from .registry import Run, Session
@@ -61,9 +62,21 @@ class ControlPlane:
         answer, outgoing = self.answer(raw)
         return answer.model_dump(), outgoing
 
-    def answer(self, raw: bytes) -> tuple[Answer | Refusal, Outgoing]:
+    def answer(self, raw: bytes, key: Key | None = None) -> tuple[Answer | Refusal, Outgoing]:
+        """The answer to one request. ``key``: the allowed key it came with
+        when the daemon has keys: its role says which requests it may make,
+        and a change is journaled as made by the key's name, whatever actor
+        the request claims."""
         try:
             request = parse_request(raw)
+            if key is not None:
+                if not key.may_ask(request.op):
+                    self.plane.auth_refused["forbidden_control"] += 1
+                    raise ControlError(
+                        f"forbidden: key {key.name!r} ({key.role}) may not {request.op} "
+                        "(changes need an operator key; docs/security.md)"
+                    )
+                request.actor = key.name
             return getattr(self, "op_" + request.op)(request)
         except ControlError as exc:
             return refusal(str(exc)), []

@@ -38,6 +38,7 @@ from lrpilot.protocol import (
     record_layouts,
 )
 
+from .auth import Key
 from .config import DaemonConfig
 from .engine import Change, StepGapTooLarge
 from .ledger import Ledger, RunLedger
@@ -68,6 +69,11 @@ class DataPlane:
         self.journal_deferred = 0  # commands sent while the store could not write them
         self.forgotten_runs = 0  # ended runs let go of from memory (still in the store)
         self.change_listeners: list[ChangeListener] = []
+        # With --keys: every message must come with an allowed key (the
+        # server passes it); handshakes refused before a message are counted
+        # by the Gatekeeper, whose counter the exporter reads from here.
+        self.keys_required = config.keys is not None
+        self.auth_refused: Counter[str] = Counter()
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
         self.ledger = Ledger()  # where records stand; what the next tick stores
         self._told_metrics: set[str] = set()  # runs told they report too many names
@@ -108,7 +114,12 @@ class DataPlane:
 
     # --- messages ---------------------------------------------------------
 
-    def handle(self, identity: bytes, frames: Sequence[bytes], now: float) -> Outgoing:
+    def handle(
+        self, identity: bytes, frames: Sequence[bytes], now: float, key: Key | None = None
+    ) -> Outgoing:
+        """One message from a training process. ``key``: the allowed key it
+        came with when the daemon has keys (None: no keys, or, with keys, a
+        key removed since it connected, which may do nothing)."""
         try:
             message = decode(frames, self.config.max_message_bytes)
         except MessageTooLarge as exc:
@@ -117,10 +128,14 @@ class DataPlane:
         except ProtocolError as exc:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", str(exc)))]
+        if self.keys_required:
+            refused = self._forbidden(identity, message, key)
+            if refused is not None:
+                return refused
         if isinstance(message, MetricsHeader):
             return self._metrics(identity, message, frames[1], now, frames[0])
         if isinstance(message, Hello):
-            return self._hello(identity, message, now)
+            return self._hello(identity, message, now, key)
         known = self.registry.session(identity)
         if known is None:
             if isinstance(message, (Bye, Ack)):
@@ -149,7 +164,27 @@ class DataPlane:
         self.rejected["unexpected"] += 1
         return [(identity, error("unexpected", f"a client does not send {message.t!r}"))]
 
-    def _hello(self, identity: bytes, hello: Hello, now: float) -> Outgoing:
+    def _forbidden(self, identity: bytes, message: Any, key: Key | None) -> Outgoing | None:
+        """With keys: a message its key may not send, answered with one line
+        (counted); None when it may. A trainer key speaks only for its runs
+        (checked at every message: SIGHUP may have narrowed them); a session
+        keeps the key it said hello with."""
+        known = None if isinstance(message, Hello) else self.registry.session(identity)
+        run = known[0].run_id if known is not None else getattr(message, "run", None)
+        if key is None:
+            why = "this connection's key is no longer allowed"
+        elif known is not None and known[1].key != key.name:
+            why = f"key {key.name!r} is not the key this session said hello with"
+        elif isinstance(run, str) and not key.may_train(run):
+            why = f"key {key.name!r} ({key.role}, runs {key.runs!r}) may not speak for run {run!r}"
+        else:
+            return None
+        self.auth_refused["forbidden"] += 1
+        if isinstance(message, (Ack, Bye)):
+            return []
+        return [(identity, error("forbidden", why))]
+
+    def _hello(self, identity: bytes, hello: Hello, now: float, key: Key | None = None) -> Outgoing:
         run = self.registry.runs.get(hello.run) or self._restore(hello.run)
         refusal = self._refusal(identity, hello, run, now)
         if refusal is not None:
@@ -193,6 +228,7 @@ class DataPlane:
             self.rejected["bad_hello"] += 1
             return [(identity, error("bad_hello", f"run {hello.run}: {exc}"))]
         session = self.registry.join(identity, run, hello, now)
+        session.key = key.name if key is not None else None
         if run.driver is session:
             # An async client has already set the LRs of its next step when a
             # decision reaches it; scheduling one step later lets it apply the

@@ -13,8 +13,10 @@ import logging
 import signal
 import threading
 import time
+from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from lrpilot.errors import LRPilotError
 
@@ -22,6 +24,7 @@ from ..control_protocol import MAX_CONTROL_BYTES, encode_answer, refusal
 from ..observability.annotations import AnnotationPoster
 from ..observability.exporter import DaemonCollector, Exposition
 from ..observability.metrics_server import MetricsServer
+from .auth import Gatekeeper, KeyRing, KeysError, key_name
 from .config import DaemonConfig, is_loopback
 from .control import ControlPlane
 from .dataplane import DataPlane
@@ -38,6 +41,11 @@ LOOP_STALL_S = 10.0
 # Data-plane messages handled in one turn of the loop (some 10 ms of work)
 # before it answers the control plane, ticks and sends persisted acks.
 DRAIN_MAX = 1000
+# Handshake failures the sockets' monitors report: the peer spoke another
+# mechanism (no key, on a daemon with keys) or broke the protocol. A key the
+# daemon does not allow fails in ZAP (counted by the Gatekeeper) and shows
+# here as FAILED_AUTH, which is not counted twice.
+HANDSHAKE_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 # libzmq drops a peer that sends more than this; below it the data plane
 # answers an oversized message with an error instead.
 HARD_LIMIT_FACTOR = 4
@@ -62,6 +70,12 @@ class Daemon:
         self.annotations: AnnotationPoster | None = None
         self.bound_address = ""
         self.bound_control_address = ""
+        self.keys: KeyRing | None = None
+        self.gate: Gatekeeper | None = None
+        self._reload_keys = threading.Event()  # SIGHUP: read allowed/ again
+        # Handshakes a plane refused before ZAP (a client with no key, or a
+        # key on a keyless daemon), from the sockets' monitors.
+        self._monitors: list[zmq.Socket] = []
 
     def start(self) -> None:
         """Open the store (restoring its runs) and bind both sockets."""
@@ -72,12 +86,27 @@ class Daemon:
         self.control = ControlPlane(self.plane)
         self._post_annotations()
         self._context = zmq.Context()
-        if not is_loopback(self.config.address):
-            log.warning(
-                "the data plane is bound to %s with --insecure: anyone who can connect can "
-                "report for any run and steer its metric-driven decisions",
-                self.config.address,
-            )
+        if self.config.keys is not None:
+            try:
+                self.keys = KeyRing(self.config.keys)
+            except KeysError as exc:
+                self.close()
+                raise DaemonError(str(exc)) from None
+            self.gate = Gatekeeper(self._context, self.keys)
+            self.plane.auth_refused = self.gate.denied
+        else:
+            for plane, address in (
+                ("data", self.config.address),
+                ("control", self.config.control_address),
+            ):
+                if not is_loopback(address):
+                    log.warning(
+                        "the %s plane is bound to %s with --insecure and no keys: anyone who "
+                        "can connect can report for any run, steer its decisions and set its "
+                        "LRs",
+                        plane,
+                        address,
+                    )
         try:
             hard_limit = self.config.max_message_bytes * HARD_LIMIT_FACTOR
             self._sock = self._bind(self.config.address, hard_limit)
@@ -143,6 +172,10 @@ class Daemon:
         assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.secure(sock)  # before bind: every connection does the CURVE handshake
+            monitor = sock.get_monitor_socket(HANDSHAKE_REFUSED)
+            self._monitors.append(monitor)
         # Before bind: libzmq applies it to connections as they are accepted,
         # and drops a peer whose message grows past it before it is buffered
         # whole (set after bind it did not hold).
@@ -163,6 +196,8 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(data, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         next_tick = next_sweep = time.monotonic()
         self.ready.set()
         while not self._stop.is_set():
@@ -171,6 +206,12 @@ class Daemon:
                 self._drain_data(time.monotonic())
             if control in ready:
                 self._drain_control()
+            for monitor in self._monitors:
+                if monitor in ready:
+                    self._count_refused(monitor)
+            if self._reload_keys.is_set() and self.keys is not None:
+                self._reload_keys.clear()
+                self.keys.reload()
             now = self._loop_at = time.monotonic()
             if now >= next_tick:
                 plane.tick(now)
@@ -188,13 +229,18 @@ class Daemon:
         pipes, and then in theirs, rather than in the daemon's memory)."""
         sock, plane = self._sock, self.plane
         assert sock is not None and plane is not None, "start() first"
+        keys = self.keys
         for _ in range(DRAIN_MAX):
             try:
-                identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                if keys is None:
+                    identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    key = None
+                else:
+                    identity, frames, key = self._receive_keyed(sock, keys)
             except zmq.Again:
                 return
             try:
-                replies = plane.handle(identity, frames, now)
+                replies = plane.handle(identity, frames, now, key=key)
             except Exception:  # a bug must not take every run down with it
                 log.exception("internal error handling a message; it was dropped")
                 plane.rejected["internal_error"] += 1
@@ -204,20 +250,50 @@ class Daemon:
     def _drain_control(self) -> None:
         sock = self._control_sock
         assert sock is not None and self.control is not None, "start() first"
+        keys = self.keys
         while True:
             try:
-                identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
+                if keys is None:
+                    identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
+                    key = None
+                else:
+                    identity, frames, key = self._receive_keyed(sock, keys)
             except zmq.Again:
                 return
+            if keys is not None and key is None:
+                answer = refusal("forbidden: this client's key is no longer allowed")
+                sock.send_multipart([identity, *frames[:-1], encode_answer(answer)])
+                continue
             # A REQ client puts an empty delimiter frame before its request.
             envelope, raw = frames[:-1], frames[-1] if frames else b""
             try:
-                answer, outgoing = self.control.answer(raw)
+                answer, outgoing = self.control.answer(raw, key=key)
             except Exception:
                 log.exception("internal error handling a control request")
                 answer, outgoing = refusal("internal error; see the daemon log"), []
             sock.send_multipart([identity, *envelope, encode_answer(answer)])
             self._send(outgoing)
+
+    @staticmethod
+    def _receive_keyed(sock: zmq.Socket, keys: KeyRing) -> tuple[bytes, list[bytes], Any]:
+        """One message and the allowed key it came with (ZeroMQ names the
+        connection by its key: the handshake's User-Id); the key is None if
+        it was removed from allowed/ since the connection was made."""
+        identity, *parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        name = key_name(parts[-1]) if parts else None
+        key = keys.key(name) if name else None
+        return identity.bytes, [part.bytes for part in parts], key
+
+    def _count_refused(self, monitor: zmq.Socket) -> None:
+        """A handshake a plane refused before ZAP: a client with no key (or
+        keys of another daemon). Unknown keys are counted by the gate."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.gate is not None and event["event"] & HANDSHAKE_REFUSED:
+                self.gate.refused_handshake(event["endpoint"])
 
     def _send(self, replies: list) -> None:
         assert self._sock is not None and self.plane is not None, "start() first"
@@ -252,13 +328,25 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def reload_keys(self) -> None:
+        """Read allowed/ again at the loop's next turn (SIGHUP)."""
+        self._reload_keys.set()
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         for sock in (self._sock, self._control_sock):
             if sock is not None:
+                if self._monitors:
+                    sock.disable_monitor()
                 sock.close()
+        for monitor in self._monitors:
+            monitor.close()
+        self._monitors = []
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
         self._sock = self._control_sock = None
         if self.annotations is not None:
             self.annotations.close()
@@ -277,6 +365,7 @@ class Daemon:
             sig: signal.signal(sig, lambda *_: self.stop())
             for sig in (signal.SIGINT, signal.SIGTERM)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.reload_keys())
         try:
             self.serve()
         finally:
