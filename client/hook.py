@@ -232,6 +232,17 @@ def base_lr(group: Mapping[str, Any]) -> float:
         return math.nan
 
 
+def current_lrs(groups: list[dict[str, Any]]) -> list[float]:
+    """The groups' LRs as floats (one that is not a number: its base LR)."""
+    found = []
+    for group in groups:
+        try:
+            found.append(float(group["lr"]))
+        except (TypeError, ValueError):
+            found.append(base_lr(group))
+    return found
+
+
 def uses_metrics(spec: PolicySpec) -> bool:
     """Whether a policy's state depends on the metrics it is given."""
     if spec.kind == "plateau":
@@ -303,7 +314,12 @@ class Pilot:
         self._policy_base = list(self.base_lrs)  # an operator's switch rebases the policy
         self._held: list[float] | None = None  # LRs an operator holds (set-lr, pause)
         self._exhausted = False
-        self._left: list[float] = list(self.base_lrs)
+        # What lrpilot left in the groups: the policy's LRs (written below),
+        # or with no policy the LRs as they are (a warmup's scheduler may
+        # have left less than initial_lr there: held, not put back).
+        self._left: list[float] = (
+            list(self.base_lrs) if self._policy is not None else current_lrs(groups)
+        )
         self._on_change = on_change
         self._seq = 0
         self._max_queue = max(1, max_queue)

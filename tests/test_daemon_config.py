@@ -71,7 +71,7 @@ def test_absurd_daemon_limits_are_refused(lrpilot_exe, tmp_path, flag, value):
 
 @pytest.mark.parametrize("address", ["tcp://0.0.0.0:7313", "tcp://10.1.2.3:7313"])
 def test_an_exposed_control_plane_needs_keys_or_insecure(address, tmp_path):
-    with pytest.raises(ValidationError, match="--control-address .* --keys DIR"):
+    with pytest.raises(ValidationError, match=r"--control-address .* --keys DIR"):
         DaemonConfig(control_address=address, state_dir=tmp_path)
     assert DaemonConfig(control_address=address, insecure=True, state_dir=tmp_path).insecure
     keyed = DaemonConfig(control_address=address, keys=tmp_path / "keys", state_dir=tmp_path)

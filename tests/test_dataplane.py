@@ -472,6 +472,31 @@ def test_a_resume_at_a_step_snapshotted_between_its_step_and_its_report(make_pla
     assert plane.registry.runs["back"].engine.policy.state_dict() == reference.state_dict()
 
 
+def test_a_second_resume_from_one_checkpoint_does_not_count_its_report_twice(make_plane):
+    """Two resumes from the same checkpoint at step 2 (a report at step 2 in
+    it): the first rewind's snapshot at step 2 is numbered by the new
+    process, and the second rewind replayed the old report at step 2 on top
+    of it, one bad report too many (a plateau cut an evaluation early)."""
+    patient = {**PLATEAU, "patience": 1}
+    plane = make_plane()
+    replies(plane, b"first", hello_from("twice", "a", 1, sync=True, policy=patient))
+    records = [(1, 1, STEP, {}), (2, 2, STEP, {}), (3, 2, REPORT, {"val_loss": 2.0})]
+    records += [(4, 3, STEP, {}), (5, 4, STEP, {}), (6, 4, REPORT, {"val_loss": 3.0})]
+    plane.handle(b"first", ENCODER.encode(records, {}), 0.0)
+    replies(plane, b"first", [encode(Bye(run="twice", step=4))])
+    plane.flush()
+    reference = parse_policy(patient).build([0.1])
+    reference.observe({"val_loss": 2.0})
+    for again in (b"second", b"third"):
+        replies(plane, again, hello_from("twice", "a", 2, step=2, sync=True, policy=patient))
+        plane.flush()  # the tick snapshots the run at step 2
+        assert plane.registry.runs["twice"].engine.policy.state_dict() == reference.state_dict()
+        # It trains on a step (its records numbered from 1), then stops.
+        plane.handle(again, ENCODER.encode([(1, 3, STEP, {})], {}), 1.0)
+        replies(plane, again, [encode(Bye(run="twice", step=3))])
+        plane.flush()
+
+
 # --- what a client may not do (issue: trust nothing from the wire) ----------
 
 

@@ -51,8 +51,9 @@ SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
     "store_ops": ({"schema"}, {"lrpilot.protocol"}),
     "store": ({"schema", "store_ops", "records"}, {"lrpilot.protocol"}),
     "registry": ({"engine", "ledger"}, None),
-    "dataplane": ({"engine", "ledger", "registry", "store", "config"}, None),
-    "control": ({"dataplane", "engine", "registry", "control_protocol"}, None),
+    "dataplane": ({"engine", "ledger", "registry", "store", "config", "auth"}, None),
+    "control": ({"dataplane", "engine", "registry", "auth", "control_protocol"}, None),
+    "auth": (set(), {"lrpilot.errors", "zmq", "zmq.auth", "zmq.auth.thread"}),
 }
 
 

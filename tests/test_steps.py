@@ -359,3 +359,23 @@ def test_rank_from_the_launcher_s_environment(monkeypatch):
     monkeypatch.setenv("RANK", "two")
     with pytest.raises(UsageError, match=r"\$RANK must be an integer, got 'two'"):
         lrpilot.attach(two_groups(), run="env", daemon=free_address())
+
+
+def test_with_no_policy_the_lrs_a_scheduler_left_are_held_not_counted_as_foreign():
+    """A warmup scheduler left lr 0 with initial_lr 0.1 (HF's Trainer does):
+    without a policy lrpilot holds what is there; it must not take its own
+    base LR (initial_lr) for what it left and count the group as written."""
+    optimizer = two_groups()
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # a warmup at its step 0
+    with _quiet():
+        pilot = lrpilot.attach(optimizer, run="held", daemon=free_address())
+    try:
+        assert pilot.lrs == [0.0, 0.0] and pilot.base_lrs == [0.1, 0.02]
+        for _ in range(3):
+            train_step(optimizer)
+            pilot.step(loss=1.0)
+        assert pilot.stats.foreign_lr_writes == 0
+        assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    finally:
+        with _quiet():
+            pilot.close()

@@ -269,6 +269,14 @@ def add_control_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -
         default=5.0,
         help=f"seconds to wait for the daemon, {TIMEOUT_S[0]:g} to {TIMEOUT_S[1]:g} (default: 5)",
     )
+    parser.add_argument(
+        "--keys",
+        default=None,
+        metavar="DIR",
+        help="this client's key directory, for a daemon with keys (client.key_secret and "
+        "daemon.key, as `lrpilot keys add` makes it; docs/security.md); default: $LRPILOT_KEYS, "
+        "else ~/.config/lrpilot/keys when it exists",
+    )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -571,6 +579,88 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def add_keys_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot keys`: the CURVE keys of a daemon and of the clients it allows."""
+
+    def cmd_keys(args: argparse.Namespace) -> None:
+        from .keys import cmd_keys as run_keys
+
+        run_keys(args)
+
+    keys = commands.add_parser(
+        "keys",
+        help="make and manage the keys of the daemon and its clients (trainers, operators)",
+        description="The ZeroMQ CURVE keys that authenticate and encrypt both planes. DIR is "
+        "the daemon's key directory: daemon.key_secret (the daemon's key pair), daemon.key "
+        "(its public key), allowed/NAME.key (each client's public key and role, which the "
+        "daemon allows) and clients/NAME/ (the folder to give that client). Roles: trainer "
+        "(the data plane for its runs, and the control plane's reads), operator (everything, "
+        "set-lr, policy, pause and resume included), viewer (runs, show, history, top). A "
+        "running daemon reads allowed/ again on SIGHUP. See docs/security.md.",
+        epilog="example: lrpilot keys init /etc/lrpilot/keys && lrpilot keys add "
+        "/etc/lrpilot/keys team-a --role trainer --runs 'team-a-*'",
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", parser_class=OneLineParser)
+    actions.required = True
+    init = actions.add_parser(
+        "init",
+        help="make a daemon's key directory, with an operator's and a trainer's key",
+        description="Make DIR (mode 0700; new or empty) with the daemon's key pair, allowed/, "
+        "clients/, and two clients: 'operator' (role operator) and 'trainer' (role trainer, "
+        "every run). Refuses a DIR that already holds a daemon's keys: to rotate them, init "
+        "a new DIR, give every client its new folder and restart the daemon.",
+    )
+    add = actions.add_parser(
+        "add",
+        help="add a client key: its folder under clients/, its public key in allowed/",
+        description="Make a key for one client: DIR/clients/NAME/ (client.key_secret, "
+        "client.key and a copy of daemon.key: give that folder to the client) and "
+        "DIR/allowed/NAME.key (its public key, role and runs, which the daemon allows). "
+        "NAME is what the journal shows as the actor. A running daemon takes the key on "
+        "SIGHUP.",
+        epilog="example: lrpilot keys add /etc/lrpilot/keys alice --role operator",
+    )
+    remove = actions.add_parser(
+        "remove",
+        help="remove a client key (allowed/NAME.key and clients/NAME/)",
+        description="Remove DIR/allowed/NAME.key and DIR/clients/NAME/. A running daemon "
+        "refuses the key once it reads allowed/ again (SIGHUP) or restarts.",
+    )
+    listed = actions.add_parser(
+        "list",
+        help="the client keys the daemon allows: name, role, runs",
+        description="Every key in DIR/allowed/ as the daemon reads it: its name, role and "
+        "runs (the runs it may report for). A file the daemon cannot read is shown with "
+        "the reason it would be left out.",
+    )
+    # DIR first: `lrpilot keys add DIR NAME`, as the daemon's directory is what each acts on.
+    for action in (init, add, remove, listed):
+        action.add_argument("dir", type=Path, metavar="DIR", help="the daemon's key directory")
+        action.set_defaults(func=cmd_keys)
+    add.add_argument(
+        "name",
+        metavar="NAME",
+        help="the key's name: 1 to 64 letters, digits, '.', '_' or '-' (not 'daemon' or "
+        "'policy', which the journal uses)",
+    )
+    add.add_argument(
+        "--role",
+        required=True,
+        metavar="{trainer,operator,viewer}",
+        help="trainer: the data plane for its runs, control reads; operator: everything; "
+        "viewer: control reads only (runs, show, history, top)",
+    )
+    add.add_argument(
+        "--runs",
+        default=None,
+        metavar="RUNS",
+        help="a trainer's runs: a run id, a prefix ending in '*' (team-a-*), or '*' for every "
+        "run (default: *)",
+    )
+    remove.add_argument("name", metavar="NAME", help="the key's name (lrpilot keys list DIR)")
+    listed.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="lrpilot",
@@ -586,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_daemon_command(commands)
     add_demo_command(commands)
     add_dashboards_command(commands)
+    add_keys_command(commands)
     return parser
 
 

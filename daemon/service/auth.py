@@ -50,7 +50,13 @@ DAEMON_PUBLIC = "daemon.key"
 ALLOWED = "allowed"
 CLIENTS = "clients"
 # A key's name is its file's stem: what the journal shows as the actor.
-KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# (Use with fullmatch: "$" would let a trailing newline through.)
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Actors the daemon writes itself: a key may not pass for them in the journal.
+RESERVED_NAMES = frozenset({"daemon", "policy"})
+# A trainer's runs: "*", a run id, or a prefix ending in "*" (printable, no
+# other "*": a "*" inside would read as a wildcard and match literally).
+RUNS_RULE = re.compile(r"[^\x00-\x1f\x7f-\x9f*]{0,199}\*?")
 # Control requests each role may make (the data plane is checked per run).
 READS = frozenset({"runs", "show", "history", "store"})
 CHANGES = frozenset({"set_lr", "policy", "pause", "resume"})
@@ -65,6 +71,7 @@ class Key:
     name: str
     role: str
     runs: str = "*"  # a trainer's runs: "*", a run id, or a prefix ending in "*"
+    public: bytes = b""  # z85: what a connection proved it holds
 
     def may_train(self, run: str) -> bool:
         """May speak for ``run`` on the data plane."""
@@ -99,13 +106,25 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def key_of(path: Path) -> tuple[bytes, Key]:
-    """An allowed key file: (its z85 public key, the Key)."""
+    """An allowed key file: (its z85 public key, the Key). KeysError for a
+    name, role or runs the daemon must not take: a key file fails closed."""
+    name = path.stem
+    if not KEY_NAME.fullmatch(name) or name in RESERVED_NAMES:
+        raise KeysError(
+            f"{path}: a key's name must be letters, digits, '.', '_' or '-' (up to 64), "
+            f"and not {' or '.join(sorted(RESERVED_NAMES))}"
+        )
     public, _ = zmq.auth.load_certificate(path)
     meta = read_metadata(path)
-    role, runs = meta.get("role", ""), meta.get("runs", "*") or "*"
+    role, runs = meta.get("role", ""), meta.get("runs", "")
     if role not in ROLES:
         raise KeysError(f"{path}: role must be one of {', '.join(ROLES)}, got {role!r}")
-    return public, Key(path.stem, role, runs)
+    if role == "trainer" and not (runs and RUNS_RULE.fullmatch(runs)):
+        raise KeysError(
+            f"{path}: a trainer key needs runs: a run id, a prefix ending in '*', or '*'; "
+            f"got {runs!r}"
+        )
+    return public, Key(name, role, runs if role == "trainer" else "*", public)
 
 
 class KeyRing:
@@ -128,29 +147,40 @@ class KeyRing:
         self.public, self.secret = public, secret_key
         self._lock = threading.Lock()
         self.by_public: dict[bytes, Key] = {}
-        self.by_name: dict[str, Key] = {}
         self.reload()
 
     def reload(self) -> None:
         """Read allowed/ again (at start and on SIGHUP). A file that does not
         read is left out and logged; the others stay allowed."""
         by_public: dict[bytes, Key] = {}
-        for path in sorted((self.directory / ALLOWED).glob("*.key")):
+        allowed = self.directory / ALLOWED
+        if not allowed.is_dir():
+            log.warning("keys: no %s: no client can connect until it has keys", allowed)
+        for path in sorted(allowed.glob("*.key")):
             try:
                 public, key = key_of(path)
             except (OSError, ValueError) as exc:
                 log.error("keys: %s is left out: %s", path, exc)
                 continue
+            if public in by_public:
+                log.error(
+                    "keys: %s holds the same public key as %s.key; it is left out",
+                    path,
+                    by_public[public].name,
+                )
+                continue
             by_public[public] = key
         with self._lock:
             self.by_public = by_public
-            self.by_name = {key.name: key for key in by_public.values()}
         log.info("keys: %d allowed client keys from %s", len(by_public), self.directory / ALLOWED)
 
-    def key(self, name: str) -> Key | None:
-        """The allowed key of that name now (None: removed since it connected)."""
+    def key(self, public: str) -> Key | None:
+        """The allowed key with that (z85) public key now: None when it was
+        removed since it connected. By public key, not name: a key removed
+        and another added under its name must not hand the old one's open
+        connections the new one's rights."""
         with self._lock:
-            return self.by_name.get(name)
+            return self.by_public.get(public.encode())
 
     def secure(self, sock: zmq.Socket) -> None:
         """Make ``sock`` (before bind) a CURVE server with the daemon's keys."""
@@ -161,8 +191,8 @@ class KeyRing:
 
 class Gatekeeper:
     """ZeroMQ's ZAP handler for the daemon's context: allows the keys of the
-    ring, names each connection by its key (the messages' User-Id), and
-    counts the handshakes it refuses (logged once per key)."""
+    ring (each connection's messages then carry its public key as User-Id),
+    and counts the handshakes it refuses (logged once per key)."""
 
     def __init__(self, context: zmq.Context, ring: KeyRing) -> None:
         self.ring = ring
@@ -170,30 +200,26 @@ class Gatekeeper:
         self._logged: set[bytes] = set()
         gate = self
 
-        class Authenticator(ThreadAuthenticator):
-            def curve_user_id(self, client_public_key: bytes) -> str:
-                from zmq.utils import z85
-
-                key = ring.by_public.get(z85.encode(client_public_key))
-                return key.name if key is not None else ""
-
         class Provider:
             def callback(self, domain: str, key: bytes) -> bool:
                 return gate.allows(key)
 
-        self._auth = Authenticator(context)
+        # ZeroMQ's User-Id of each message is then the client's z85 public
+        # key (pyzmq's default), which the server looks up at every message.
+        self._auth = ThreadAuthenticator(context)
         self._auth.start()
         self._auth.configure_curve_callback("*", credentials_provider=Provider())
 
     def refused_handshake(self, endpoint: bytes) -> None:
-        """A handshake a plane refused before ZAP: no key (a keyless client)
-        or a broken one; logged once per endpoint the daemon bound."""
+        """A handshake a plane refused before ZAP: no key (a keyless client),
+        or a client holding another daemon's public key (it cannot complete
+        the handshake); logged once per endpoint the daemon bound."""
         self.denied["no_key"] += 1
         if endpoint not in self._logged:
             self._logged.add(endpoint)
             log.warning(
-                "keys: refused a connection on %s that offered no key (a client without "
-                "--keys / $LRPILOT_KEYS?)",
+                "keys: refused a connection on %s whose handshake failed: it offered no key (a "
+                "client without --keys / $LRPILOT_KEYS?) or keys made for another daemon",
                 endpoint.decode(errors="replace"),
             )
 
@@ -213,7 +239,8 @@ class Gatekeeper:
 
 
 def key_name(frame: Any) -> str | None:
-    """The key name ZeroMQ attached to a received message (None: no keys)."""
+    """The User-Id ZeroMQ attached to a received message: the client's z85
+    public key (None: no keys)."""
     try:
         return frame.get("User-Id") or None
     except (zmq.ZMQError, AttributeError):

@@ -102,7 +102,7 @@ class DaemonConfig(BaseModel):
         "--insecure)",
     )
     keys: Path | None = Field(
-        default_factory=lambda: _env(DAEMON_KEYS_ENV),
+        default_factory=lambda: Path(found) if (found := _env(DAEMON_KEYS_ENV)) else None,
         description="the daemon's key directory (`lrpilot keys init DIR` makes it; "
         "$LRPILOT_DAEMON_KEYS): both planes then take only CURVE clients whose public key is "
         "in DIR/allowed/, each with its role (docs/security.md); SIGHUP reads allowed/ again",

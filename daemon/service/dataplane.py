@@ -173,7 +173,7 @@ class DataPlane:
         run = known[0].run_id if known is not None else getattr(message, "run", None)
         if key is None:
             why = "this connection's key is no longer allowed"
-        elif known is not None and known[1].key != key.name:
+        elif known is not None and getattr(known[1].key, "public", None) != key.public:
             why = f"key {key.name!r} is not the key this session said hello with"
         elif isinstance(run, str) and not key.may_train(run):
             why = f"key {key.name!r} ({key.role}, runs {key.runs!r}) may not speak for run {run!r}"
@@ -228,7 +228,7 @@ class DataPlane:
             self.rejected["bad_hello"] += 1
             return [(identity, error("bad_hello", f"run {hello.run}: {exc}"))]
         session = self.registry.join(identity, run, hello, now)
-        session.key = key.name if key is not None else None
+        session.key = key
         if run.driver is session:
             # An async client has already set the LRs of its next step when a
             # decision reaches it; scheduling one step later lets it apply the
@@ -374,9 +374,11 @@ class DataPlane:
 
     def _daemon_change(self, run: Run, reason: str, cause: str, old_lrs: list[float]) -> None:
         """Journal (and send) the daemon's own change to a run: its whole
-        state as a new version, from the next step, where a timeline turned."""
+        state as a new version, where a timeline turned. One step ahead: the
+        client has set the LRs of its next step when it reads the answer to
+        its hello (the command would land a step late and say so)."""
         change = run.engine.command(
-            reason, actor="daemon", lead=0, policy_changed=True, cause=cause, old_lrs=old_lrs
+            reason, actor="daemon", lead=1, policy_changed=True, cause=cause, old_lrs=old_lrs
         )
         self.send_command(run, change)
 
@@ -443,6 +445,11 @@ class DataPlane:
         engine.last_change = run.engine.last_change
         run.engine = engine
         run.ledger.forget_driver()  # whoever drives next numbers its records afresh
+        # The state holds every record of this step stored so far; the
+        # snapshot the next tick takes at it must say so, or a second resume
+        # at this step would replay them again on top of it (the next
+        # driver's seq numbers, from 1, cannot say it). Reset by that driver.
+        run.ledger.seq = MAX_COUNT
         log.info(
             "run %s %s: state rebuilt from step %d and %d recorded steps",
             run.run_id,

@@ -35,7 +35,7 @@ class Session:
     applied_version: int = 0
     applied_step: int = 0
     late_by: int = 0  # steps the last command landed after its effective step
-    key: str | None = None  # the allowed key it said hello with (daemon with keys)
+    key: Any = None  # the allowed Key it said hello with (a daemon with keys)
     _rate_at: tuple[float, int] = (0.0, 0)
 
     def saw_step(self, step: int, now: float) -> None:

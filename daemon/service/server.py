@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from lrpilot.errors import LRPilotError
 
-from ..control_protocol import MAX_CONTROL_BYTES, encode_answer, refusal
+from ..control_protocol import MAX_CONTROL_BYTES, Answer, Refusal, encode_answer, refusal
 from ..observability.annotations import AnnotationPoster
 from ..observability.exporter import DaemonCollector, Exposition
 from ..observability.metrics_server import MetricsServer
@@ -251,6 +251,7 @@ class Daemon:
         sock = self._control_sock
         assert sock is not None and self.control is not None, "start() first"
         keys = self.keys
+        answer: Answer | Refusal
         while True:
             try:
                 if keys is None:
