@@ -549,3 +549,37 @@ def train_step(optimizer: Any) -> None:
         for p in group["params"]:
             p.grad = torch.full_like(p, 0.01)
     optimizer.step()
+
+
+def steer_at_gates(
+    daemon: DaemonProcess,
+    training: subprocess.Popen,
+    where: Path,
+    out: str,
+    run: str,
+    gates: tuple[int, int],
+    held_lr: float,
+) -> None:
+    """An operator at a gated training (tests/live/train_*.py write at-K and
+    wait for go-K): `lrpilot set-lr RUN held_lr` at the first gate, `resume`
+    at the second. A training that dies shows its output (``out``.out)."""
+
+    def at(k: int) -> None:
+        def there() -> bool:
+            if training.poll() is not None:
+                raise AssertionError((where / f"{out}.out").read_text()[-5000:])
+            return (where / f"at-{k}").exists()
+
+        wait_for(there, 60, f"the training to reach real step {k}", daemon.log)
+
+    hold_at, release_at = gates
+    try:
+        at(hold_at)
+        daemon.cli("set-lr", run, str(held_lr))
+        (where / f"go-{hold_at}").write_text("go")
+        at(release_at)
+        daemon.cli("resume", run)
+        (where / f"go-{release_at}").write_text("go")
+    except BaseException:
+        training.kill()  # held at a gate: it would wait for its deadline
+        raise

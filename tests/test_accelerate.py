@@ -22,7 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import LIVE, daemon_process, read_jsonl, settled_history, store_records, wait_for
+from procs import (
+    LIVE,
+    daemon_process,
+    read_jsonl,
+    settled_history,
+    steer_at_gates,
+    store_records,
+    wait_for,
+)
 
 RUN = "accelerate-mlp"
 BASE_LR = 0.05
@@ -124,24 +132,8 @@ def runs(lrpilot_exe, tmp_path_factory) -> Iterator[dict]:
             },
         )
 
-        def at(k: int) -> None:
-            def there() -> bool:
-                if first.poll() is not None:
-                    raise AssertionError((where / "full.out").read_text()[-5000:])
-                return (where / f"at-{k}").exists()
-
-            wait_for(there, 60, f"the run to reach real step {k}", daemon.log)
-
         try:
-            at(HOLD_AT)
-            daemon.cli("set-lr", RUN, str(HELD_LR))
-            (where / f"go-{HOLD_AT}").write_text("go")
-            at(RELEASE_AT)
-            daemon.cli("resume", RUN)
-            (where / f"go-{RELEASE_AT}").write_text("go")
-        except BaseException:
-            first.kill()  # held at a gate: it would wait for its deadline
-            raise
+            steer_at_gates(daemon, first, where, "full", RUN, (HOLD_AT, RELEASE_AT), HELD_LR)
         finally:
             finish(first, where, "full")
         full_history = history()

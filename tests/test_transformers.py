@@ -31,6 +31,7 @@ from procs import (
     read_jsonl,
     settled_history,
     simulate,
+    steer_at_gates,
     store_records,
     wait_for,
 )
@@ -142,24 +143,8 @@ def fits(lrpilot_exe, tmp_path_factory) -> Iterator[dict]:
         config["address"] = daemon.address
         first = start(where, "full", {**config, "trainings": [training(where, "full", gated=True)]})
 
-        def at(k: int) -> None:
-            def there() -> bool:
-                if first.poll() is not None:
-                    raise AssertionError((where / "full.out").read_text()[-5000:])
-                return (where / f"at-{k}").exists()
-
-            wait_for(there, 60, f"the fit to reach step {k}", daemon.log)
-
         try:
-            at(HOLD_AT)
-            daemon.cli("set-lr", RUN, str(HELD_LR))
-            (where / f"go-{HOLD_AT}").write_text("go")
-            at(RELEASE_AT)
-            daemon.cli("resume", RUN)
-            (where / f"go-{RELEASE_AT}").write_text("go")
-        except BaseException:
-            first.kill()  # held at a gate: it would wait for its deadline
-            raise
+            steer_at_gates(daemon, first, where, "full", RUN, (HOLD_AT, RELEASE_AT), HELD_LR)
         finally:
             finish(first, where, "full")
         full_history = history(daemon)
