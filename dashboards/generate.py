@@ -541,7 +541,8 @@ def overview_rank_panels() -> list[Panel]:
 
 
 def daemon_panels() -> list[Panel]:
-    """The daemon process: messages refused, throughput, annotations, CPU, memory, fds."""
+    """The daemon process: messages and clients refused, throughput, annotations, CPU,
+    memory, fds."""
     return [
         row("Daemon"),
         timeseries(
@@ -551,6 +552,19 @@ def daemon_panels() -> list[Panel]:
             target(
                 "sum by (reason) "
                 f"(rate(lrpilot_messages_rejected_total{{{JOB}}}[$__rate_interval]))",
+                "{{reason}}",
+            ),
+            size=(8, 8),
+            unit=PER_SECOND,
+        ),
+        timeseries(
+            "Refused for their key",
+            "With --keys: clients refused per second, by reason: no_key and unknown_key at "
+            "the handshake (a client without keys, or with a key not in allowed/), forbidden "
+            "(a message outside the key's runs), forbidden_control (a request outside its "
+            "role). docs/security.md.",
+            target(
+                f"sum by (reason) (rate(lrpilot_auth_refused_total{{{JOB}}}[$__rate_interval]))",
                 "{{reason}}",
             ),
             size=(8, 8),
