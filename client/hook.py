@@ -343,6 +343,7 @@ class Pilot:
         # Records whose values are still on a device (CUDA), oldest first:
         # (step, kind, metrics, DeviceRead or None), queued once read.
         self._reading: deque = deque()
+        self._device_values = False  # a metric was ever a device tensor
         self._encoder = BatchEncoder(run, rank)
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes, keys=keys)
         if self._policy is not None:
@@ -401,7 +402,8 @@ class Pilot:
         each call is a step. Leaves the next step's LRs in the groups."""
         for name, value in metrics.items():
             if type(value) is not float:
-                metrics[name] = as_number(name, value)
+                metrics[name] = number = as_number(name, value)
+                self._device_values |= type(number) is not float
         if not self._said_hello:
             self._send_hello()  # as of before this step: the daemon takes it next
         if self._optimizer.param_groups is not self._groups:
@@ -480,7 +482,11 @@ class Pilot:
         (unless a command rebuilt the mirror at or after its step), then the
         queue. A record with values still on a device waits, in order with
         the records after it, until they are read (at once in lock-step)."""
-        if self._reading or any(type(v) is not float for v in metrics.values()):
+        # Looked for only once a device value has been seen: a loop of plain
+        # numbers pays nothing for it.
+        if self._reading or (
+            self._device_values and any(type(v) is not float for v in metrics.values())
+        ):
             read = DeviceRead(metrics) if any(device_type(v) for v in metrics.values()) else None
             self._reading.append((step, kind, metrics, read))
             self._release_read(wait=self.sync)
@@ -540,7 +546,8 @@ class Pilot:
         to the last step, and metric-driven policies act on them."""
         for name, value in metrics.items():
             if type(value) is not float:
-                metrics[name] = as_number(name, value)
+                metrics[name] = number = as_number(name, value)
+                self._device_values |= type(number) is not float
         if not self._said_hello:
             self._send_hello()
         if self._optimizer.param_groups is not self._groups:

@@ -28,6 +28,7 @@ from .errors import UsageError
 KEYS_ENV = "LRPILOT_KEYS"
 CLIENT_SECRET = "client.key_secret"
 DAEMON_PUBLIC = "daemon.key"
+DAEMON_SECRET = "daemon.key_secret"  # in the daemon's key directory, never a client's
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def load_client_keys(where: Path) -> ClientKeys:
     if not secret_file.exists():
         hint = (
             " (this is the daemon's key directory: give a client's, under its clients/)"
-            if (where / "daemon.key_secret").exists()
+            if (where / DAEMON_SECRET).exists()
             else " (`lrpilot keys init` makes one per client)"
         )
         raise UsageError(f"lrpilot keys: no {CLIENT_SECRET} in {where}{hint}")

@@ -583,3 +583,27 @@ def steer_at_gates(
     except BaseException:
         training.kill()  # held at a gate: it would wait for its deadline
         raise
+
+
+def stored_records(state_dir: Path, run: str, count: int) -> list[tuple[int, str, dict]]:
+    """The run's recorded stream once the store has ``count`` records (the
+    daemon commits them a moment after the training sent them)."""
+
+    def there() -> list | None:
+        records = store_records(state_dir, run)
+        return records if len(records) >= count else None
+
+    return wait_for(there, 20, f"{count} records of {run} in the store")
+
+
+def lrs_from_journal(history: list[dict], steps: range, start: list[float]) -> dict:
+    """The LRs of each step as the journal has them: a change's new LRs from
+    its effective step on, ``start`` before the first."""
+    lrs, by_step = start, {}
+    entries = sorted(history, key=lambda e: e["version"])
+    for step in steps:
+        for entry in entries:
+            if entry["effective_step"] == step:
+                lrs = entry["new_lrs"]
+        by_step[step] = lrs
+    return by_step

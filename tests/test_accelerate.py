@@ -25,6 +25,7 @@ import pytest
 from procs import (
     LIVE,
     daemon_process,
+    lrs_from_journal,
     read_jsonl,
     settled_history,
     steer_at_gates,
@@ -84,18 +85,6 @@ def finish(proc: subprocess.Popen, where: Path, name: str, timeout: float = 120)
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0, (where / f"{name}.out").read_text()[-5000:]
-
-
-def journal_lrs(entries: list[dict], start: list[float], last: int) -> dict[int, list[float]]:
-    """The LRs of steps 1..last as the journal has them: each entry's new
-    LRs from its effective step on."""
-    lrs, current = {}, start
-    for k in range(1, last + 1):
-        for entry in sorted(entries, key=lambda e: e["version"]):
-            if entry["effective_step"] == k:
-                current = entry["new_lrs"]
-        lrs[k] = current
-    return lrs
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +159,7 @@ def test_the_pilot_counts_one_step_per_accumulation_window(runs):
 def test_every_real_step_uses_the_lr_of_the_journal(runs):
     full, journal = runs["full"], runs["full_history"]
     assert all(e["applied_step"] == e["effective_step"] for e in journal), journal
-    want = journal_lrs(journal, [BASE_LR], STEPS)
+    want = lrs_from_journal(journal, range(1, STEPS + 1), [BASE_LR])
     assert full.used == want, next(k for k in want if full.used[k] != want[k])
     operator = [e for e in journal if e["actor"] != "policy"]
     assert [e["hold"] for e in operator] == [True, False], operator
@@ -196,7 +185,7 @@ def test_load_state_restores_the_pilot_and_the_lrs_go_on_as_uninterrupted(runs):
     assert journal, "the resumed run made its own plateau decisions"
     assert all(e["applied_step"] == e["effective_step"] for e in journal), journal
     before = [e for e in runs["full_history"] if e["state_step"] <= SAVE_AT]
-    want = journal_lrs(before + journal, [BASE_LR], STEPS)
+    want = lrs_from_journal(before + journal, range(1, STEPS + 1), [BASE_LR])
     assert resumed.used == {k: want[k] for k in resumed.used}
     stats = summary["stats"]
     assert stats["foreign_lr_writes"] == stats["sync_timeouts"] == stats["daemon_errors"] == 0

@@ -53,7 +53,7 @@ SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
     "registry": ({"engine", "ledger"}, None),
     "dataplane": ({"engine", "ledger", "registry", "store", "config", "auth"}, None),
     "control": ({"dataplane", "engine", "registry", "auth", "control_protocol"}, None),
-    "auth": (set(), {"lrpilot.errors", "zmq", "zmq.auth", "zmq.auth.thread"}),
+    "auth": (set(), {"lrpilot.errors", "lrpilot.keys", "zmq", "zmq.auth", "zmq.auth.thread"}),
 }
 
 

@@ -35,9 +35,10 @@ from procs import (
     LIVE,
     daemon_process,
     free_address,
+    lrs_from_journal,
     read_jsonl,
     settled_history,
-    store_records,
+    stored_records,
     wait_for,
 )
 
@@ -127,30 +128,6 @@ class Fit:
         return [(e["step"], e["new"]) for e in self.of("change")]
 
 
-def lrs_from_journal(history: list[dict], steps: range, start: list[float]) -> dict:
-    """The LRs of each step as the journal has them: a change's new LRs from
-    its effective step on, ``start`` before the first."""
-    lrs, by_step = start, {}
-    entries = sorted(history, key=lambda e: e["version"])
-    for step in steps:
-        for entry in entries:
-            if entry["effective_step"] == step:
-                lrs = entry["new_lrs"]
-        by_step[step] = lrs
-    return by_step
-
-
-def stored(state_dir: Path, run: str, count: int) -> list[tuple[int, str, dict]]:
-    """The run's recorded stream once the store has ``count`` records (the
-    daemon writes them a moment after the training sent them)."""
-
-    def there() -> list | None:
-        records = store_records(state_dir, run)
-        return records if len(records) >= count else None
-
-    return wait_for(there, 20, f"{count} records of {run} in the store")
-
-
 @pytest.fixture(scope="module")
 def fits(lrpilot_exe, digits, tmp_path_factory) -> dict:
     """The five fits of one training process (see the module's docstring),
@@ -216,7 +193,7 @@ def fits(lrpilot_exe, digits, tmp_path_factory) -> dict:
                 "resumed-fresh": history(fresh, "part", FULL_STEPS),
                 "operator": history(daemon, "operator", steps),
             },
-            "operator_records": stored(daemon.state_dir, "operator", steps + reports),
+            "operator_records": stored_records(daemon.state_dir, "operator", steps + reports),
         }
 
 
@@ -541,7 +518,7 @@ def test_a_missing_monitor_warns_once_and_reports_nothing(running_daemon):
     assert ours[0].filename == __file__
     assert "'val_loss' is not among the logged metrics" in said[0]
     assert "val_mse" in said[0]
-    records = stored(daemon.state_dir, "no-monitor", 8)
+    records = stored_records(daemon.state_dir, "no-monitor", 8)
     assert [kind for _, kind, _ in records] == ["s"] * 8 == ["s"] * trainer.global_step
 
 

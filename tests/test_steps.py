@@ -22,10 +22,9 @@ from procs import (
     free_address,
     free_port,
     serving,
-    store_records,
+    stored_records,
     train_step,
     two_groups,
-    wait_for,
 )
 
 import lrpilot
@@ -41,18 +40,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def stored(state_dir: Path, run: str, count: int) -> list:
-    """The run's recorded stream, once the daemon has committed ``count`` records."""
-    found: list = []
-
-    def committed() -> bool:
-        found[:] = store_records(state_dir, run)
-        return len(found) >= count
-
-    wait_for(committed, what=f"{count} records of {run} in the store")
-    return found
 
 
 WARMUP = {"kind": "linear", "start_factor": 0.1, "end_factor": 1.0, "total_iters": 10}
@@ -90,7 +77,7 @@ def test_gradient_accumulation_steps_the_schedule_once_per_optimizer_step(tmp_pa
             want.append(reference.lrs)
             reference.step()
         assert used == want
-        records = stored(tmp_path / "state", "accumulate", 10)
+        records = stored_records(tmp_path / "state", "accumulate", 10)
     assert [step for step, _, _ in records] == list(range(1, 11))
     # Step k's batches are 4k-3 .. 4k: their mean loss is 4k - 1.5.
     assert [m["loss"] for _, _, m in records] == [4 * k - 1.5 for k in range(1, 11)]
@@ -146,7 +133,7 @@ def test_a_step_with_no_call_after_it_is_recorded_at_the_next_step(tmp_path):
                     pilot.step(loss=float(step))
         finally:
             pilot.close()
-        records = stored(tmp_path / "state", "sparse", 10)
+        records = stored_records(tmp_path / "state", "sparse", 10)
     assert [(s, m) for s, _, m in records] == [
         (k, {"loss": float(k)} if k % 2 == 0 else {}) for k in range(1, 11)
     ]
@@ -270,7 +257,7 @@ def test_device_values_are_sent_once_read_in_order_with_their_steps(tmp_path, st
             assert pilot.flush(timeout=5.0)
         finally:
             pilot.close()
-        records = stored(tmp_path / "state", "device", 5)
+        records = stored_records(tmp_path / "state", "device", 5)
     assert records == [
         (1, "s", {"loss": 1.0, "lr_seen": 0.5}),
         (2, "s", {"loss": 2.0, "lr_seen": 0.5}),

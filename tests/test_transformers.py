@@ -28,6 +28,7 @@ from procs import (
     LIVE,
     DaemonProcess,
     daemon_process,
+    lrs_from_journal,
     read_jsonl,
     settled_history,
     simulate,
@@ -102,19 +103,6 @@ def finish(proc: subprocess.Popen, where: Path, name: str, timeout: float = 120)
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0, (where / f"{name}.out").read_text()[-5000:]
-
-
-def journal_lrs(entries: list[dict], start: list[float], last: int) -> dict[int, list[float]]:
-    """The LRs of steps 1..last as the journal has them: each entry's new
-    LRs from its effective step on (the hook's policy only steps between
-    decisions, and a plateau's step changes nothing)."""
-    lrs, current = {}, start
-    for k in range(1, last + 1):
-        for entry in sorted(entries, key=lambda e: e["version"]):
-            if entry["effective_step"] == k:
-                current = entry["new_lrs"]
-        lrs[k] = current
-    return lrs
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +213,7 @@ def test_every_real_step_uses_the_lr_of_the_journal(fits):
     # lrpilot's policy governs from the first step.
     assert all(fit.used[k] == [BASE_LR, BASE_LR] for k in range(1, WARMUP + 1))
     assert all(e["applied_step"] == e["effective_step"] for e in journal), journal
-    want = journal_lrs(journal, [BASE_LR, BASE_LR], STEPS)
+    want = lrs_from_journal(journal, range(1, STEPS + 1), [BASE_LR, BASE_LR])
     assert fit.used == want, next(k for k in want if fit.used[k] != want[k])
     # What the journal holds: the operator's hold and its release, and the
     # plateau's cuts on the evaluation loss, before and after the checkpoint.
@@ -278,7 +266,7 @@ def test_a_resume_from_a_checkpoint_uses_the_lrs_of_the_uninterrupted_fit(fits, 
     assert journal, "the resume made its own plateau decisions"
     assert all(e["applied_step"] == e["effective_step"] for e in journal), journal
     before = [e for e in fits["full_history"] if e["state_step"] <= SAVE_EVERY]
-    want = journal_lrs(before + journal, [BASE_LR, BASE_LR], STEPS)
+    want = lrs_from_journal(before + journal, range(1, STEPS + 1), [BASE_LR, BASE_LR])
     assert fit.used == {k: want[k] for k in fit.used}
     stats = summary["stats"]
     assert stats["foreign_lr_writes"] == stats["sync_timeouts"] == stats["daemon_errors"] == 0

@@ -28,10 +28,9 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from lrpilot.keys import CLIENT_SECRET
-from lrpilot.keys import DAEMON_PUBLIC as CLIENT_DAEMON_PUBLIC
+from lrpilot.keys import CLIENT_SECRET, DAEMON_PUBLIC, DAEMON_SECRET
 
-from ..service.auth import ALLOWED, CLIENTS, DAEMON_PUBLIC, DAEMON_SECRET, KEY_NAME, ROLES, key_of
+from ..service.auth import ALLOWED, CLIENTS, KEY_NAME, ROLES, key_of
 from .control_client import printable
 from .main import CommandError
 
@@ -178,7 +177,7 @@ def make_client(where: Path, name: str, role: str, runs: str | None) -> None:
     try:
         zmq.auth.create_certificates(staging, "client", metadata)
         (staging / CLIENT_SECRET).chmod(0o600)
-        shutil.copyfile(where / DAEMON_PUBLIC, staging / CLIENT_DAEMON_PUBLIC)
+        shutil.copyfile(where / DAEMON_PUBLIC, staging / DAEMON_PUBLIC)
         public, _ = zmq.auth.load_certificate(staging / CLIENT_CERT)
         staging.rename(folder)
     except BaseException:

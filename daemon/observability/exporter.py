@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -157,26 +157,20 @@ class DaemonCollector:
             "LR command messages sent (one per rank a command is addressed to)",
             value=plane.commands_sent,
         )
-        rejected = CounterMetricFamily(
+        yield by_reason(
             "lrpilot_messages_rejected",
             "messages and records refused or dropped by the daemon, by reason",
-            labels=["reason"],
+            REJECT_REASONS,
+            plane.rejected,
         )
-        counts = dict(plane.rejected)
-        for reason in sorted(set(REJECT_REASONS) | set(counts)):
-            rejected.add_metric([reason], counts.get(reason, 0))
-        yield rejected
-        refused = CounterMetricFamily(
+        yield by_reason(
             "lrpilot_auth_refused",
             "clients refused for their key (with --keys): no_key and unknown_key at the "
             "handshake, forbidden (a message outside the key's runs) and forbidden_control "
             "(a request outside its role)",
-            labels=["reason"],
+            AUTH_REASONS,
+            plane.auth_refused,
         )
-        counts = dict(plane.auth_refused)
-        for reason in sorted(set(AUTH_REASONS) | set(counts)):
-            refused.add_metric([reason], counts.get(reason, 0))
-        yield refused
         posted = CounterMetricFamily(
             "lrpilot_grafana_annotations",
             "Grafana annotations for LR changes, by outcome",
@@ -436,3 +430,16 @@ def store_health(plane: DataPlane) -> Iterator[Metric]:
         "runs rows set aside at start because the daemon could not use them",
         value=len(health["quarantined"]),
     )
+
+
+def by_reason(
+    name: str, help_text: str, reasons: tuple[str, ...], counted: Mapping[str, int]
+) -> CounterMetricFamily:
+    """A counter by reason: each known reason from 0 (a rate() over a series
+    that appears with its first count misses that count), and any other
+    reason counted."""
+    family = CounterMetricFamily(name, help_text, labels=["reason"])
+    counts = dict(counted)  # one copy: another thread may add a reason meanwhile
+    for reason in sorted(set(reasons) | set(counts)):
+        family.add_metric([reason], counts.get(reason, 0))
+    return family

@@ -41,12 +41,11 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from lrpilot.errors import LRPilotError
+from lrpilot.keys import DAEMON_SECRET  # the file names, on both sides
 
 log = logging.getLogger("lrpilot.daemon")
 
 ROLES = ("trainer", "operator", "viewer")
-DAEMON_SECRET = "daemon.key_secret"
-DAEMON_PUBLIC = "daemon.key"
 ALLOWED = "allowed"
 CLIENTS = "clients"
 # A key's name is its file's stem: what the journal shows as the actor.
