@@ -177,6 +177,10 @@ class RunSummary(BaseModel):
     world_size: int
     # How far the slowest rank is behind the leading one, as in /metrics.
     lag_steps: int
+    # Ranks not heard from for longer than --rank-wait-timeout (killed,
+    # hung), and ranks a decision stopped waiting for (reduction.py).
+    silent: list[int] = []
+    left_out: list[int] = []
     loss_history: list[float]  # the loss once a second, the last minute
     last_change: LastChange | None
     created: float
@@ -196,6 +200,8 @@ class SessionInfo(BaseModel):
     applied_version: int
     applied_step: int
     late_by: int  # steps its last command landed after its effective step
+    silent_s: float = 0.0  # seconds since its last message
+    left_out: bool = False  # a decision stopped waiting for it (until it sends again)
     stats: dict[str, int]
 
 

@@ -701,6 +701,7 @@ RANK_COLUMNS = [
     ("lag (steps)", "lrpilot_rank_lag_steps", {}),
     ("last command late by (steps)", "lrpilot_rank_command_late_steps", {}),
     ("last message", "lrpilot_rank_last_message_age_seconds", {"unit": "s"}),
+    ("left out", "lrpilot_rank_left_out", {}),
     ("records sent", "lrpilot_rank_records_sent_total", {}),
     ("records dropped", "lrpilot_rank_records_dropped_total", {}),
     ("sync timeouts", "lrpilot_rank_sync_timeouts_total", {}),
@@ -948,6 +949,18 @@ def run_rank_panels() -> list[Panel]:
             target(f"lrpilot_rank_last_message_age_seconds{{{RUN}}}", "rank {{rank}}"),
             size=(6, 8),
             unit="s",
+        ),
+        timeseries(
+            "Decisions waiting for ranks",
+            "Records a metric-driven decision holds until every rank has sent its value of "
+            "the step (the policy's reduce), and records decided on without a rank that stayed "
+            "silent past --rank-wait-timeout (that rank is left out until it sends again).",
+            target(f"lrpilot_run_waiting_records{{{RUN}}}", "waiting records"),
+            target(
+                f"increase(lrpilot_run_rank_wait_timeouts_total{{{RUN}}}[$__rate_interval])",
+                "decided without a silent rank",
+            ),
+            size=(6, 8),
         ),
         timeseries(
             "Hook trouble per rank",

@@ -352,6 +352,7 @@ def test_decisions_for_several_ranks_are_scheduled_ahead_of_the_others(make_plan
     replies(plane, b"r0", rank_hello(0, sync=sync))
     replies(plane, b"r1", rank_hello(1, sync=sync))
     plane.registry.runs["ddp"].sessions[1].steps_per_s = 500.0  # 50 steps in 100 ms
+    plane.handle(b"r1", steps(1, 1, 2), 0.0)  # the decision waits for every rank's val_loss
     out = plane.handle(b"r0", steps(0, 1, 2), 0.0)  # patience 0: a cut at step 2
     sent = [(to, m) for to, frames in out if isinstance(m := decode(frames), LRCommand)]
     assert sorted(to for to, _ in sent) == [b"r0", b"r1"]  # the same command to each rank
@@ -378,6 +379,7 @@ def test_after_every_rank_left_only_rank_0_takes_the_run_back(make_plane, caplog
     plane = make_plane()
     replies(plane, b"r0", rank_hello(0))
     replies(plane, b"r1", rank_hello(1))
+    plane.handle(b"r1", steps(1, 1, 5), 0.0)
     plane.handle(b"r0", steps(0, 1, 5), 0.0)
     for identity, rank in ((b"r0", 0), (b"r1", 1)):
         replies(plane, identity, [encode(Bye(run="ddp", rank=rank, step=5))])

@@ -37,7 +37,8 @@ MIRRORS = {
     "sequential": "SequentialLR",
 }
 TORCH_NAMES = {("sequential", "policies"): "schedulers"}
-LRPILOT_ONLY = {("plateau", "metric")}  # no torch counterpart: torch takes the value in step()
+# No torch counterpart: torch takes the value in step(), from one process.
+LRPILOT_ONLY = {("plateau", "metric"), ("plateau", "reduce")}
 
 
 def section(kind: str) -> str:

@@ -46,12 +46,13 @@ def daemon_module(path, name: str) -> str | None:
 SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
     "engine": (set(), {"lrpilot.policies", "lrpilot.protocol"}),
     "ledger": (set(), {"lrpilot.protocol"}),
+    "reduction": (set(), {"lrpilot.protocol"}),
     "records": (set(), {"lrpilot.errors"}),
     "schema": (set(), {"lrpilot.errors"}),
     "store_ops": ({"schema"}, {"lrpilot.protocol"}),
     "store": ({"schema", "store_ops", "records"}, {"lrpilot.protocol"}),
-    "registry": ({"engine", "ledger"}, None),
-    "dataplane": ({"engine", "ledger", "registry", "store", "config", "auth"}, None),
+    "registry": ({"engine", "ledger", "reduction"}, None),
+    "dataplane": ({"engine", "ledger", "reduction", "registry", "store", "config", "auth"}, None),
     "control": ({"dataplane", "engine", "registry", "auth", "control_protocol"}, None),
     "auth": (set(), {"lrpilot.errors", "lrpilot.keys", "zmq", "zmq.auth", "zmq.auth.thread"}),
 }

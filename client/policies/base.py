@@ -62,6 +62,13 @@ class PolicySpec(BaseModel):
     def build(self, base_lrs: Sequence[float]) -> Policy:
         raise NotImplementedError
 
+    def reduced_metrics(self) -> dict[str, str]:
+        """The metrics the policy decides on, each with how a run of several
+        ranks reduces it (``mean``, ``min``, ``max``, ``rank0``): the daemon
+        waits for every live rank's value of these before it decides. Empty
+        for a step-driven policy."""
+        return {}
+
 
 def per_group(spec: PolicySpec, field: str, n_groups: int) -> list[float]:
     """Expand a "number or list per group" field to one float per param group."""

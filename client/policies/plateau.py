@@ -51,6 +51,9 @@ class PlateauSpec(PolicySpec):
     cooldown: NonNegativeInt = 0
     min_lr: NonNegativePerGroup = 0.0
     eps: NonNegativeFloat = 1e-8
+    # Several ranks: the value decided on is this reduction of the ranks' own
+    # (rank0: the lowest rank's alone, not waiting for the others).
+    reduce: Literal["mean", "min", "max", "rank0"] = "mean"
 
     @model_validator(mode="after")
     def _threshold_fits_mode(self) -> PlateauSpec:
@@ -62,6 +65,9 @@ class PlateauSpec(PolicySpec):
 
     def build(self, base_lrs: Sequence[float]) -> PlateauPolicy:
         return PlateauPolicy(self, base_lrs)
+
+    def reduced_metrics(self) -> dict[str, str]:
+        return {self.metric: self.reduce}
 
 
 def initial_best(spec: PlateauSpec) -> float:

@@ -94,6 +94,15 @@ class SequentialSpec(PolicySpec):
     def build(self, base_lrs: Sequence[float]) -> SequentialPolicy:
         return SequentialPolicy(self, base_lrs)
 
+    def reduced_metrics(self) -> dict[str, str]:
+        # Every stage's: the records a later stage decides on are reduced
+        # from the start (a stage's first records count too).
+        reduced: dict[str, str] = {}
+        for stage in self.policies:
+            for name, how in stage.reduced_metrics().items():
+                reduced.setdefault(name, how)
+        return reduced
+
 
 class SequentialPolicy(Policy):
     # Its own, and whatever its stages export (the one in effect fills them).

@@ -120,6 +120,14 @@ def cmd_show(args: argparse.Namespace) -> None:
     lines = [
         f"run        {printable(run.run)} ({printable(run.status)}, "
         f"ranks {printable(run.ranks or '-')} of {printable(run.world_size)})",
+        *(
+            [
+                f"attention  silent ranks {printable(run.silent or '-')}; "
+                f"left out of decisions {printable(run.left_out or '-')}"
+            ]
+            if run.silent or run.left_out
+            else []
+        ),
         f"step       {printable(run.step)} ({run.steps_per_s:.1f} steps/s)",
         f"groups     {printable(', '.join(run.groups))}",
         f"lrs        {lrs_text(run.lrs)}" + ("   HELD by an operator" if run.held else ""),
@@ -133,7 +141,18 @@ def cmd_show(args: argparse.Namespace) -> None:
         lines += [
             "",
             table(
-                ("RANK", "HOST", "PID", "MODE", "STEP", "STEPS/S", "APPLIED", "LATE BY", "DROPPED"),
+                (
+                    "RANK",
+                    "HOST",
+                    "PID",
+                    "MODE",
+                    "STEP",
+                    "STEPS/S",
+                    "APPLIED",
+                    "LATE BY",
+                    "DROPPED",
+                    "HEARD",
+                ),
                 [
                     (
                         s.rank,
@@ -145,6 +164,7 @@ def cmd_show(args: argparse.Namespace) -> None:
                         f"v{s.applied_version}",
                         s.late_by,
                         s.stats.get("records_dropped", 0),
+                        f"{s.silent_s:.1f}s ago" + (" LEFT OUT" if s.left_out else ""),
                     )
                     for s in run.sessions
                 ],

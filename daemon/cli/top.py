@@ -123,6 +123,14 @@ def loss_cell(history: Sequence[Any] | None) -> Text:
     return Text.assemble((sparkline(history), "cyan"), " ", _num(history[-1]))
 
 
+def ranks_cell(run: RunSummary) -> Text:
+    """``2/2``, and how many of them are silent (killed, hung) in red."""
+    cell = Text(f"{len(run.ranks)}/{run.world_size}")
+    if run.silent:
+        cell.append(f" {len(run.silent)} silent", style="bold red")
+    return cell
+
+
 def run_row(run: RunSummary) -> list[RenderableType]:
     """One row; every cell a Text (a str cell would be read as rich markup)."""
     policy = Text(printable(run.policy_kind or "-"))
@@ -137,7 +145,7 @@ def run_row(run: RunSummary) -> list[RenderableType]:
         Text(lrs_cell(run.groups, run.lrs)),
         policy,
         Text(change_cell(run.last_change), no_wrap=True, overflow="ellipsis"),
-        Text(f"{len(run.ranks)}/{run.world_size}"),
+        ranks_cell(run),
         Text(str(run.lag_steps)),
     ]
 

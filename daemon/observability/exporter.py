@@ -266,6 +266,16 @@ RUN_FAMILIES = (
     ("lrpilot_run_connected_ranks", "gauge", "ranks connected now"),
     ("lrpilot_run_world_size", "gauge", "ranks the run says it has"),
     ("lrpilot_run_lr_held", "gauge", "1 while an operator holds the LRs (set-lr, pause)"),
+    (
+        "lrpilot_run_waiting_records",
+        "gauge",
+        "records a decision holds until every rank has sent its value (the policy's reduce)",
+    ),
+    (
+        "lrpilot_run_rank_wait_timeouts",
+        "counter",
+        "records decided on without a rank that stayed silent past --rank-wait-timeout",
+    ),
     ("lrpilot_run_command_version", "gauge", "version of the run's last LR command"),
     ("lrpilot_run_start_time_seconds", "gauge", "when the daemon first saw the run (Unix time)"),
     (
@@ -289,6 +299,12 @@ RUN_FAMILIES = (
         "steps after its effective step that the rank applied the last command",
     ),
     ("lrpilot_rank_last_message_age_seconds", "gauge", "seconds since the rank's last message"),
+    (
+        "lrpilot_rank_left_out",
+        "gauge",
+        "1 while decisions do not wait for the rank (it kept one waiting past "
+        "--rank-wait-timeout; until it sends again)",
+    ),
     *((f"lrpilot_rank_{field}", "counter", doc) for field, doc in RANK_COUNTERS),
 )
 
@@ -337,6 +353,10 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
     put("lrpilot_run_world_size", run.world_size)
     put("lrpilot_run_lr_held", 0 if engine.held is None else 1)
     put("lrpilot_run_command_version", engine.version)
+    reduction = run.reduction  # read once: the loop may drop it meanwhile
+    left_out = reduction.left_out() if reduction is not None else ()
+    put("lrpilot_run_waiting_records", len(reduction.waiting) if reduction is not None else 0)
+    put("lrpilot_run_rank_wait_timeouts", run.rank_wait_timeouts, "", "_total")
     put("lrpilot_run_start_time_seconds", run.created)
     for reason, count in sorted(engine.changes.items()):
         put("lrpilot_run_lr_changes", count, ",reason=" + label(reason), "_total")
@@ -354,6 +374,7 @@ def run_lines(out: dict[str, list[str]], run: Run, monotonic: float, policy_labe
         put("lrpilot_rank_lag_steps", max(0, lead - session.step), rank)
         put("lrpilot_rank_command_late_steps", session.late_by, rank)
         put("lrpilot_rank_last_message_age_seconds", max(0.0, monotonic - session.last_seen), rank)
+        put("lrpilot_rank_left_out", 1 if session.rank in left_out else 0, rank)
         stats = session.stats
         for field, _ in RANK_COUNTERS:
             put(f"lrpilot_rank_{field}", getattr(stats, field), rank, "_total")

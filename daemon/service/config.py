@@ -153,6 +153,14 @@ class DaemonConfig(BaseModel):
         "the gap (stepping through costs the daemon's one loop up to ~1 us a step: "
         "10,000 is ~10 ms)",
     )
+    rank_wait_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds a metric-driven decision of a run with several ranks waits for "
+        "every connected rank's value of the step (the policy's reduce: mean, min, max); a "
+        "rank silent for longer is left out of decisions, logged and shown, until it sends again",
+    )
     rank_takeover_after: float = Field(
         default=10.0,
         gt=0,

@@ -11,6 +11,8 @@ run's steps), so all ranks apply it at the same step.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
@@ -112,13 +114,15 @@ class ControlPlane:
 
     def op_runs(self, request: RunsRequest) -> tuple[RunsAnswer, Outgoing]:
         runs = sorted(self.plane.registry.runs.values(), key=lambda r: r.created)
-        return RunsAnswer(runs=[summary(run) for run in runs]), []
+        now, silent_after = time.monotonic(), self.plane.config.rank_wait_timeout
+        return RunsAnswer(runs=[summary(run, now, silent_after) for run in runs]), []
 
     def op_show(self, request: ShowRequest) -> tuple[ShowAnswer, Outgoing]:
         run = self._run(request.run)
         engine = run.engine
+        now = time.monotonic()
         detail = RunDetail(
-            **summary(run).model_dump(),
+            **summary(run, now, self.plane.config.rank_wait_timeout).model_dump(),
             policy=engine.spec.model_dump() if engine.spec else None,
             requested_policy=run.requested_policy,
             policy_base_lrs=engine.base_lrs,
@@ -126,7 +130,10 @@ class ControlPlane:
             base_lrs=run.base_lrs,
             version=engine.version,
             last_metrics=run.last_metrics,
-            sessions=[session_info(s) for s in sorted(run.sessions.values(), key=lambda s: s.rank)],
+            sessions=[
+                session_info(s, run, now)
+                for s in sorted(run.sessions.values(), key=lambda s: s.rank)
+            ],
             history=self._history(run.run_id, limit=5),
             store=str(self.plane.store.path),
         )
@@ -235,7 +242,9 @@ def group_indices(run: Run, group: str | None) -> list[int]:
     )
 
 
-def summary(run: Run) -> RunSummary:
+def summary(run: Run, now: float | None = None, silent_after: float = math.inf) -> RunSummary:
+    """``now`` (the data plane's clock): ranks silent for more than
+    ``silent_after`` seconds are listed as such."""
     engine = run.engine
     last = engine.last_change
     sessions = run.sessions.values()
@@ -251,6 +260,10 @@ def summary(run: Run) -> RunSummary:
         ranks=sorted(run.sessions),
         world_size=run.world_size,
         lag_steps=run.step - min((s.step for s in sessions), default=run.step),
+        silent=sorted(
+            s.rank for s in sessions if now is not None and now - s.last_seen > silent_after
+        ),
+        left_out=run.reduction.left_out() if run.reduction is not None else [],
         loss_history=list(run.loss_history),
         last_change=None
         if last is None
@@ -266,7 +279,8 @@ def summary(run: Run) -> RunSummary:
     )
 
 
-def session_info(session: Session) -> SessionInfo:
+def session_info(session: Session, run: Run | None = None, now: float | None = None) -> SessionInfo:
+    reduction = run.reduction if run is not None else None
     return SessionInfo(
         rank=session.rank,
         host=session.host,
@@ -277,5 +291,7 @@ def session_info(session: Session) -> SessionInfo:
         applied_version=session.applied_version,
         applied_step=session.applied_step,
         late_by=session.late_by,
+        silent_s=round(max(0.0, now - session.last_seen), 3) if now is not None else 0.0,
+        left_out=reduction is not None and session.rank in reduction.left_out(),
         stats={k: getattr(session.stats, k) for k in session.stats.__dataclass_fields__},
     )

@@ -42,6 +42,7 @@ from .auth import Key
 from .config import DaemonConfig
 from .engine import Change, StepGapTooLarge
 from .ledger import Ledger, RunLedger
+from .reduction import RankReduction
 from .registry import Run, RunRegistry, Session
 from .store import Store, StoreWriteError
 
@@ -77,6 +78,7 @@ class DataPlane:
         self._asked: dict[bytes, float] = {}  # unknown senders, when last asked for a hello
         self.ledger = Ledger()  # where records stand; what the next tick stores
         self._told_metrics: set[str] = set()  # runs told they report too many names
+        self._waiting_runs: set[str] = set()  # runs with records waiting for their ranks
         for row in self.store.load_runs():
             run = self._build_run(row)
             if run is not None:
@@ -196,6 +198,13 @@ class DataPlane:
             log.warning("run %s rank %d: hello refused: %s", hello.run, hello.rank, message)
             return [(identity, error(code, message))]
         self._asked.pop(identity, None)
+        if run is not None and run.reduction is not None:
+            if hello.rank <= min(run.sessions, default=hello.rank):
+                # The driver (again): what waited is sent again after this
+                # hello, against whatever state the hello leaves the run in.
+                run.reduction = None
+            else:
+                run.reduction.forget_rank(hello.rank)
         try:
             if run is None:
                 run = self.registry.new_run(hello)
@@ -480,6 +489,10 @@ class DataPlane:
         if wild is not None:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", f"metrics: step {wild} is out of range"))]
+        if run.multi_rank:
+            watched = self._watched(run)
+            if watched or run.reduction is not None:
+                return self._metrics_reduced(identity, run, session, header, records, now, watched)
         out: Outgoing = []
         engine, ledger = run.engine, run.ledger
         drives = run.driver is session
@@ -523,6 +536,132 @@ class DataPlane:
         self.ledger.close_batch(ledger, batch, header.stats or {})
         if session.sync:
             out.append((identity, [encode(Processed(run=run.run_id, seq=batch.seq))]))
+        return out
+
+    @staticmethod
+    def _watched(run: Run) -> dict[str, str]:
+        """The metrics the run's policy decides on that are reduced over its
+        ranks (metric -> mean, min or max); empty when none waits."""
+        spec = run.engine.spec
+        if spec is None:
+            return {}
+        return {name: how for name, how in spec.reduced_metrics().items() if how != "rank0"}
+
+    def _metrics_reduced(
+        self,
+        identity: bytes,
+        run: Run,
+        session: Session,
+        header: MetricsHeader,
+        records: list,
+        now: float,
+        watched: dict[str, str],
+    ) -> Outgoing:
+        """A batch of a run whose decisions wait for every rank: the driver's
+        records queue until the others have sent theirs (reduction.py), the
+        others' records are what they wait for."""
+        reduction = run.reduction
+        if reduction is None:
+            reduction = run.reduction = RankReduction(
+                self.config.rank_wait_timeout, run.engine.step
+            )
+        first = header.first_seq
+        self.records_ingested += len(records)
+        if run.driver is session:
+            ledger = run.ledger
+            if ledger.driver != identity.hex():
+                ledger.drive(identity)
+                reduction.new_driver()
+            skip = ledger.seq  # folded in already (before a restart)
+            for i, (step, kind, metrics) in enumerate(records):
+                if first + i > skip:
+                    reduction.wait(first + i, step, kind, metrics, now)
+        else:
+            for i, (step, kind, metrics) in enumerate(records):
+                reduction.add(session.rank, first + i, step, kind, metrics, watched)
+        stepped = next((r[0] for r in reversed(records) if r[1] != REPORT), 0)
+        if stepped:
+            session.saw_step(stepped, now)
+        out = self._release(run, now, watched)
+        if session.sync:
+            last = first + len(records) - 1
+            out.append((identity, [encode(Processed(run=run.run_id, seq=last))]))
+        return out
+
+    def _release(self, run: Run, now: float, watched: dict[str, str]) -> Outgoing:
+        """Fold in the driver's records that have waited enough (every live
+        rank sent its value, or the wait timed out), with the reduced values,
+        and store them so; tell each rank what of its records is done with."""
+        reduction, driver = run.reduction, run.driver
+        if reduction is None:
+            return []
+        if driver is None:
+            run.reduction = None
+            self._waiting_runs.discard(run.run_id)
+            return []
+        engine, ledger = run.engine, run.ledger
+        # The lead counts from the record decided on: the ranks may be past it.
+        top = run.step
+        lead = run.command_lead_at(top, self.config.command_lead_steps)
+        engine.gap_budget = engine.max_gap
+        out: Outgoing = []
+        folded: list[tuple[int, int, str, dict[str, float]]] = []
+        timeouts_before = reduction.timeouts
+        for record in reduction.release(now, run.sessions, driver.rank, watched):
+            engine.lead_steps = lead + max(0, top - record.step)
+            ledger.seq = record.seq  # folded before the engine takes it (see Ledger.to_fold)
+            try:
+                if record.kind == REPORT:
+                    change = engine.on_report(record.step, record.metrics)
+                else:
+                    change = engine.on_step(record.step, record.metrics)
+            except StepGapTooLarge as exc:
+                ledger.seq = record.seq - 1
+                reduction.new_driver()  # the driver sends them again after its hello
+                self.rejected["step_gap"] += 1
+                message = f"run {run.run_id}: {exc}; say hello again"
+                out.append((driver.identity, error("step_gap", message)))
+                break
+            self._keep_metrics(driver.identity, run, record.metrics, out)
+            folded.append((record.seq, record.step, record.kind, record.metrics))
+            if change is not None:
+                out += self.send_command(run, change)
+        if folded:
+            self.ledger.store_folded(
+                ledger, run.run_id, driver.identity, driver.rank, folded, driver.stats
+            )
+        for rank, seq in reduction.told():
+            session = run.sessions.get(rank)
+            if session is not None:
+                self.ledger.tell(session.identity, run.run_id, seq)
+        run.rank_wait_timeouts += reduction.timeouts - timeouts_before
+        for rank in reduction.left_out_now:
+            log.warning(
+                "run %s: rank %d sent nothing for %gs while a decision waited for it; "
+                "decided without it, and it is left out until it sends again",
+                run.run_id,
+                rank,
+                reduction.timeout,
+            )
+        if reduction.waiting:
+            self._waiting_runs.add(run.run_id)
+        else:
+            self._waiting_runs.discard(run.run_id)
+            if not watched:  # the policy no longer waits for ranks
+                run.reduction = None
+        return out
+
+    def due(self, now: float) -> Outgoing:
+        """What became due since the last message: records whose wait for a
+        silent rank timed out, or whose rank ended (the server calls it every
+        turn of its loop; nothing to do unless a run waits)."""
+        out: Outgoing = []
+        for run_id in list(self._waiting_runs):
+            run = self.registry.runs.get(run_id)
+            if run is None or run.reduction is None:
+                self._waiting_runs.discard(run_id)
+                continue
+            out += self._release(run, now, self._watched(run))
         return out
 
     def _keep_metrics(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lrpilot.protocol import REPORT, BatchEncoder, MetricsHeader, Persisted, encode
+from lrpilot.protocol import REPORT, BatchEncoder, ClientStats, MetricsHeader, Persisted, encode
 
 Outgoing = list[tuple[bytes, list[bytes]]]
 # (step, kind, metrics) as decode_records gives them.
@@ -169,6 +169,29 @@ class Ledger:
                 (batch.run_id, records[fresh - 1][0], records[folded - 1][0], raw, body, skip)
             )
         self._to_tell[batch.identity] = (batch.run_id, batch.seq)
+
+    def store_folded(
+        self,
+        ledger: RunLedger,
+        run_id: str,
+        identity: bytes,
+        rank: int,
+        records: list[tuple[int, int, str, dict[str, float]]],
+        stats: ClientStats,
+    ) -> None:
+        """Records folded in after waiting for the other ranks ((seq, step,
+        kind, metrics), with the reduced values: what the policy took is what
+        is stored), for the next tick; their driver is told once committed."""
+        raw, body = BatchEncoder(run_id, rank).encode(records, stats)
+        self._rows.append((run_id, records[0][1], records[-1][1], raw, body, 0))
+        ledger.stored_seq = records[-1][0]
+        self._dirty.add(run_id)
+        self._to_tell[identity] = (run_id, records[-1][0])
+
+    def tell(self, identity: bytes, run_id: str, seq: int) -> None:
+        """``identity``'s records up to ``seq`` are done with: it is told so
+        with the next tick's commit."""
+        self._to_tell[identity] = (run_id, seq)
 
     def drop_records(self, run_id: str) -> None:
         """Records of the run not yet handed to the store belong to a timeline

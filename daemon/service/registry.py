@@ -12,6 +12,7 @@ from lrpilot.protocol import ClientStats, Hello
 
 from .engine import UNBOUNDED_GAP, PolicyEngine
 from .ledger import RunLedger
+from .reduction import RankReduction
 
 # Steps-per-second smoothing: each batch moves the estimate this far.
 RATE_WEIGHT = 0.2
@@ -66,6 +67,10 @@ class Run:
     last_metrics: dict[str, float] = field(default_factory=dict)
     # The loss, sampled once a second (the last minute), for `lrpilot top`.
     loss_history: deque = field(default_factory=lambda: deque(maxlen=60))
+    # Several ranks and a policy that decides on a reduced metric: the
+    # driver's records waiting for the other ranks' (reduction.py).
+    reduction: RankReduction | None = None
+    rank_wait_timeouts: int = 0  # records decided on without a silent rank
 
     def sample_loss(self) -> None:
         if self.sessions and self.last_metrics:
@@ -104,7 +109,12 @@ class Run:
         record is answered, before rank 0's next one): a rank that has
         already been answered for its next step would hear the command a step
         late, so the lead covers the distance too."""
-        ahead = max(0, self.step - self.engine.step)
+        return self.command_lead_at(self.engine.step, extra)
+
+    def command_lead_at(self, step: int, extra: int = 0) -> int:
+        """command_lead() for a decision on a record of ``step`` (one that
+        waited for the other ranks: they may be past it)."""
+        ahead = max(0, self.step - step)
         if self.sessions and all(s.sync for s in self.sessions.values()):
             return ahead + 1 + extra
         return ahead + self.lead_steps(COMMAND_LEAD_SECONDS) + extra

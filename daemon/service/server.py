@@ -213,6 +213,7 @@ class Daemon:
                 self._reload_keys.clear()
                 self.keys.reload()
             now = self._loop_at = time.monotonic()
+            self._send(plane.due(now))
             if now >= next_tick:
                 plane.tick(now)
                 next_tick = now + TICK_EVERY
