@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import DIGITS_PLATEAU, LIVE, metric_value, read_jsonl, wait_for
+from procs import DIGITS_PLATEAU, LIVE, metric_value, read_jsonl, stored_records, wait_for
 
 TRAIN = LIVE / "train_ddp.py"
 PLATEAU = DIGITS_PLATEAU
@@ -143,3 +143,16 @@ def test_every_rank_applies_every_change_at_the_same_step(running_daemon, digits
     assert actors.count("policy") >= 1 and len(actors) - actors.count("policy") == 2, history
     # Same LRs at every step: DDP's replicas are still the same model.
     assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
+    # Each rank validates on its own shard; plateau decided on their mean
+    # (its reduce's default), which is what the store has for a replay.
+    shards = [
+        {line["step"]: line["val_loss"] for line in read_jsonl(p) if "val_loss" in line}
+        for p in (rank0, rank1)
+    ]
+    want = [(step, (shards[0][step] + shards[1][step]) / 2) for step in sorted(shards[0])]
+    got = [
+        (step, m["val_loss"])
+        for step, kind, m in stored_records(daemon.state_dir, run, len(want))
+        if "val_loss" in m
+    ]
+    assert got == want

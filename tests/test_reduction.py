@@ -23,6 +23,7 @@ from lrpilot.protocol import (
     REPORT,
     STEP,
     BatchEncoder,
+    Bye,
     GroupInfo,
     Hello,
     LRCommand,
@@ -255,3 +256,14 @@ def test_a_policy_switched_to_rank0_lets_what_waits_go(make_plane):
     run.engine.switch(parse_policy(plateau("rank0")), "switch", "op", lead=1)
     send(plane, 0, step_and_report(2, 1.0), seq=3)
     assert run.reduction is None and run.engine.step == 2
+
+
+def test_records_of_a_driver_that_left_are_decided_on_when_the_others_come(make_plane):
+    """The last steps of a job: rank 0 says bye before rank 1's last report
+    is in; its records are decided on and stored with rank 1's value."""
+    plane = make_plane()
+    joined(plane)
+    send(plane, 0, step_and_report(1, 1.0))
+    plane.handle(b"r0", [encode(Bye(run=RUN, rank=0, step=1))], 0.1)
+    send(plane, 1, step_and_report(1, 3.0), now=0.2)
+    assert [m for _, kind, m in stored(plane) if kind == REPORT] == [{"val_loss": 2.0}]

@@ -25,6 +25,7 @@ from lrpilot.protocol import (
     REPORT,
     Ack,
     Bye,
+    ClientStats,
     Error,
     Hello,
     MessageTooLarge,
@@ -567,39 +568,47 @@ class DataPlane:
             )
         first = header.first_seq
         self.records_ingested += len(records)
+        out: Outgoing = []
         if run.driver is session:
             ledger = run.ledger
-            if ledger.driver != identity.hex():
+            numbered = list(enumerate(records, start=first))
+            if ledger.driver != identity.hex() or reduction.driver_identity != identity:
+                if reduction.waiting and reduction.driver_rank != session.rank:
+                    # The driver left with records waiting: they are decided
+                    # on first, with this rank's values among the others'.
+                    for seq, (step, kind, metrics) in numbered:
+                        reduction.add(session.rank, seq, step, kind, metrics, watched)
+                    out += self._release(run, now, watched, final=True)
+                    numbered = reduction.skip_to_released(records, first)
                 ledger.drive(identity)
-                reduction.new_driver()
+                reduction.new_driver(session.rank, identity)
             skip = ledger.seq  # folded in already (before a restart)
-            for i, (step, kind, metrics) in enumerate(records):
-                if first + i > skip:
-                    reduction.wait(first + i, step, kind, metrics, now)
+            for seq, (step, kind, metrics) in numbered:
+                if seq > skip:
+                    reduction.wait(seq, step, kind, metrics, now)
         else:
             for i, (step, kind, metrics) in enumerate(records):
                 reduction.add(session.rank, first + i, step, kind, metrics, watched)
         stepped = next((r[0] for r in reversed(records) if r[1] != REPORT), 0)
         if stepped:
             session.saw_step(stepped, now)
-        out = self._release(run, now, watched)
+        out += self._release(run, now, watched)
         if session.sync:
             last = first + len(records) - 1
             out.append((identity, [encode(Processed(run=run.run_id, seq=last))]))
         return out
 
-    def _release(self, run: Run, now: float, watched: dict[str, str]) -> Outgoing:
+    def _release(
+        self, run: Run, now: float, watched: dict[str, str], final: bool = False
+    ) -> Outgoing:
         """Fold in the driver's records that have waited enough (every live
         rank sent its value, or the wait timed out), with the reduced values,
         and store them so; tell each rank what of its records is done with."""
-        reduction, driver = run.reduction, run.driver
+        reduction = run.reduction
         if reduction is None:
             return []
-        if driver is None:
-            run.reduction = None
-            self._waiting_runs.discard(run.run_id)
-            return []
         engine, ledger = run.engine, run.ledger
+        driver, driver_rank = reduction.driver_identity, reduction.driver_rank
         # The lead counts from the record decided on: the ranks may be past it.
         top = run.step
         lead = run.command_lead_at(top, self.config.command_lead_steps)
@@ -607,7 +616,7 @@ class DataPlane:
         out: Outgoing = []
         folded: list[tuple[int, int, str, dict[str, float]]] = []
         timeouts_before = reduction.timeouts
-        for record in reduction.release(now, run.sessions, driver.rank, watched):
+        for record in reduction.release(now, run.sessions, watched, final):
             engine.lead_steps = lead + max(0, top - record.step)
             ledger.seq = record.seq  # folded before the engine takes it (see Ledger.to_fold)
             try:
@@ -617,19 +626,19 @@ class DataPlane:
                     change = engine.on_step(record.step, record.metrics)
             except StepGapTooLarge as exc:
                 ledger.seq = record.seq - 1
-                reduction.new_driver()  # the driver sends them again after its hello
+                reduction.new_driver(driver_rank, driver)  # sent again after its hello
                 self.rejected["step_gap"] += 1
                 message = f"run {run.run_id}: {exc}; say hello again"
-                out.append((driver.identity, error("step_gap", message)))
+                out.append((driver, error("step_gap", message)))
                 break
-            self._keep_metrics(driver.identity, run, record.metrics, out)
+            self._keep_metrics(driver, run, record.metrics, out)
             folded.append((record.seq, record.step, record.kind, record.metrics))
             if change is not None:
                 out += self.send_command(run, change)
         if folded:
-            self.ledger.store_folded(
-                ledger, run.run_id, driver.identity, driver.rank, folded, driver.stats
-            )
+            session = run.sessions.get(driver_rank)
+            stats = session.stats if session is not None else ClientStats()
+            self.ledger.store_folded(ledger, run.run_id, driver, driver_rank, folded, stats)
         for rank, seq in reduction.told():
             session = run.sessions.get(rank)
             if session is not None:

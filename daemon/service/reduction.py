@@ -134,6 +134,10 @@ class RankReduction:
         self.ranks: dict[int, RankInput] = {}
         self.released: Key = (after_step, 0, 0) if after_step > 0 else (-1, 0, 0)
         self.queued_seq = 0  # the driver's last seq queued here
+        # Whose records wait: kept here, as the driver may leave (bye, killed)
+        # while they wait; they are decided on all the same.
+        self.driver_rank = -1
+        self.driver_identity = b""
         self.timeouts = 0  # records decided on without a rank that kept them waiting
         self.dropped = 0  # other ranks' records let go of (MAX_AHEAD)
         self.left_out_now: list[int] = []  # ranks left out by the last release()
@@ -170,12 +174,24 @@ class RankReduction:
         if not rank_input.values:
             rank_input.told_seq = rank_input.last_seq
 
-    def new_driver(self) -> None:
+    def new_driver(self, rank: int, identity: bytes) -> None:
         """Another client drives (or the driver says hello again): it numbers
         its records afresh and sends again what had not been folded in."""
+        self.driver_rank, self.driver_identity = rank, identity
+        self.ranks.pop(rank, None)  # its records are the driver's now
         self.waiting.clear()
         self.queued_seq = 0
         self.driver_keys = KeyCounter()
+
+    def skip_to_released(self, records: list, first: int) -> list[tuple[int, tuple]]:
+        """(seq, record) of the records past what is decided on, for a new
+        driver whose earlier records fed the old driver's."""
+        counter = KeyCounter()
+        return [
+            (first + i, record)
+            for i, record in enumerate(records)
+            if counter.key(record[0], record[1]) > self.released
+        ]
 
     def forget_rank(self, rank: int) -> None:
         """The rank said hello again (a new session numbers from 1): what it
@@ -185,16 +201,23 @@ class RankReduction:
     # --- output ---------------------------------------------------------------
 
     def release(
-        self, now: float, live: Mapping[int, object], driver: int, watched: Mapping[str, str]
+        self,
+        now: float,
+        live: Mapping[int, object],
+        watched: Mapping[str, str],
+        final: bool = False,
     ) -> Iterator[Released]:
         """The driver's records that may be decided on now, in order, with the
-        reduced values. ``live``: the run's connected ranks (by rank);
-        ``watched``: metric -> how it is reduced."""
+        reduced values. ``live``: the run's connected ranks (by rank), the
+        ones waited for; ``watched``: metric -> how it is reduced. A value a
+        rank sent counts even when it has left since. ``final``: the driver
+        has gone and another takes over: every waiting record goes now, on
+        the values that came."""
         self.left_out_now = []
+        driver = self.driver_rank
         while self.waiting:
             head = self.waiting[0]
             names = [n for n in head.metrics if watched.get(n, "rank0") != "rank0"]
-            others = []
             if names:
                 missing = []
                 for rank in live:
@@ -203,19 +226,16 @@ class RankReduction:
                     rank_input = self.ranks.get(rank)
                     if rank_input is None:
                         rank_input = self.ranks[rank] = RankInput()
-                    if rank_input.left_out:
-                        continue
-                    others.append(rank_input)
-                    if not rank_input.done_with(head.key, names):
+                    if not rank_input.left_out and not rank_input.done_with(head.key, names):
                         missing.append((rank, rank_input))
-                if missing:
+                if missing and not final:
                     if now - head.since < self.timeout:
                         return
                     self._give_up_on(head, names, missing)
             metrics = dict(head.metrics)
             for name in names:
                 values = [metrics[name]]
-                for rank_input in others:
+                for rank_input in self.ranks.values():
                     theirs = rank_input.value_at(head.key)
                     if theirs is not None and name in theirs:
                         values.append(theirs[name])
