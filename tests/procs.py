@@ -13,6 +13,7 @@ say. The log is for failure messages, and for tests of what it tells a user."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -607,3 +608,69 @@ def lrs_from_journal(history: list[dict], steps: range, start: list[float]) -> d
                 lrs = entry["new_lrs"]
         by_step[step] = lrs
     return by_step
+
+
+# --- tests/live/train_ddp.py's output ------------------------------------------------
+
+
+def ddp_ranks_agree(where: Path, run: str, history: list[dict], world: int) -> list[dict]:
+    """What every rank of a train_ddp.py run wrote in ``where`` says that
+    each applied every journaled change at its effective step (none late),
+    with the same LRs at every step and the same parameters at the end on
+    every rank; their summaries."""
+    summaries = [json.loads((where / f"summary{r}.json").read_text()) for r in range(world)]
+    for rank, summary in enumerate(summaries):
+        assert (summary["run"], summary["rank"], summary["world_size"]) == (run, rank, world)
+        assert summary["stats"]["commands_late"] == 0, summary
+        assert summary["warnings"] == [], summary
+    last = summaries[0]["steps"]
+    assert all(s["steps"] == last for s in summaries), [s["steps"] for s in summaries]
+    # The same LRs at every optimizer step on every rank: the line of step
+    # k holds the LRs of step k + 1, and the last step has no step after it.
+    lines = [read_jsonl(where / f"rank{r}.jsonl") for r in range(world)]
+    used = [
+        [(line["step"], line["lrs"]) for line in rank if "lrs" in line][: last - 1]
+        for rank in lines
+    ]
+    assert len(used[0]) == last - 1
+    for rank in range(1, world):
+        first_difference = next(((a, b) for a, b in zip(used[0], used[rank]) if a != b), None)
+        assert used[rank] == used[0], (rank, first_difference)
+    # Every journaled change due within the run, at its effective step, on
+    # every rank (a decision made just before the stop may be due after it).
+    journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]
+    due = [entry for entry in journal if entry[0] <= last]
+    for rank, summary in enumerate(summaries):
+        changes = [line for line in lines[rank] if line.get("event") == "change"]
+        seen = [(c["step"], c["new"], c["actor"]) for c in changes]
+        assert seen[: len(due)] == due, (rank, seen, journal)
+        assert summary["stats"]["commands_applied"] == len(seen), (summary, seen)
+    # Same LRs at every step: DDP's replicas are still the same model.
+    assert len({s["params_sha256"] for s in summaries}) == 1
+    return summaries
+
+
+def mean_val_losses(where: Path, world: int) -> list[tuple[int, float]]:
+    """(step, the ranks' mean val_loss) of each step every rank validated at."""
+    shards = [
+        {
+            line["step"]: line["val_loss"]
+            for line in read_jsonl(where / f"rank{r}.jsonl")
+            if "val_loss" in line
+        }
+        for r in range(world)
+    ]
+    steps = sorted(set.intersection(*(set(shard) for shard in shards)))
+    return [(step, math.fsum(shard[step] for shard in shards) / world) for step in steps]
+
+
+def stored_val_losses(daemon: DaemonProcess, run: str, count: int) -> list[tuple[int, float]]:
+    """(step, val_loss) of the run's stored reports, what the policy took,
+    once there are ``count`` (the daemon commits a moment after the last)."""
+
+    def there() -> list | None:
+        records = store_records(daemon.state_dir, run)
+        found = [(step, m["val_loss"]) for step, _, m in records if "val_loss" in m]
+        return found if len(found) >= count else None
+
+    return wait_for(there, 20, f"{count} val_loss reports of {run} in the store")

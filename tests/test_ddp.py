@@ -19,7 +19,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import DIGITS_PLATEAU, LIVE, metric_value, read_jsonl, stored_records, wait_for
+from procs import (
+    DIGITS_PLATEAU,
+    LIVE,
+    ddp_ranks_agree,
+    mean_val_losses,
+    metric_value,
+    read_jsonl,
+    stored_val_losses,
+    wait_for,
+)
 
 TRAIN = LIVE / "train_ddp.py"
 PLATEAU = DIGITS_PLATEAU
@@ -112,47 +121,10 @@ def test_every_rank_applies_every_change_at_the_same_step(running_daemon, digits
             training.wait(10)
     assert training.returncode == 0, output()
     history = daemon.cli("history", run)
-
-    summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1)]
-    for rank, summary in enumerate(summaries):
-        assert (summary["run"], summary["rank"], summary["world_size"]) == (run, rank, 2)
-        assert summary["stats"]["commands_late"] == 0, summary
-        assert summary["warnings"] == [], summary
-    assert summaries[0]["steps"] == summaries[1]["steps"]
-
-    # The same LRs at every optimizer step, on both ranks: the line of step
-    # k holds the LRs of step k + 1, and the last step has no step after it.
-    last = summaries[0]["steps"]
-    used = [
-        [(line["step"], line["lrs"]) for line in read_jsonl(p) if "lrs" in line][: last - 1]
-        for p in (rank0, rank1)
-    ]
-    assert len(used[0]) == last - 1
-    assert used[0] == used[1], next(
-        ((a, b) for a, b in zip(*used) if a != b), None
-    )  # the first difference
-    # Every journaled change due within the run, at its effective step, on
-    # both ranks (a decision made just before the stop may be due after it).
-    journal = [(e["effective_step"], e["new_lrs"], e["actor"]) for e in history]
-    due = [entry for entry in journal if entry[0] <= last]
-    for path, summary in zip((rank0, rank1), summaries):
-        seen = [(c["step"], c["new"], c["actor"]) for c in changes(read_jsonl(path))]
-        assert seen[: len(due)] == due, (path.name, seen, journal)
-        assert summary["stats"]["commands_applied"] == len(seen), (summary, seen)
+    ddp_ranks_agree(tmp_path, run, history, world=2)
     actors = [e["actor"] for e in history]
     assert actors.count("policy") >= 1 and len(actors) - actors.count("policy") == 2, history
-    # Same LRs at every step: DDP's replicas are still the same model.
-    assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
     # Each rank validates on its own shard; plateau decided on their mean
     # (its reduce's default), which is what the store has for a replay.
-    shards = [
-        {line["step"]: line["val_loss"] for line in read_jsonl(p) if "val_loss" in line}
-        for p in (rank0, rank1)
-    ]
-    want = [(step, (shards[0][step] + shards[1][step]) / 2) for step in sorted(shards[0])]
-    got = [
-        (step, m["val_loss"])
-        for step, kind, m in stored_records(daemon.state_dir, run, len(want))
-        if "val_loss" in m
-    ]
-    assert got == want
+    want = mean_val_losses(tmp_path, world=2)
+    assert stored_val_losses(daemon, run, len(want)) == want
