@@ -349,9 +349,9 @@ def stream_trainer(run: str, address: str, out: Path, **fields: Any) -> dict:
     }
 
 
-def start_digits(config: dict, where: Path) -> subprocess.Popen:
+def start_digits(config: dict, where: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """tests/live/train_digits.py on ``config`` (written to where/train.json),
-    its output to where/train.out."""
+    its output to where/train.out; ``env``: variables to set for it."""
     path = where / "train.json"
     path.write_text(json.dumps(config))
     with open(where / "train.out", "w") as sink:
@@ -361,6 +361,7 @@ def start_digits(config: dict, where: Path) -> subprocess.Popen:
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, **(env or {})},
         )
 
 

@@ -398,3 +398,9 @@ def test_top_says_when_the_daemon_does_not_answer_and_picks_it_up(lrpilot_exe, t
         stop(daemon.proc)
     tmux.keys("q")
     assert_clean_exit(tmux)
+
+
+def test_a_run_with_a_silent_rank_says_how_many():
+    row = row_of(text_of([summary(ranks=[0, 1, 2], world_size=3, silent=[2])]), "exp-1")
+    assert "3/3 1 silent" in row, row
+    assert "silent" not in row_of(text_of([summary(ranks=[0, 1], world_size=2)]), "exp-1")

@@ -20,12 +20,25 @@ Config (JSON): ``data`` (an .npz with x, y), ``policy``, ``sync``,
 ``report_every``, ``max_steps``, ``stop_file`` (every rank stops after the
 step at which rank 0 sees it), ``step_sleep`` (pace only), ``out_dir``,
 ``deadline_s``. The daemon's address comes from ``$LRPILOT_DAEMON``.
+
+Elastic restarts (tests/test_elastic.py; all off unless given):
+``checkpoint`` (a path) and ``checkpoint_every`` (N): after every N-th step
+rank 0 saves model, optimizer, ``pilot.state_dict()`` and the step (to a
+temporary file, then renamed), and every rank waits for it at a barrier.
+``fail_at`` (a step) and ``fail_rank``: on torchrun's first attempt only
+(``$TORCHELASTIC_RESTART_COUNT`` 0) that rank exits abruptly (``os._exit(1)``)
+right after that step. When the checkpoint exists at start, every rank loads
+it (model, optimizer, then the pilot's state) and goes on from the step after
+it. With either feature on, ``rank{R}.jsonl`` is appended to (each attempt
+adds its lines) and each line says its ``attempt`` (the restart count); the
+summary is the last attempt's and says its ``attempt`` and ``first_step``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -70,11 +83,22 @@ def main(config_path: str) -> None:
     )
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(1000 + rank)
-    out = open(Path(config["out_dir"]) / f"rank{rank}.jsonl", "w", buffering=1)  # noqa: SIM115
+    checkpoint = Path(config["checkpoint"]) if config.get("checkpoint") else None
+    elastic = checkpoint is not None or config.get("fail_at") is not None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    tag = {"attempt": attempt} if elastic else {}
+    saved = None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        model.module.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    first = saved["step"] + 1 if saved is not None else 1
+    mode = "a" if elastic else "w"  # an attempt after the first adds its lines
+    out = open(Path(config["out_dir"]) / f"rank{rank}.jsonl", mode, buffering=1)  # noqa: SIM115
 
     def changed(step, old, new, reason, actor) -> None:
         event = {"event": "change", "step": step, "new": new, "reason": reason, "actor": actor}
-        out.write(json.dumps(event) + "\n")
+        out.write(json.dumps({**event, **tag}) + "\n")
 
     stop_file = Path(config["stop_file"])
     with warnings.catch_warnings(record=True) as caught:
@@ -86,7 +110,9 @@ def main(config_path: str) -> None:
             sync_timeout=10.0,
             on_change=changed,
         )
-        for k in range(1, config["max_steps"] + 1):
+        if saved is not None:
+            pilot.load_state_dict(saved["lrpilot"])
+        for k in range(first, config["max_steps"] + 1):
             idx = torch.randint(0, len(x_train), (BATCH,), generator=generator)
             loss = loss_fn(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
@@ -99,7 +125,14 @@ def main(config_path: str) -> None:
                     record["val_loss"] = loss_fn(model(x_val), y_val).item()
                 pilot.report(val_loss=record["val_loss"])
             record["lrs"] = [g["lr"] for g in optimizer.param_groups]
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps({**record, **tag}) + "\n")
+            if checkpoint is not None and k % config["checkpoint_every"] == 0:
+                if rank == 0:
+                    save(checkpoint, model, optimizer, pilot, k)
+                dist.barrier()  # every rank's next start sees this checkpoint
+            if k == config.get("fail_at") and rank == config.get("fail_rank", 0) and attempt == 0:
+                out.close()
+                os._exit(1)  # a crash: no pilot.close(), no bye, nothing flushed
             # Rank 0 decides when to stop, and every rank stops at that step.
             stop = torch.tensor([float(rank == 0 and stop_file.exists())])
             dist.broadcast(stop, src=0)
@@ -121,8 +154,23 @@ def main(config_path: str) -> None:
         "warnings": [str(w.message) for w in caught if str(w.message).startswith("lrpilot")],
         "params_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
     }
+    if elastic:
+        summary.update(attempt=attempt, first_step=first)
     Path(config["out_dir"], f"summary{rank}.json").write_text(json.dumps(summary))
     dist.destroy_process_group()
+
+
+def save(path: Path, model, optimizer, pilot, step: int) -> None:
+    """A checkpoint of step ``step``, whole or not at all (written aside, renamed)."""
+    state = {
+        "model": model.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lrpilot": pilot.state_dict(),
+        "step": step,
+    }
+    part = path.with_name(path.name + ".part")
+    torch.save(state, part)
+    os.replace(part, path)
 
 
 if __name__ == "__main__":
