@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.control import session_info, summary
@@ -267,3 +269,42 @@ def test_records_of_a_driver_that_left_are_decided_on_when_the_others_come(make_
     plane.handle(b"r0", [encode(Bye(run=RUN, rank=0, step=1))], 0.1)
     send(plane, 1, step_and_report(1, 3.0), now=0.2)
     assert [m for _, kind, m in stored(plane) if kind == REPORT] == [{"val_loss": 2.0}]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    losses=st.lists(
+        st.tuples(*(st.floats(0.1, 5.0, allow_nan=False) for _ in range(3))),
+        min_size=1,
+        max_size=12,
+    ),
+    batch_sizes=st.tuples(*(st.integers(1, 5) for _ in range(3))),
+    order=st.randoms(use_true_random=False),
+)
+def test_what_is_decided_does_not_depend_on_how_the_ranks_batches_interleave(
+    make_plane, tmp_path_factory, losses, batch_sizes, order
+):
+    """Three ranks' streams, cut in batches of any size and delivered in any
+    order: the stored stream is each step's mean and the decisions are those
+    of a replay of it."""
+    plane = make_plane(tmp_path_factory.mktemp("interleave"))
+    joined(plane, world=3)
+    streams = []
+    for rank in range(3):
+        records = [
+            r for step, values in enumerate(losses, 1) for r in step_and_report(step, values[rank])
+        ]
+        size = batch_sizes[rank] * 2
+        streams.append([(rank, 1 + i, records[i : i + size]) for i in range(0, len(records), size)])
+    while any(streams):
+        rank = order.choice([r for r in range(3) if streams[r]])
+        _, seq, records = streams[rank].pop(0)
+        send(plane, rank, records, seq=seq)
+    got = [(s, m["val_loss"]) for s, kind, m in stored(plane) if kind == REPORT]
+    assert got == [(s, math.fsum(v) / 3) for s, v in enumerate(losses, 1)]
+    replay = PolicyEngine(RUN, parse_policy(plateau()), [0.1])
+    replay.replay(stored(plane))
+    assert replay.version == plane.registry.runs[RUN].engine.version
+    assert replay.policy.state_dict() == plane.registry.runs[RUN].engine.policy.state_dict()
