@@ -250,6 +250,13 @@ def uses_metrics(spec: PolicySpec) -> bool:
     return any(uses_metrics(stage) for stage in getattr(spec, "policies", ()))
 
 
+def restart_attempt() -> int:
+    """torchrun's restart count of this worker (0 outside torchrun, or when
+    it does not parse: it only orders a job's attempts)."""
+    text = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
+
+
 def default_run_id() -> str:
     env = os.environ.get("LRPILOT_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
     if env and env != "none":
@@ -297,6 +304,7 @@ class Pilot:
                 f"lrpilot.attach: rank {rank} is not in 0..world_size-1 ({world_size})"
             )
         self.run, self.rank, self.world_size, self.sync = run, rank, world_size, sync
+        self.attempt = restart_attempt()  # torchrun's restart count, in the hello
         self.sync_timeout = sync_timeout
         self.group_names = [group_name(g, i) for i, g in enumerate(groups)]
         self.base_lrs = [base_lr(g) for g in groups]
@@ -864,6 +872,7 @@ class Pilot:
                 held=self._held,
                 sync=self.sync,
                 client_version=f"{__version__}/p{PROTOCOL_VERSION}",
+                attempt=self.attempt,
             )
         )
 
@@ -935,9 +944,15 @@ class Pilot:
             "lrs": list(self._left),
             "policy": self._spec.model_dump() if self._spec else None,
             "policy_base_lrs": list(self._policy_base),
-            "policy_state": self._policy_state(),
+            # The policy in effect (its LRs are the groups'), and what this
+            # rank's metrics have done to it since (the mirror: a decision it
+            # made may not be due yet), each restored as itself.
+            "policy_state": self._policy.state_dict() if self._policy else None,
+            "mirror_state": self._mirror.state_dict() if self._mirror is not None else None,
             "held": None if self._held is None else list(self._held),
             "applied_version": self._applied_version,
+            # Commands received and not yet due: due after the checkpoint's step.
+            "pending": [command.model_dump(mode="json") for command in self._pending],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -949,7 +964,14 @@ class Pilot:
             held = None if held is None else [float(lr) for lr in held]
             if policy is not None:
                 policy.load_state_dict(state["policy_state"])
+            mirror_state = state.get("mirror_state")
+            if policy is not None and mirror_state is not None:
+                mirror: Policy | None = spec.build(base)
+                mirror.load_state_dict(mirror_state)
+            else:  # a checkpoint from before the mirror was kept apart
+                mirror = self._mirror_of(spec, policy, base)
             step, lrs = int(state["step"]), [float(lr) for lr in state["lrs"]]
+            pending = [LRCommand.model_validate(c) for c in state.get("pending") or ()]
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"lrpilot: not a pilot state_dict: {exc}") from None
         if self._optimizer.param_groups is not self._groups:
@@ -961,12 +983,15 @@ class Pilot:
         self._release_read(wait=True)  # records of the timeline being left
         self._spec, self._policy, self.step_count = spec, policy, step
         self._recorded, self._held_metrics = step, {}
-        self._mirror = self._mirror_of(spec, policy, base)
+        self._mirror = mirror
         self._mirror_from = step
         self._policy_base, self._held = base, held
         self._exhausted = False
         self._applied_version = int(state.get("applied_version", 0))
         self._pending.clear()
+        for command in pending:
+            if command.run == self.run:
+                self._receive(command)
         if policy is None and held is None:
             self._write_lrs(lrs)
         self._write_current()

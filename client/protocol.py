@@ -130,6 +130,10 @@ class Hello(Message):
     held: list[FiniteLR] | None = Field(None, max_length=MAX_GROUPS)
     sync: bool = False
     client_version: str = Field("", max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")
+    # torchrun's restart count ($TORCHELASTIC_RESTART_COUNT): torchrun stops
+    # every worker before it starts the next attempt, so a rank of a later
+    # attempt takes its rank at once from a session of an earlier one.
+    attempt: Count = 0
 
     @model_validator(mode="after")
     def _rank_in_world(self) -> Hello:

@@ -387,9 +387,14 @@ def test_after_every_rank_left_only_rank_0_takes_the_run_back(make_plane, caplog
     assert not run.sessions
     replies(plane, b"r1-again", rank_hello(1, step=3))
     assert run.engine.step == 5
-    replies(plane, b"r0-again", rank_hello(0, step=3))
+    out = plane.handle(b"r0-again", rank_hello(0, step=3), 0.0)
     assert run.engine.step == 3
     assert "rank 0 joined at step 3, behind rank 1" in caplog.text
+    # Both lack the decision made on step 3's report, due at step 7 (v2):
+    # each gets it, rather than the state of the timeline they left (v4).
+    sent = [(to, decode(frames)) for to, frames in out]
+    assert sent[0][0] == b"r0-again" and sent[0][1].command.version == 2
+    assert [(to, m.version, m.effective_step) for to, m in sent[1:]] == [(b"r1-again", 2, 7)]
 
 
 def test_a_run_back_with_other_param_groups_takes_them_for_good(make_plane):
@@ -690,8 +695,10 @@ def test_a_fresh_start_under_a_used_run_id_is_a_new_timeline(make_plane):
     command = welcome.command
     assert command is not None and not command.hold and command.lrs == [0.1]
     assert command.policy == parse_policy(cosine).model_dump()
-    assert (command.version, command.effective_step, command.state_step) == (3, 1, 0)
+    # One step ahead, as journaled: the client has set its next step's LRs.
+    assert (command.version, command.effective_step, command.state_step) == (3, 2, 0)
     history = plane.store.history("again")
+    assert history[-1]["effective_step"] == 2
     assert [e["actor"] for e in history] == ["policy", "operator", "daemon"]
     assert history[-1]["reason"] == "fresh start: the run's previous timeline ended at step 2"
     plane.flush()

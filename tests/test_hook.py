@@ -733,12 +733,57 @@ def test_a_checkpoint_holds_what_the_metrics_did_to_a_plateau():
             pilot.step(loss=1.0)
             pilot.report(val_loss=value)
             reference.step(value)
-        state = pilot.state_dict()["policy_state"]
+        state = pilot.state_dict()["mirror_state"]
         assert (state["best"], state["num_bad_steps"]) == (1.0, 2)
         assert (reference.best, reference.num_bad_epochs) == (1.0, 2)
         assert pilot.lrs == [0.1, 0.02]  # no decision without the daemon
     finally:
         pilot.close()
+
+
+def test_a_checkpoint_resumes_with_its_lrs_not_a_cut_that_is_not_due_yet():
+    """Between a decision and the step it is due at, a checkpoint's LRs are the
+    ones in effect; the mirror has already cut (it took the metric), and the
+    command waiting for its step is in the checkpoint too: a resume holds the
+    LRs and applies the cut where the uninterrupted run did."""
+    spec = {"kind": "plateau", "metric": "val_loss", "patience": 0}
+    pilot = lrpilot.attach(two_groups(), run="due-later", policy=spec, daemon=free_address())
+    resumed = lrpilot.attach(two_groups(), run="due-later", policy=spec, daemon=free_address())
+    try:
+        for k, value in enumerate((1.0, 2.0), start=1):
+            train_step(pilot._optimizer)
+            pilot.step(loss=1.0)
+            pilot.report(val_loss=value)
+        mirror = pilot.state_dict()["mirror_state"]
+        cut_lrs = mirror["lrs"]  # x0.1, patience 0
+        assert cut_lrs == pytest.approx([0.01, 0.002])
+        cut = LRCommand(
+            run="due-later",
+            version=1,
+            effective_step=5,
+            state_step=2,
+            lrs=cut_lrs,
+            policy_state=mirror,
+            reason="plateau",
+            actor="policy",
+        )
+        pilot._receive(cut)
+        state = pilot.state_dict()
+        assert state["lrs"] == [0.1, 0.02]  # the cut is due at step 5
+        assert state["mirror_state"]["lrs"] == cut_lrs
+        assert [c["version"] for c in state["pending"]] == [1]
+        resumed.load_state_dict(state)
+        assert resumed.lrs == [0.1, 0.02]
+        lrs = []
+        for _ in range(4):  # steps 3..6
+            train_step(resumed._optimizer)
+            resumed.step(loss=1.0)
+            lrs.append(resumed.lrs)
+        # After step 4 the groups hold step 5's LRs: the cut.
+        assert lrs == [[0.1, 0.02], cut_lrs, cut_lrs, cut_lrs]
+    finally:
+        pilot.close()
+        resumed.close()
 
 
 def test_a_resume_against_a_fresh_store_cuts_where_the_uninterrupted_run_did(tmp_path):

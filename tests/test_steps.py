@@ -296,8 +296,8 @@ def test_lock_step_and_checkpoints_wait_for_the_device(tmp_path, standin):
         async_pilot.step(loss=StandinTensor(3.0))
         state = async_pilot.state_dict()
         # Both steps are in the mirror: best 1.0, then a worse one cut (patience 0).
-        assert state["policy_state"]["best"] == 1.0
-        assert state["policy_state"]["lrs"] == [0.05, 0.01]
+        assert state["mirror_state"]["best"] == 1.0
+        assert state["mirror_state"]["lrs"] == [0.05, 0.01]
     finally:
         with _quiet():
             async_pilot.close()

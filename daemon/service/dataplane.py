@@ -28,6 +28,7 @@ from lrpilot.protocol import (
     ClientStats,
     Error,
     Hello,
+    LRCommand,
     MessageTooLarge,
     MetricsHeader,
     Processed,
@@ -199,6 +200,8 @@ class DataPlane:
             log.warning("run %s rank %d: hello refused: %s", hello.run, hello.rank, message)
             return [(identity, error(code, message))]
         self._asked.pop(identity, None)
+        if run is not None:
+            self._end_earlier_attempts(run, hello, now)
         if run is not None and run.reduction is not None:
             if hello.rank <= min(run.sessions, default=hello.rank):
                 # The driver (again): what waited is sent again after this
@@ -206,6 +209,10 @@ class DataPlane:
                 run.reduction = None
             else:
                 run.reduction.forget_rank(hello.rank)
+        # A lower rank of the same attempt connected: this one joins it
+        # (late); none: it may be resuming ahead of the rank that will drive.
+        lower_connected = run is not None and any(r < hello.rank for r in run.sessions)
+        rewound = False
         try:
             if run is None:
                 run = self.registry.new_run(hello)
@@ -232,6 +239,7 @@ class DataPlane:
                 # comes back) sets the run's step: another rank joining behind
                 # it does not take the policy back.
                 self._rewind(run, hello)
+                rewound = True
             elif self._is_driver(identity, run) and self._past_gap(run, hello):
                 self._skip_to(run, hello)
         except ValueError as exc:  # a policy spec or state the daemon cannot use
@@ -254,12 +262,59 @@ class DataPlane:
             hello.pid,
             hello.step,
         )
-        engine = run.engine
-        behind = engine.version > hello.applied_version or engine.held is not None
         welcome = Welcome(
-            run=run.run_id, version=engine.version, command=engine.current() if behind else None
+            run=run.run_id,
+            version=run.engine.version,
+            command=self._welcome_command(run, hello, rewound, lower_connected),
         )
-        return [(identity, [encode(welcome)])]
+        out: Outgoing = [(identity, [encode(welcome)])]
+        command = welcome.command
+        if rewound and command is not None:
+            # The other ranks, connected before the rewind, lack it too.
+            frames = [encode(command)]
+            out += [
+                (other.identity, frames)
+                for other in run.sessions.values()
+                if other is not session and other.applied_version < command.version
+            ]
+        return out
+
+    @staticmethod
+    def _welcome_command(
+        run: Run, hello: Hello, rewound: bool, lower_connected: bool
+    ) -> LRCommand | None:
+        """What a client saying hello lacks. The journaled command itself, at
+        its own effective step, when the engine has it: for a rank resuming
+        from a checkpoint, the newest made on a state at or before its step
+        (decided before the checkpoint, due after it), not the state of the
+        timeline it left. Else the run's whole state, one step ahead for an
+        async client (it has set its next step's LRs)."""
+        engine, applied = run.engine, hello.applied_version
+        behind = engine.version > applied or engine.held is not None
+        if not behind:
+            return None
+        if engine.knows(applied):
+            resuming = rewound or (hello.step < engine.step and not lower_connected)
+            return engine.as_of(hello.step if resuming else MAX_COUNT, applied)
+        return engine.current(lead=0 if hello.sync else 1)
+
+    def _end_earlier_attempts(self, run: Run, hello: Hello, now: float) -> None:
+        """torchrun stops every worker of an attempt before it starts the next:
+        the sessions of an earlier attempt are of processes that are gone
+        (killed: they said no bye), and must neither hold their ranks nor be
+        waited for."""
+        stale = [s for s in run.sessions.values() if s.attempt < hello.attempt]
+        for session in stale:
+            self.registry.end_session(session.identity, now)
+        if stale:
+            self.ledger.changed(run.run_id)
+            log.info(
+                "run %s: attempt %d of the job (torchrun restarted it): ended %d session(s) "
+                "of an earlier attempt",
+                run.run_id,
+                hello.attempt,
+                len(stale),
+            )
 
     def _refusal(
         self, identity: bytes, hello: Hello, run: Run | None, now: float
@@ -281,7 +336,8 @@ class DataPlane:
         if holder is not None and holder.identity != identity:
             same_process = (holder.host, holder.pid) == (hello.host, hello.pid)
             silent = now - holder.last_seen
-            if not same_process and silent < self.config.rank_takeover_after:
+            newer_attempt = hello.attempt > holder.attempt  # torchrun stopped the holder
+            if not (same_process or newer_attempt) and silent < self.config.rank_takeover_after:
                 return "rank_taken", (
                     f"run {hello.run!r} rank {hello.rank} is held by a live session "
                     f"(host {holder.host!r} pid {holder.pid}, heard {silent:.1f}s ago); "
@@ -452,7 +508,9 @@ class DataPlane:
             )
         )
         engine.version, engine.held = run.engine.version, run.engine.held
-        engine.last_change = run.engine.last_change
+        engine.last_change, engine.recent = run.engine.last_change, run.engine.recent
+        engine.recent_since = run.engine.recent_since
+        engine.forget_after(step)
         run.engine = engine
         run.ledger.forget_driver()  # whoever drives next numbers its records afresh
         # The state holds every record of this step stored so far; the

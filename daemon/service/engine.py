@@ -15,7 +15,7 @@ policy back, at the LRs it has reached by then.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +46,7 @@ class StepGapTooLarge(ValueError):
 
 
 UNBOUNDED_GAP = 2**62  # a replay steps through any gap its stream has
+RECENT_COMMANDS = 16  # kept whole per run, for ranks resuming from a checkpoint
 
 
 class PolicyEngine:
@@ -76,6 +77,12 @@ class PolicyEngine:
         self.starts_at = 0
         self.exhausted = False
         self.last_change: LRCommand | None = None
+        # The last commands made (whole, with their policy state), newest
+        # last: a rank resuming from a checkpoint gets the one it lacks.
+        self.recent: deque[LRCommand] = deque(maxlen=RECENT_COMMANDS)
+        # Every command after this version is in `recent` (or was of a
+        # timeline a rewind left); of those before, the engine may not know.
+        self.recent_since = 0
         # LR changes since the daemon started, by cause: a bounded label for
         # the exporter (the policy's kind, set_lr, pause, resume, policy_switch);
         # the free-text reason is in the journal.
@@ -203,6 +210,9 @@ class PolicyEngine:
         effective = self.effective_step(self.lead_steps if lead is None else lead)
         command = self._snapshot(self.version, effective, reason, actor, policy_changed)
         self.last_change = command
+        if len(self.recent) == self.recent.maxlen:
+            self.recent_since = self.recent[0].version
+        self.recent.append(command)
         return Change(command, before, cause)
 
     def effective_step(self, lead: int) -> int:
@@ -224,12 +234,36 @@ class PolicyEngine:
         has not started yet is as of the step before it starts."""
         return max(self.step, self.starts_at - 1)
 
-    def current(self) -> LRCommand:
+    def as_of(self, step: int, applied_version: int) -> LRCommand | None:
+        """The command a client at ``step`` that has applied commands up to
+        ``applied_version`` lacks: the newest made on a state at or before its
+        step (one after it belongs to a timeline a client resuming from a
+        checkpoint is not on), when newer than what it applied; None if none.
+        Only when ``knows(applied_version)``."""
+        for command in reversed(self.recent):
+            if command.version <= applied_version:
+                return None
+            if command.state_step <= step:
+                return command
+        return None
+
+    def knows(self, applied_version: int) -> bool:
+        """Whether every command after ``applied_version`` is in ``recent``."""
+        return applied_version >= self.recent_since
+
+    def forget_after(self, step: int) -> None:
+        """The run went back to ``step``: commands made on later states are of
+        a timeline that no longer is (they stay in the journal, as history)."""
+        kept = [command for command in self.recent if command.state_step <= step]
+        self.recent = deque(kept, maxlen=RECENT_COMMANDS)
+
+    def current(self, lead: int = 0) -> LRCommand:
         """The run's whole state as a command at the current version: for a
-        client that comes back having missed commands."""
+        client that comes back having missed commands. ``lead``: as for a
+        command (an async client has set its next step's LRs already)."""
         return self._snapshot(
             self.version,
-            min(max(self.step + 1, self.starts_at), MAX_COUNT),
+            min(max(self.step + 1 + lead, self.starts_at), MAX_COUNT),
             "the daemon's state of the run",
             "daemon",
             True,
@@ -274,6 +308,7 @@ class PolicyEngine:
         engine = cls(run, spec, row["policy_base_lrs"], lead_steps, max_gap)
         engine.load(row.get("policy_state"))
         engine.step, engine.version = int(row["step"]), int(row["version"])
+        engine.recent_since = engine.version
         engine.held = row.get("held")
         return engine
 
@@ -294,4 +329,5 @@ class PolicyEngine:
         engine = cls(run, spec, base_lrs, lead_steps, max_gap)
         engine.load(state)
         engine.step, engine.version = step, version
+        engine.recent_since = version
         return engine

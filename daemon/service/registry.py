@@ -37,6 +37,7 @@ class Session:
     applied_step: int = 0
     late_by: int = 0  # steps the last command landed after its effective step
     key: Any = None  # the allowed Key it said hello with (a daemon with keys)
+    attempt: int = 0  # torchrun's restart count of its process
     _rate_at: tuple[float, int] = (0.0, 0)
 
     def saw_step(self, step: int, now: float) -> None:
@@ -251,6 +252,7 @@ class RunRegistry:
             now,
             step=hello.step,
             applied_version=hello.applied_version,
+            attempt=hello.attempt,
         )
         run.sessions[hello.rank] = session
         self.sessions[identity] = session

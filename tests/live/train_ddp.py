@@ -29,9 +29,12 @@ temporary file, then renamed), and every rank waits for it at a barrier.
 (``$TORCHELASTIC_RESTART_COUNT`` 0) that rank exits abruptly (``os._exit(1)``)
 right after that step. When the checkpoint exists at start, every rank loads
 it (model, optimizer, then the pilot's state) and goes on from the step after
-it. With either feature on, ``rank{R}.jsonl`` is appended to (each attempt
-adds its lines) and each line says its ``attempt`` (the restart count); the
-summary is the last attempt's and says its ``attempt`` and ``first_step``.
+it; a line ``{"event": "resumed", "step", "lrs", "started"}`` then says the
+checkpoint's step, the LRs the groups hold once it is loaded (those of the
+step after it) and when this process started (``time.time()``). With either
+feature on, ``rank{R}.jsonl`` is appended to (each attempt adds its lines)
+and each line says its ``attempt`` (the restart count); the summary is the
+last attempt's and says its ``attempt`` and ``first_step``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ HIDDEN, BATCH = 64, 128
 
 
 def main(config_path: str) -> None:
+    started = time.time()
     config = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -112,6 +116,9 @@ def main(config_path: str) -> None:
         )
         if saved is not None:
             pilot.load_state_dict(saved["lrpilot"])
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            resumed = {"event": "resumed", "step": saved["step"], "lrs": lrs, "started": started}
+            out.write(json.dumps({**resumed, **tag}) + "\n")
         for k in range(first, config["max_steps"] + 1):
             idx = torch.randint(0, len(x_train), (BATCH,), generator=generator)
             loss = loss_fn(model(x_train[idx]), y_train[idx])
