@@ -750,7 +750,7 @@ def test_a_checkpoint_resumes_with_its_lrs_not_a_cut_that_is_not_due_yet():
     pilot = lrpilot.attach(two_groups(), run="due-later", policy=spec, daemon=free_address())
     resumed = lrpilot.attach(two_groups(), run="due-later", policy=spec, daemon=free_address())
     try:
-        for k, value in enumerate((1.0, 2.0), start=1):
+        for value in (1.0, 2.0):
             train_step(pilot._optimizer)
             pilot.step(loss=1.0)
             pilot.report(val_loss=value)

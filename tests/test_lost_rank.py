@@ -67,7 +67,9 @@ def test_a_killed_rank_is_seen_shown_and_left_out_while_the_others_go_on(
                 training.wait(10)
 
 
-def watch_a_rank_die(daemon: DaemonProcess, lrpilot_exe: str, tmp_path, trainings, outputs, stop) -> None:
+def watch_a_rank_die(
+    daemon: DaemonProcess, lrpilot_exe: str, tmp_path, trainings, outputs, stop
+) -> None:
 
     def detail() -> str:
         return "\n".join(

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 from procs import (
@@ -43,18 +44,12 @@ def network_address() -> str:
     import socket
 
     found: set[str] = set()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed, never sent to
-            found.add(probe.getsockname()[0])
-        except OSError:
-            pass
-    try:
-        found |= {
-            info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
-        }
-    except OSError:
-        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, suppress(OSError):
+        probe.connect(("198.51.100.1", 9))  # TEST-NET-2: routed, never sent to
+        found.add(probe.getsockname()[0])
+    with suppress(OSError):
+        names = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        found |= {info[4][0] for info in names}
     usable = sorted(a for a in found if not a.startswith(("127.", "0.")))
     assert usable, f"this test needs a network address besides loopback; found {sorted(found)}"
     return usable[0]
