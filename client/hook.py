@@ -965,8 +965,9 @@ class Pilot:
             if policy is not None:
                 policy.load_state_dict(state["policy_state"])
             mirror_state = state.get("mirror_state")
-            if policy is not None and mirror_state is not None:
-                mirror: Policy | None = spec.build(base)
+            mirror: Policy | None
+            if spec is not None and policy is not None and mirror_state is not None:
+                mirror = spec.build(base)
                 mirror.load_state_dict(mirror_state)
             else:  # a checkpoint from before the mirror was kept apart
                 mirror = self._mirror_of(spec, policy, base)
