@@ -78,3 +78,23 @@ def processes() -> Iterator[list]:
     yield started
     for proc in reversed(started):
         proc.stop()
+
+
+@pytest.fixture
+def make_plane(tmp_path: Path) -> Iterator:
+    """``make(state_dir=tmp_path/"state", **config)``: a daemon's DataPlane
+    (logic, no socket) on a store of its own; closed at the end."""
+    from lrpilot.daemon.service.config import DaemonConfig
+    from lrpilot.daemon.service.dataplane import DataPlane
+
+    planes: list[DataPlane] = []
+
+    def make(state_dir: Path = tmp_path / "state", **fields) -> DataPlane:
+        plane = DataPlane(DaemonConfig(state_dir=state_dir, **fields))
+        planes.append(plane)
+        return plane
+
+    yield make
+    for plane in planes:
+        if plane.store._writer.is_alive():
+            plane.close()

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -611,7 +611,31 @@ def lrs_from_journal(history: list[dict], steps: range, start: list[float]) -> d
     return by_step
 
 
-# --- tests/live/train_ddp.py's output ------------------------------------------------
+# --- tests/live/train_ddp.py ---------------------------------------------------------
+
+TRAIN_DDP = LIVE / "train_ddp.py"
+
+
+def start_train_ddp(
+    where: Path, config: dict, torchrun: Sequence[str], env: dict[str, str], out: str = "train.out"
+) -> subprocess.Popen:
+    """tests/live/train_ddp.py under real torchrun (``python -m
+    torch.distributed.run TORCHRUN...``) on ``config`` (written to
+    where/train.json), its output to where/OUT. The daemon's address and the
+    keys come from ``env``; the run id is torchrun's, as in a user's job."""
+    path = where / "train.json"
+    path.write_text(json.dumps(config))
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    full.pop("LRPILOT_RUN", None)
+    with open(where / out, "w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *torchrun, str(TRAIN_DDP), str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=where,
+            env=full,
+        )
 
 
 def ddp_ranks_agree(where: Path, run: str, history: list[dict], world: int) -> list[dict]:

@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.control import ControlPlane, summary
 from lrpilot.daemon.service.dataplane import ASK_AGAIN_AFTER, DataPlane
 from lrpilot.daemon.service.records import read_records
@@ -61,22 +58,6 @@ def replies(plane: DataPlane, identity: bytes, frames: list[bytes], now: float =
 
 def commands(messages: list) -> list[LRCommand]:
     return [m for m in messages if isinstance(m, LRCommand)]
-
-
-@pytest.fixture
-def make_plane(tmp_path: Path) -> Iterator:
-    """DataPlane(config) on a store of its own in tmp_path; closed at the end."""
-    planes: list[DataPlane] = []
-
-    def make(state_dir: Path = tmp_path / "state", **fields) -> DataPlane:
-        plane = DataPlane(DaemonConfig(state_dir=state_dir, **fields))
-        planes.append(plane)
-        return plane
-
-    yield make
-    for plane in planes:
-        if plane.store._writer.is_alive():
-            plane.close()
 
 
 # Steps 1 and 2, each with a val_loss report: 1.0 then 2.0 (patience 0: a cut).

@@ -12,10 +12,7 @@ parameters (DDP keeps them equal only while the ranks' LRs agree).
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from procs import (
     mean_val_losses,
     metric_value,
     read_jsonl,
+    start_train_ddp,
     stored_val_losses,
     wait_for,
 )
@@ -51,25 +49,11 @@ def torchrun(where: Path, daemon_address: str, sync: bool, digits: Path) -> subp
         "out_dir": str(where),
         "deadline_s": 120,
     }
-    (where / "train.json").write_text(json.dumps(config))
-    env = {**os.environ, "LRPILOT_DAEMON": daemon_address, "OMP_NUM_THREADS": "1"}
-    env.pop("LRPILOT_RUN", None)  # the run id must come from torchrun's environment
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(TRAIN),
-            str(where / "train.json"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=open(where / "train.out", "w"),
-        stderr=subprocess.STDOUT,
-        cwd=where,
-        env=env,
+    return start_train_ddp(
+        where,
+        config,
+        ["--standalone", "--nproc-per-node", "2"],
+        {"LRPILOT_DAEMON": daemon_address},
     )
 
 

@@ -25,15 +25,12 @@ daemon's runs and journal:
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-from procs import DIGITS_PLATEAU, LIVE, lrs_from_journal, read_jsonl, wait_for
+from procs import DIGITS_PLATEAU, lrs_from_journal, read_jsonl, start_train_ddp, wait_for
 
-TRAIN = LIVE / "train_ddp.py"
 CHECKPOINT_EVERY = 150
 FAIL_AT = 190  # after the checkpoint of step 150: the resume goes back 40 steps
 CHECKPOINT = FAIL_AT // CHECKPOINT_EVERY * CHECKPOINT_EVERY
@@ -58,11 +55,8 @@ def torchrun(where: Path, daemon_address: str, digits: Path) -> subprocess.Popen
         "fail_at": FAIL_AT,
         "fail_rank": 0,
     }
-    (where / "train.json").write_text(json.dumps(config))
     env = {
-        **os.environ,
         "LRPILOT_DAEMON": daemon_address,
-        "OMP_NUM_THREADS": "1",
         # torchrun (torch 2.13 here) shares its agent's TCPStore with the
         # workers by default, and the restarted workers' gloo set-up then
         # fails ("connectFullMesh failed ... Connection refused": it finds
@@ -70,26 +64,8 @@ def torchrun(where: Path, daemon_address: str, digits: Path) -> subprocess.Popen
         # each attempt's own (rank 0 hosts it) the restart works.
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
-    env.pop("LRPILOT_RUN", None)  # the run id must come from torchrun's environment
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(WORLD),
-            "--max-restarts",
-            "1",
-            str(TRAIN),
-            str(where / "train.json"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=open(where / "train.out", "w"),
-        stderr=subprocess.STDOUT,
-        cwd=where,
-        env=env,
-    )
+    torchrun = ["--standalone", "--nproc-per-node", str(WORLD), "--max-restarts", "1"]
+    return start_train_ddp(where, config, torchrun, env)
 
 
 def test_an_elastic_restart_resumes_the_run_from_its_checkpoint(running_daemon, digits, tmp_path):

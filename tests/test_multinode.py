@@ -9,16 +9,11 @@ ranks' validation losses (docs/distributed.md)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from contextlib import suppress
 from pathlib import Path
 
 from procs import (
     DIGITS_PLATEAU,
-    LIVE,
     DaemonProcess,
     ddp_ranks_agree,
     free_port,
@@ -27,11 +22,11 @@ from procs import (
     ok,
     ok_json,
     read_jsonl,
+    start_train_ddp,
     stored_val_losses,
     wait_for,
 )
 
-TRAIN = LIVE / "train_ddp.py"
 NODES, PER_NODE = 2, 2
 WORLD = NODES * PER_NODE
 HOLD_LR = 0.003
@@ -55,41 +50,17 @@ def network_address() -> str:
     return usable[0]
 
 
-def torchrun_node(where: Path, node: int, rendezvous: str, run: str, keys: Path, daemon: str):
-    env = {
-        **os.environ,
-        "LRPILOT_DAEMON": daemon,
-        "LRPILOT_KEYS": str(keys / "clients" / "trainer"),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("LRPILOT_RUN", None)  # the run id is the rendezvous id, as torchrun sets it
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            str(NODES),
-            "--nproc-per-node",
-            str(PER_NODE),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            rendezvous,
-            "--rdzv-id",
-            run,
-            # One agent hosts the rendezvous store: both would match this host.
-            "--rdzv-conf",
-            f"is_host={'true' if node == 0 else 'false'}",
-            str(TRAIN),
-            str(where / "train.json"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=open(where / f"node{node}.out", "w"),
-        stderr=subprocess.STDOUT,
-        cwd=where,
-        env=env,
-    )
+def torchrun_node(
+    where: Path, config: dict, node: int, rendezvous: str, run: str, keys: Path, daemon: str
+):
+    torchrun = [
+        *("--nnodes", str(NODES), "--nproc-per-node", str(PER_NODE)),
+        *("--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous, "--rdzv-id", run),
+        # One agent hosts the rendezvous store: both would match this host.
+        *("--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}"),
+    ]
+    env = {"LRPILOT_DAEMON": daemon, "LRPILOT_KEYS": str(keys / "clients" / "trainer")}
+    return start_train_ddp(where, config, torchrun, env, out=f"node{node}.out")
 
 
 def test_four_ranks_on_two_nodes_reach_a_keyed_daemon_off_loopback(
@@ -128,10 +99,9 @@ def test_four_ranks_on_two_nodes_reach_a_keyed_daemon_off_loopback(
         "out_dir": str(tmp_path),
         "deadline_s": 150,
     }
-    (tmp_path / "train.json").write_text(json.dumps(config))
     rendezvous = f"127.0.0.1:{free_port()}"
     nodes = [
-        torchrun_node(tmp_path, node, rendezvous, run, keys, daemon.address)
+        torchrun_node(tmp_path, config, node, rendezvous, run, keys, daemon.address)
         for node in range(NODES)
     ]
 

@@ -8,14 +8,12 @@ replay decides the same), leaves out a rank that stays silent past
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lrpilot.daemon.service.config import DaemonConfig
 from lrpilot.daemon.service.control import session_info, summary
 from lrpilot.daemon.service.dataplane import DataPlane
 from lrpilot.daemon.service.engine import PolicyEngine
@@ -64,18 +62,14 @@ def step_and_report(step: int, val_loss: float) -> list[tuple[int, str, dict]]:
 
 
 @pytest.fixture
-def make_plane(tmp_path: Path) -> Iterator:
-    planes: list[DataPlane] = []
+def make_plane(make_plane):
+    """conftest's, with a short wait for silent ranks."""
 
-    def make(state_dir: Path = tmp_path / "state", **fields) -> DataPlane:
-        plane = DataPlane(DaemonConfig(state_dir=state_dir, rank_wait_timeout=TIMEOUT, **fields))
-        planes.append(plane)
-        return plane
+    def make(state_dir: Path | None = None, **fields) -> DataPlane:
+        where = {} if state_dir is None else {"state_dir": state_dir}
+        return make_plane(**where, rank_wait_timeout=TIMEOUT, **fields)
 
-    yield make
-    for plane in planes:
-        if plane.store._writer.is_alive():
-            plane.close()
+    return make
 
 
 def joined(plane: DataPlane, world: int = 2, policy: dict | None = None, step: int = 0) -> None:
