@@ -388,9 +388,14 @@ def test_ddp_ranks_join_one_run_and_apply_every_change_at_the_same_step(
     assert ranks[0].used == ranks[1].used
     due = [e for e in history if e["effective_step"] <= steps]
     assert ranks[0].used == lrs_from_journal(due, range(1, steps + 1), BASE_LRS)
-    assert (
-        ranks[0].changes == ranks[1].changes == [(e["effective_step"], e["new_lrs"]) for e in due]
-    )
+    # A change due at the step after the last is set by the last step (and
+    # called back) when it came in time, else not at all.
+    in_run = [(e["effective_step"], e["new_lrs"]) for e in due]
+    after = [
+        (e["effective_step"], e["new_lrs"]) for e in history if e["effective_step"] == steps + 1
+    ]
+    assert ranks[0].changes == ranks[1].changes
+    assert ranks[0].changes in (in_run, in_run + after), (ranks[0].changes, history)
     assert ranks[0].summary["params_sha256"] == ranks[1].summary["params_sha256"]
 
 
