@@ -35,6 +35,7 @@ from .protocol import (
     MAX_NAME,
     PROTOCOL_VERSION,
     REPORT,
+    SEND_INTERVAL,
     STEP,
     Ack,
     BatchEncoder,
@@ -56,8 +57,8 @@ from .transport import POLLIN, POLLOUT, DaemonLink
 # Records per metrics message: big enough that a burst after the daemon comes
 # back drains in few messages, small enough that one stays well under 100 KiB.
 MAX_BATCH = 256
-# How often (seconds) an async pilot sends and looks for commands: at most
-# once a millisecond, so a 1 kHz loop hears a decision within a step or two.
+# How often (seconds) an async pilot looks for commands: at most once a
+# millisecond, so a 1 kHz loop hears a decision within a step or two.
 IO_INTERVAL = 0.001
 # Records held while the daemon is away (~100 s at 1 kHz); then the oldest go.
 MAX_QUEUE = 100_000
@@ -334,7 +335,10 @@ class Pilot:
         self._queue: deque = deque(maxlen=self._max_queue)
         # Sent, not yet persisted by the daemon: sent again after a restart.
         self._unacked: deque = deque(maxlen=self._max_queue)
-        self._last_io = 0.0
+        self._last_io = 0.0  # the last send (and look)
+        self._last_look = 0.0  # the last look for what the daemon sent
+        self._watched_for: PolicySpec | None = None  # the spec _watched is of
+        self._watched: frozenset[str] = frozenset()  # the metrics it decides on
         self._io_seq = 0
         self._await_until = 0.0  # report(): look for the answer every step until then
         self._pending: list[LRCommand] = []
@@ -438,17 +442,28 @@ class Pilot:
             self._release_read()
         if self.sync and recorded:
             self._exchange(wait_for=self._seq)
-        # New records since the last I/O, not the queue's length: with the
+        # New records since the last send, not the queue's length: with the
         # daemon away the queue stays long, and I/O every step would cost.
         elif (
             self._seq - self._io_seq >= MAX_BATCH
-            or (now := time.monotonic()) - self._last_io >= IO_INTERVAL
-            or now < self._await_until
+            or (now := time.monotonic()) - self._last_io >= SEND_INTERVAL
+            or (recorded and self._decides_on(metrics))
         ):
             self._exchange()
+        elif now - self._last_look >= IO_INTERVAL or now < self._await_until:
+            self._look(now)
         if self._pending:
             self._apply_due(n)
         self._write_current()
+
+    def _decides_on(self, metrics: dict[str, Any]) -> bool:
+        """Whether the policy decides on one of these metrics (plateau on the
+        step's loss): such a record goes at once, as a report does."""
+        spec = self._spec
+        if spec is not self._watched_for:
+            self._watched_for = spec
+            self._watched = frozenset(spec.reduced_metrics()) if spec is not None else frozenset()
+        return bool(self._watched) and not self._watched.isdisjoint(metrics)
 
     def _advance(self) -> None:
         """One real step: the local policy moves on (step-driven schedules
@@ -644,7 +659,7 @@ class Pilot:
     def _exchange(self, wait_for: int = 0) -> None:
         """Send what is queued and handle what arrived; with ``wait_for``, wait
         (up to sync_timeout) until the daemon has processed that record."""
-        self._last_io = time.monotonic()
+        self._last_io = self._last_look = time.monotonic()
         self._io_seq = self._seq
         link = self._link
         events = link.events()
@@ -679,6 +694,14 @@ class Pilot:
             self._handle(frames)
             if self._queue:  # the daemon restarted and asked for what it lacks
                 self._flush()
+
+    def _look(self, now: float) -> None:
+        """Handle what arrived, sending nothing: between sends, a decision
+        still lands within a millisecond or two."""
+        self._last_look = now
+        link = self._link
+        while link.events() & POLLIN:
+            self._handle(link.receive())
 
     def _flush(self) -> None:
         """Send the queue in batches while the pipe takes them."""

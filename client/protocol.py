@@ -37,6 +37,12 @@ CONTROL_ENV = "LRPILOT_CONTROL"
 # A batch of 4096 records of 8 metrics packs to ~300 KiB; 4 MiB leaves room
 # for the largest hello (policy state of a long sequential) with a margin.
 MAX_MESSAGE_BYTES = 4 << 20
+# Seconds an async client may hold its step records before it sends them (a
+# report, a step with a metric its policy decides on, and lock-step records
+# go at once): a message per rank and step would be what limits one daemon.
+# The daemon's view of a rank's step is this much behind at most, which the
+# lead of a command for several ranks covers.
+SEND_INTERVAL = 0.1
 # Every integer on the wire is bounded by MAX_COUNT (2**53, the policies'
 # bound on step counts too): steps, seq numbers and versions fit a float64
 # exactly (JSON readers elsewhere) and SQLite's int64 with room; a step count
@@ -193,6 +199,14 @@ class Persisted(Message):
     t: Literal["persisted"] = "persisted"
     run: str
     seq: Count
+
+    @staticmethod
+    def frame(run: str, seq: int) -> bytes:
+        """``encode(Persisted(run=run, seq=seq))``, without building the model:
+        the daemon sends one per client and tick."""
+        # A run id came in a hello pydantic parsed: no lone surrogate in it.
+        name = json.dumps(run, ensure_ascii=False).encode()
+        return b'{"v":%d,"t":"persisted","run":%s,"seq":%d}' % (PROTOCOL_VERSION, name, seq)
 
 
 class Ack(Message):

@@ -327,17 +327,17 @@ def test_decisions_for_several_ranks_are_scheduled_ahead_of_the_others(make_plan
     """One rank: the decision on step k's report is for k + 1 (lock-step) or
     k + 2 (async), as simulate has it. Several ranks: the others hear it
     after the driver, so it is for k + 2 in lock-step (each rank waits for
-    its record, and DDP keeps the ranks in step) and ~100 ms of steps ahead
-    in async."""
+    its record, and DDP keeps the ranks in step) and ~200 ms of steps ahead
+    in async (delivery, and the steps an async rank has not sent yet)."""
     plane = make_plane()
     replies(plane, b"r0", rank_hello(0, sync=sync))
     replies(plane, b"r1", rank_hello(1, sync=sync))
-    plane.registry.runs["ddp"].sessions[1].steps_per_s = 500.0  # 50 steps in 100 ms
+    plane.registry.runs["ddp"].sessions[1].steps_per_s = 500.0  # 100 steps in 200 ms
     plane.handle(b"r1", steps(1, 1, 2), 0.0)  # the decision waits for every rank's val_loss
     out = plane.handle(b"r0", steps(0, 1, 2), 0.0)  # patience 0: a cut at step 2
     sent = [(to, m) for to, frames in out if isinstance(m := decode(frames), LRCommand)]
     assert sorted(to for to, _ in sent) == [b"r0", b"r1"]  # the same command to each rank
-    assert {m.effective_step for _, m in sent} == {2 + 2 if sync else 2 + 1 + 50}
+    assert {m.effective_step for _, m in sent} == {2 + 2 if sync else 2 + 1 + 100}
 
 
 def test_a_raised_message_limit_lets_larger_batches_in(make_plane):
@@ -736,7 +736,7 @@ def test_a_switched_policy_starts_at_its_step_0_where_it_takes_effect(make_plane
     replies(plane, b"me", hello_from("switch", "a", 1))
     encoder = BatchEncoder("switch", 0)
     plane.handle(b"me", encoder.encode([(k, k, STEP, {}) for k in range(1, 11)], {}), 0.0)
-    plane.registry.runs["switch"].sessions[0].steps_per_s = 150.0  # lead: 15 steps
+    plane.registry.runs["switch"].sessions[0].steps_per_s = 75.0  # lead: 15 steps in 200 ms
     warmup = {"kind": "linear", "start_factor": 0.05, "end_factor": 1.0, "total_iters": 50}
     answer, _ = ControlPlane(plane).handle(
         json.dumps({"op": "policy", "run": "switch", "policy": warmup}).encode()

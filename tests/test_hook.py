@@ -435,15 +435,18 @@ def test_a_command_for_another_number_of_groups_changes_nothing(counts):
 
 def test_after_a_report_with_no_daemon_steps_stop_looking_for_the_answer():
     pilot = lrpilot.attach(two_groups(), run="no-answer", daemon=free_address())
-    exchanges = 0
-    exchange = pilot._exchange
+    exchanges = 0  # looks for what the daemon sent: with a send, or alone
 
-    def counted(*args, **kwargs):
-        nonlocal exchanges
-        exchanges += 1
-        return exchange(*args, **kwargs)
+    def counted(method):
+        def count(*args, **kwargs):
+            nonlocal exchanges
+            exchanges += 1
+            return method(*args, **kwargs)
 
-    pilot._exchange = counted
+        return count
+
+    pilot._exchange = counted(pilot._exchange)
+    pilot._look = counted(pilot._look)
     try:
         with recording():  # no daemon: the pipe may fill
             pilot.step(loss=1.0)
@@ -915,3 +918,52 @@ def test_a_command_for_another_run_is_not_applied():
         assert any("run 'theirs'" in m for m in lrpilot_warnings(caught))
     finally:
         pilot.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "at_once"),
+    [
+        ({"kind": "cosine", "T_max": 1000}, False),
+        ({"kind": "plateau", "metric": "val_loss"}, False),
+        ({"kind": "plateau", "metric": "loss"}, True),
+    ],
+    ids=["step-driven", "plateau-on-reports", "plateau-on-the-step-loss"],
+)
+def test_async_step_records_go_in_batches_unless_the_policy_decides_on_them(policy, at_once):
+    """Every SEND_INTERVAL, not every step (a message per rank and step is
+    what would limit the daemon); a record carrying the metric the policy
+    decides on goes at once, as a report does. A ROUTER stands in for the
+    daemon and counts the metrics messages of 200 steps at ~1 kHz."""
+    import zmq
+
+    from lrpilot.protocol import SEND_INTERVAL, MetricsHeader, decode
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    pilot = lrpilot.attach(
+        two_groups(), run="batched", policy=policy, daemon=f"tcp://127.0.0.1:{port}"
+    )
+    try:
+        started = time.monotonic()
+        for _ in range(200):
+            train_step(pilot._optimizer)
+            pilot.step(loss=1.0)
+            time.sleep(0.001)
+        elapsed = time.monotonic() - started
+        assert pilot.flush(timeout=5.0)
+        records = batches = 0
+        while router.poll(500):
+            message = decode(router.recv_multipart()[1:])
+            if isinstance(message, MetricsHeader):
+                batches += 1
+                records += sum(count for _, count in message.blocks)
+        assert records == 200
+        if at_once:
+            assert batches >= 190, batches  # one a step (a few may share a send)
+        else:
+            assert batches <= elapsed / SEND_INTERVAL + 3, (batches, elapsed)
+    finally:
+        pilot.close()
+        router.close(linger=0)
+        ctx.term()

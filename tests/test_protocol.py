@@ -284,3 +284,12 @@ def test_block_shape_out_of_range_is_a_protocol_error(shape):
 
 def test_protocol_error_is_a_value_error():
     assert issubclass(ProtocolError, ValueError)
+
+
+@pytest.mark.parametrize("run", ["x", 'a"b\\c', "é\u2028ü", "x" * 200])
+def test_the_daemons_quick_persisted_frame_is_the_messages_encoding(run):
+    from lrpilot.protocol import Persisted
+
+    frame = Persisted.frame(run, 2**53)
+    assert decode([frame]) == Persisted(run=run, seq=2**53)
+    assert frame == encode(Persisted(run=run, seq=2**53))

@@ -4,7 +4,7 @@
 protocol's (daemon/control_protocol.py); this module answers them.
 
 Each change is validated before anything moves, journaled, and sent to every
-rank of the run as a command scheduled a little ahead (about 100 ms of the
+rank of the run as a command scheduled a little ahead (about 200 ms of the
 run's steps), so all ranks apply it at the same step.
 """
 

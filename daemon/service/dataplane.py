@@ -667,14 +667,16 @@ class DataPlane:
             return []
         engine, ledger = run.engine, run.ledger
         driver, driver_rank = reduction.driver_identity, reduction.driver_rank
-        # The lead counts from the record decided on: the ranks may be past it.
-        top = run.step
-        lead = run.command_lead_at(top, self.config.command_lead_steps)
         engine.gap_budget = engine.max_gap
         out: Outgoing = []
         folded: list[tuple[int, int, str, dict[str, float]]] = []
         timeouts_before = reduction.timeouts
+        top = lead = -1  # worked out at the first record that goes
         for record in reduction.release(now, run.sessions, watched, final):
+            if top < 0:
+                # The lead counts from the record decided on: the ranks may be past it.
+                top = run.step
+                lead = run.command_lead_at(top, self.config.command_lead_steps)
             engine.lead_steps = lead + max(0, top - record.step)
             ledger.seq = record.seq  # folded before the engine takes it (see Ledger.to_fold)
             try:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lrpilot.protocol import REPORT, BatchEncoder, ClientStats, MetricsHeader, Persisted, encode
+from lrpilot.protocol import REPORT, BatchEncoder, ClientStats, MetricsHeader, Persisted
 
 Outgoing = list[tuple[bytes, list[bytes]]]
 # (step, kind, metrics) as decode_records gives them.
@@ -225,7 +225,7 @@ class Ledger:
         move each run's committed_seq up to what its driver was told.
         ``ledgers(run_id)`` gives a run's ledger, or None."""
         for identity, (run_id, seq) in notice.items():
-            self._persisted.append((identity, [encode(Persisted(run=run_id, seq=seq))]))
+            self._persisted.append((identity, [Persisted.frame(run_id, seq)]))
             ledger = ledgers(run_id)
             if ledger is not None and ledger.driver == identity.hex():
                 ledger.committed_seq = max(ledger.committed_seq, min(seq, ledger.stored_seq))

@@ -141,6 +141,11 @@ class RankReduction:
         self.timeouts = 0  # records decided on without a rank that kept them waiting
         self.dropped = 0  # other ranks' records let go of (MAX_AHEAD)
         self.left_out_now: list[int] = []  # ranks left out by the last release()
+        # The rank the head record waited for when last looked at: looked at
+        # first, so a record waiting for many ranks costs one look per batch
+        # until that one has sent (not a look at every rank per batch).
+        self.blocker: int | None = None
+        self._told: set[int] = set()  # ranks whose told_seq moved since told()
 
     # --- input ----------------------------------------------------------------
 
@@ -173,6 +178,7 @@ class RankReduction:
                 self.dropped += 1
         if not rank_input.values:
             rank_input.told_seq = rank_input.last_seq
+            self._told.add(rank)
 
     def new_driver(self, rank: int, identity: bytes) -> None:
         """Another client drives (or the driver says hello again): it numbers
@@ -218,6 +224,16 @@ class RankReduction:
         while self.waiting:
             head = self.waiting[0]
             names = [n for n in head.metrics if watched.get(n, "rank0") != "rank0"]
+            held_by = self.blocker
+            blocker = self.ranks.get(held_by) if held_by is not None and held_by in live else None
+            if (
+                names
+                and blocker is not None
+                and not blocker.left_out
+                and not blocker.done_with(head.key, names)
+                and now - head.since < self.timeout
+            ):
+                return  # still waiting for the same rank
             if names:
                 missing = []
                 for rank in live:
@@ -230,6 +246,7 @@ class RankReduction:
                         missing.append((rank, rank_input))
                 if missing and not final:
                     if now - head.since < self.timeout:
+                        self.blocker = missing[0][0]
                         return
                     self._give_up_on(head, names, missing)
             metrics = dict(head.metrics)
@@ -242,8 +259,11 @@ class RankReduction:
                 metrics[name] = reduce_values(watched[name], values)
             self.waiting.popleft()
             self.released = head.key
-            for rank_input in self.ranks.values():
-                rank_input.used_up_to(head.key)
+            self.blocker = None
+            for rank, rank_input in self.ranks.items():
+                if rank_input.values and rank_input.values[0][0] <= head.key:
+                    rank_input.used_up_to(head.key)
+                    self._told.add(rank)
             yield Released(head.seq, head.step, head.kind, metrics)
 
     def _give_up_on(self, head: Waiting, names: list[str], missing: list) -> None:
@@ -263,7 +283,9 @@ class RankReduction:
     def told(self) -> Iterator[tuple[int, int]]:
         """(rank, seq) of each other rank whose records are used up to a seq
         it has not been told of yet."""
-        for rank, rank_input in self.ranks.items():
-            if rank_input.told_seq > rank_input.sent_seq:
+        changed, self._told = self._told, set()
+        for rank in changed:
+            rank_input = self.ranks.get(rank)
+            if rank_input is not None and rank_input.told_seq > rank_input.sent_seq:
                 rank_input.sent_seq = rank_input.told_seq
                 yield rank, rank_input.told_seq

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrpilot.protocol import ClientStats, Hello
+from lrpilot.protocol import SEND_INTERVAL, ClientStats, Hello
 
 from .engine import UNBOUNDED_GAP, PolicyEngine
 from .ledger import RunLedger
@@ -17,8 +17,10 @@ from .reduction import RankReduction
 # Steps-per-second smoothing: each batch moves the estimate this far.
 RATE_WEIGHT = 0.2
 # How far ahead a command for several ranks is scheduled, in seconds of the
-# run's steps: enough for it to reach every rank over loopback or a LAN.
-COMMAND_LEAD_SECONDS = 0.1
+# run's steps: enough for it to reach every rank over loopback or a LAN, and
+# for the ranks' steps the daemon has not seen yet (an async client sends
+# its step records every SEND_INTERVAL).
+COMMAND_LEAD_SECONDS = 0.1 + SEND_INTERVAL
 
 
 @dataclass
@@ -103,7 +105,8 @@ class Run:
         same step. The ranks have already set the LRs of their next step, so
         at least one; lock-step ranks hear it before the one after (each waits
         for its record to be processed, and DDP keeps them in step); async
-        ranks get ~100 ms of steps to hear it. ``extra``: --command-lead-steps.
+        ranks get ~200 ms of steps to hear it (and to send the steps the
+        daemon has not seen yet). ``extra``: --command-lead-steps.
 
         The lead counts from the driver's step (the engine's), and another
         rank can be a step ahead of it (DDP lets rank 1 run on once rank 0's

@@ -1,0 +1,609 @@
+"""The cluster-scale load test: many simulated ranks against one real daemon.
+
+    bash scripts/bench --load                      # 1,000 ranks, 8 processes, 60 s
+    .venv/bin/python bench/load.py --ranks 2000 --seconds 20 --json out.json
+    .venv/bin/python bench/load.py --ceiling       # then more ranks until a target breaks
+
+A real `lrpilot daemon` (its own process, a fresh state dir) and ``--procs``
+load processes. Each simulated rank is a real ZeroMQ DEALER that speaks the
+real protocol as the hook does: a hello, a STEP record per step with a loss,
+for `plateau` runs a `val_loss` report every 10 steps (sent at once, as
+``pilot.report`` does), its records batched and sent at the hook's own send
+interval (``lrpilot.hook.SEND_INTERVAL``), the daemon's commands, persisted
+acks and errors read as they come, and a bye at the end once everything it
+sent is persisted. Runs have 1 to 64 ranks, with `plateau` (on the ranks'
+mean `val_loss`), `cosine` and `step` policies in turn. Meanwhile an operator
+holds and releases random runs' LRs (`set-lr`, `resume`) and /metrics is
+scraped, and the daemon's CPU and RSS and the store's size are sampled.
+
+Reported: records lost (sent and never persisted, or persisted and not in
+the store: must be 0); decision latency (the journal's time of a decision to
+its arrival at each rank) and operator-command latency (the request sent to
+its arrival at each rank), p50/p99, target p99 <= 10 ms; the daemon's CPU and
+RSS over time (flat: the last third against the second); store growth per
+hour; the daemon's RSS per active rank and per ended run, and the store's
+bytes per million records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+HERE = Path(__file__).resolve().parent
+TARGET_P99_MS = 10.0
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+REPORT_EVERY = 10
+POLICIES = (
+    {"kind": "plateau", "metric": "val_loss", "patience": 2, "factor": 0.7, "min_lr": 1e-6},
+    {"kind": "cosine", "T_max": 1_000_000},
+    {"kind": "step", "step_size": 500, "gamma": 0.9},
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def layout(ranks: int, prefix: str) -> list[dict[str, Any]]:
+    """Runs of 1..64 ranks (sizes in turn) adding up to ``ranks``, policies in turn."""
+    runs, left, i = [], ranks, 0
+    while left > 0:
+        size = min(SIZES[i % len(SIZES)], left)
+        runs.append({"run": f"{prefix}-{i:04d}", "world": size, "policy": POLICIES[i % 3]})
+        left -= size
+        i += 1
+    return runs
+
+
+# --- a load process ---------------------------------------------------------------
+
+
+class Rank:
+    """One simulated rank: the hook's wire behaviour without a model."""
+
+    def __init__(self, ctx: zmq.Context, address: str, run: dict, rank: int, now: float) -> None:
+        from lrpilot.protocol import BatchEncoder, GroupInfo, Hello, encode
+
+        self.run, self.rank = run["run"], rank
+        self.reports = run["policy"]["kind"] == "plateau"
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.encoder = BatchEncoder(self.run, rank)
+        hello = Hello(
+            run=self.run,
+            rank=rank,
+            world_size=run["world"],
+            groups=[GroupInfo(name="0", lr=0.1)],
+            policy=run["policy"],
+        )
+        self.sock.send(encode(hello))
+        self.step = self.seq = self.persisted = self.sent = 0
+        self.queue: list[tuple] = []
+        self.random = random.Random(hash((self.run, rank)))
+        self.best = 2.0
+        self.next_at = now + self.random.random() * 0.01  # phases spread over a step
+        self.sent_at = now
+        self.received: list[tuple[str, int, str, float]] = []  # (run, version, actor, wall)
+        self.errors: dict[str, int] = {}
+
+    def take_step(self, send_interval: float, now: float) -> None:
+        from lrpilot.protocol import REPORT, STEP
+
+        self.step += 1
+        self.seq += 1
+        self.queue.append((self.seq, self.step, STEP, {"loss": 1.0 / self.step}))
+        report = self.reports and self.step % REPORT_EVERY == 0
+        if report:  # improves now and then: plateau decides now and then
+            value = self.best * (0.97 if self.random.random() < 0.3 else 1.01)
+            self.best = min(self.best, value)
+            self.seq += 1
+            self.queue.append((self.seq, self.step, REPORT, {"val_loss": value}))
+        if report or now - self.sent_at >= send_interval or len(self.queue) >= 256:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        if self.queue:
+            self.sock.send_multipart(self.encoder.encode(self.queue, {}))
+            self.sent += len(self.queue)
+            self.queue = []
+        self.sent_at = now
+
+    def read(self) -> None:
+        from lrpilot.protocol import Error, LRCommand, Persisted, Welcome, decode
+
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            message = decode(self.sock.recv_multipart())
+            if isinstance(message, Persisted):
+                self.persisted = max(self.persisted, message.seq)
+            elif isinstance(message, LRCommand):
+                self.received.append((message.run, message.version, message.actor, time.time()))
+            elif isinstance(message, Welcome) and message.command is not None:
+                command = message.command
+                self.received.append((command.run, command.version, command.actor, time.time()))
+            elif isinstance(message, Error):
+                self.errors[message.code] = self.errors.get(message.code, 0) + 1
+
+
+def load_process(config: dict) -> dict:
+    """Step every rank of ``config["ranks"]`` at ``rate`` until ``until``
+    (wall), then flush, wait for every record to be persisted and say bye."""
+    from lrpilot.protocol import Bye, encode
+
+    ctx = zmq.Context()
+    now = time.monotonic()
+    ranks = [Rank(ctx, config["address"], run, r, now) for run, r in config["ranks"]]
+    poller = zmq.Poller()
+    for rank in ranks:
+        poller.register(rank.sock, zmq.POLLIN)
+    by_socket = {rank.sock: rank for rank in ranks}
+    due = [(rank.next_at, i) for i, rank in enumerate(ranks)]
+    heapq.heapify(due)
+    period = 1.0 / config["rate"]
+    end = now + config["seconds"]
+    late = 0.0  # the worst a step came after its time (the process kept up, or not)
+    while now < end:
+        # The steps due, then what arrived; a wake-up a millisecond at most,
+        # as a training loop's hook looks for commands.
+        while due[0][0] <= now:
+            at, i = heapq.heappop(due)
+            late = max(late, now - at)
+            ranks[i].take_step(config["send_interval"], now)
+            heapq.heappush(due, (at + period, i))
+        wait_ms = max(0, min(1.0, (due[0][0] - time.monotonic()) * 1000))
+        for sock, _ in poller.poll(wait_ms):
+            by_socket[sock].read()
+        now = time.monotonic()
+    for rank in ranks:
+        rank.flush(time.monotonic())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(r.persisted < r.seq for r in ranks):
+        for rank in ranks:
+            rank.read()
+        time.sleep(0.005)
+    for rank in ranks:
+        rank.sock.send(encode(Bye(run=rank.run, rank=rank.rank, step=rank.step)))
+        rank.sock.close()
+    ctx.term()
+    return {
+        "sent": {f"{r.run}/{r.rank}": [r.sent, r.seq, r.persisted] for r in ranks},
+        "received": [(*item, r.rank) for r in ranks for item in r.received],
+        "errors": {
+            code: sum(r.errors.get(code, 0) for r in ranks) for r in ranks for code in r.errors
+        },
+        "steps": sum(r.step for r in ranks),
+        "worst_late_s": late,
+    }
+
+
+# --- the test ----------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, state_dir: Path) -> None:
+        exe = Path(sys.executable).parent / "lrpilot"
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.control = f"tcp://127.0.0.1:{free_port()}"
+        self.metrics = f"http://127.0.0.1:{free_port()}/metrics"
+        self.state_dir = state_dir
+        self.log = open(state_dir.parent / "daemon.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "daemon",
+                "--address",
+                self.address,
+                "--control-address",
+                self.control,
+                "--state-dir",
+                str(state_dir),
+                "--metrics-addr",
+                self.metrics[7:-8],
+                "--max-runs",
+                "100000",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(self.metrics[:-8] + "/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the daemon did not start: see daemon.log") from None
+                time.sleep(0.05)
+
+    def sample(self) -> tuple[float, int]:
+        """(CPU seconds so far, RSS bytes) of the daemon, from /proc."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return cpu, rss
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    values = sorted(values)
+
+    def at(q: float) -> float:
+        return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+    return {"n": len(values), "p50": at(0.50), "p99": at(0.99), "max": values[-1]}
+
+
+def operator(control: str, runs: list[str], every: float, stop: threading.Event, log: list):
+    """Hold a random run's LR, then release it, every ``every`` seconds."""
+    from lrpilot.daemon.cli.control_client import ControlClient, ControlClientError
+
+    chooser = random.Random(7)
+    with ControlClient(control, timeout=10.0, actor="load-operator") as client:
+        held: str | None = None
+        while not stop.wait(every):
+            try:
+                sent = time.time()
+                if held is None:
+                    held = chooser.choice(runs)
+                    command = client.set_lr(held, 0.01)
+                else:
+                    command = client.resume(held)
+                    held = None
+                log.append((command.run, command.version, sent, time.time() - sent))
+            except ControlClientError as exc:
+                log.append(("error", 0, time.time(), str(exc)))
+
+
+def scraper(url: str, every: float, stop: threading.Event, log: list) -> None:
+    while not stop.wait(every):
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                size = len(answer.read())
+            log.append((time.monotonic() - started, size))
+        except OSError as exc:
+            log.append((time.monotonic() - started, str(exc)))
+
+
+def ended_runs_rss(daemon: Daemon, count: int) -> float:
+    """RSS the daemon keeps per run that came and ended (hello, 20 records, bye)."""
+    from lrpilot.protocol import STEP, BatchEncoder, Bye, GroupInfo, Hello, encode
+
+    before = daemon.sample()[1]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(daemon.address)
+    for i in range(count):
+        run = f"ended-{i:05d}"
+        sock.send(encode(Hello(run=run, groups=[GroupInfo(name="0", lr=0.1)], policy=POLICIES[1])))
+        records = [(k, k, STEP, {"loss": 1.0}) for k in range(1, 21)]
+        sock.send_multipart(BatchEncoder(run, 0).encode(records, {}))
+        sock.send(encode(Bye(run=run, step=20)))
+    # Every message handled: the daemon answers in order; wait for its answers.
+    received = 0
+    while received < 2 * count:  # a welcome and a persisted (or more) per run
+        if not sock.poll(10_000):
+            break
+        sock.recv_multipart()
+        received += 1
+    sock.close(linger=0)
+    ctx.term()
+    time.sleep(1.5)  # two sweeps of the daemon's loop: sessions and rows settled
+    return (daemon.sample()[1] - before) / count
+
+
+def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) -> dict:
+    state = where / "state"
+    state.mkdir(parents=True)
+    daemon = Daemon(state)
+    result: dict[str, Any] = {
+        "ranks": ranks,
+        "seconds": seconds,
+        "procs": args.procs,
+        "send_interval_s": args.send_interval,
+    }
+    try:
+        base_rss = daemon.sample()[1]
+        if args.memory:
+            result["rss_per_ended_run_bytes"] = ended_runs_rss(daemon, 1000)
+        runs = layout(ranks, "load")
+        members = [(run, r) for run in runs for r in range(run["world"])]
+        chunks = [members[i :: args.procs] for i in range(args.procs)]
+        configs = []
+        for i, chunk in enumerate(chunks):
+            path = where / f"load{i}.json"
+            path.write_text(
+                json.dumps(
+                    {
+                        "address": daemon.address,
+                        "ranks": chunk,
+                        "rate": args.rate,
+                        "seconds": seconds,
+                        "send_interval": args.send_interval,
+                    }
+                )
+            )
+            configs.append(path)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__)), "--worker", str(p)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for p in configs
+        ]
+        stop = threading.Event()
+        operations: list = []
+        scrapes: list = []
+        threads = [
+            threading.Thread(
+                target=operator,
+                args=(
+                    daemon.control,
+                    [r["run"] for r in runs],
+                    args.operator_every,
+                    stop,
+                    operations,
+                ),
+            ),
+            threading.Thread(
+                target=scraper, args=(daemon.metrics, args.scrape_every, stop, scrapes)
+            ),
+        ]
+        time.sleep(min(3.0, seconds / 5))  # the hellos in, before the operator starts
+        for thread in threads:
+            thread.start()
+        samples = []
+        t0 = time.monotonic()
+        while any(p.poll() is None for p in procs):
+            cpu, rss = daemon.sample()
+            samples.append((time.monotonic() - t0, cpu, rss, dir_bytes(state)))
+            time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        outputs = [json.loads(p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+        history = journal(state)
+    finally:
+        daemon.stop()
+    stored = stored_counts(state)
+    sent, unpersisted = {}, 0
+    for out in outputs:
+        for key, (count, seq, persisted) in out["sent"].items():
+            sent[key] = count
+            unpersisted += seq - persisted
+    driver_sent = {key.rsplit("/", 1)[0]: n for key, n in sent.items() if key.endswith("/0")}
+    missing = sum(max(0, n - stored.get(run, 0)) for run, n in driver_sent.items())
+    made = {(run, version): (actor, t) for run, version, actor, t in history}
+    decision, by_operator = [], []
+    asked = {(run, version): sent_at for run, version, sent_at, _ in operations if run != "error"}
+    for out in outputs:
+        for run, version, actor, wall, _rank in out["received"]:
+            if actor == "policy" and (run, version) in made:
+                decision.append((wall - made[(run, version)][1]) * 1000)
+            elif (run, version) in asked:
+                by_operator.append((wall - asked[(run, version)]) * 1000)
+    steady = [s for s in samples if s[0] >= seconds * 0.2]
+    thirds = [steady[: len(steady) // 2], steady[len(steady) // 2 :]]
+    cpu_share = [
+        (part[-1][1] - part[0][1]) / (part[-1][0] - part[0][0]) if len(part) > 1 else None
+        for part in thirds
+    ]
+    rss_mean = [sum(s[2] for s in part) / len(part) if part else None for part in thirds]
+    store_rate = (
+        (steady[-1][3] - steady[0][3]) / (steady[-1][0] - steady[0][0]) if len(steady) > 1 else 0
+    )
+    records_stored = sum(stored.values())
+    steps = sum(out["steps"] for out in outputs)
+    result.update(
+        {
+            "records_sent": sum(sent.values()),
+            "records_stored": records_stored,
+            "steps_per_s": steps / seconds,
+            "lost": unpersisted + missing,
+            "unpersisted": unpersisted,
+            "missing_from_store": missing,
+            "errors": merge(out["errors"] for out in outputs),
+            "worst_step_late_s": max(out["worst_late_s"] for out in outputs),
+            "decision_ms": percentiles(decision),
+            "operator_ms": percentiles(by_operator),
+            "operator_errors": [op for op in operations if op[0] == "error"][:3],
+            "scrape_s": percentiles([s[0] for s in scrapes if not isinstance(s[1], str)]),
+            "scrape_errors": [s for s in scrapes if isinstance(s[1], str)][:3],
+            "daemon_cpu_cores": cpu_share,
+            "daemon_rss_mb": [None if r is None else r / 2**20 for r in rss_mean],
+            "rss_per_active_rank_bytes": (max(s[2] for s in samples) - base_rss) / ranks,
+            "store_bytes_per_hour": store_rate * 3600,
+            "store_bytes_per_million_records": dir_bytes(state) / max(1, records_stored) * 1e6,
+            "samples": samples,
+        }
+    )
+    return result
+
+
+def merge(dicts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def journal(state: Path) -> list[tuple[str, int, str, float]]:
+    from lrpilot.daemon.service.schema import DB_NAME, open_readonly
+
+    db = open_readonly(state / DB_NAME)
+    try:
+        return list(db.execute("SELECT run_id, version, actor, time FROM journal"))
+    finally:
+        db.close()
+
+
+def stored_counts(state: Path) -> dict[str, int]:
+    """Records in the store per run (the driver's stream), as the daemon reads them."""
+    from lrpilot.daemon.service.records import read_records
+    from lrpilot.daemon.service.schema import DB_NAME, open_readonly
+
+    db = open_readonly(state / DB_NAME)
+    try:
+        runs = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM batches")]
+        return {run: sum(1 for _ in read_records(db, run)) for run in runs}
+    finally:
+        db.close()
+
+
+def verdict(result: dict) -> list[str]:
+    """The targets a load run misses (none: it passed)."""
+    missed = []
+    if result["lost"]:
+        missed.append(f"{result['lost']} records lost")
+    for name in ("decision_ms", "operator_ms"):
+        p99 = result[name]["p99"]
+        if p99 is None or p99 > TARGET_P99_MS:
+            missed.append(f"{name} p99 {p99} > {TARGET_P99_MS}")
+    return missed
+
+
+def show(result: dict) -> str:
+    d, o, s = result["decision_ms"], result["operator_ms"], result["scrape_s"]
+
+    def ms(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    cpu = " -> ".join("-" if c is None else f"{c:.2f}" for c in result["daemon_cpu_cores"])
+    rss = " -> ".join("-" if r is None else f"{r:.0f}" for r in result["daemon_rss_mb"])
+    lines = [
+        f"{result['ranks']} ranks in {result['procs']} processes, {result['seconds']:.0f} s, "
+        f"sends every {result['send_interval_s'] * 1000:g} ms: "
+        f"{result['steps_per_s']:.0f} steps/s, {result['records_sent']} records sent, "
+        f"{result['records_stored']} stored (drivers'), lost {result['lost']}",
+        f"  decision -> rank  p50 {ms(d['p50'])} ms  p99 {ms(d['p99'])} ms  (n={d['n']})",
+        f"  operator -> rank  p50 {ms(o['p50'])} ms  p99 {ms(o['p99'])} ms  (n={o['n']})",
+        f"  scrape            p50 {ms(s['p50'] and s['p50'] * 1000)} ms  "
+        f"p99 {ms(s['p99'] and s['p99'] * 1000)} ms  (n={s['n']})",
+        f"  daemon CPU (cores, 2nd vs 3rd third) {cpu}; RSS MB {rss}",
+        f"  RSS per active rank {result['rss_per_active_rank_bytes'] / 1024:.1f} KiB"
+        + (
+            f"; per ended run {result['rss_per_ended_run_bytes'] / 1024:.1f} KiB"
+            if "rss_per_ended_run_bytes" in result
+            else ""
+        ),
+        f"  store {result['store_bytes_per_hour'] / 2**30:.2f} GiB/hour, "
+        f"{result['store_bytes_per_million_records'] / 2**20:.1f} MiB per million records",
+        f"  load processes' worst step lateness {result['worst_step_late_s'] * 1000:.0f} ms; "
+        f"errors {result['errors'] or 'none'}",
+    ]
+    missed = verdict(result)
+    lines.append("  PASS" if not missed else "  FAIL: " + "; ".join(missed))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/load.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=1000, help="simulated ranks (default 1000)")
+    parser.add_argument("--procs", type=int, default=8, help="load processes (default 8)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="load duration (default 60)")
+    parser.add_argument("--rate", type=float, default=100.0, help="steps/s per rank (default 100)")
+    parser.add_argument(
+        "--operator-every",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between operator commands (default 0.5)",
+    )
+    parser.add_argument(
+        "--scrape-every",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between scrapes of /metrics (default 2)",
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="after the run, runs of 20 s with 1.5x the ranks each until a target "
+        "breaks (or 8,000 ranks)",
+    )
+    parser.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the RSS-per-ended-run phase"
+    )
+    parser.add_argument("--json", metavar="PATH", help="write every result as JSON")
+    parser.add_argument(
+        "--send-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between a rank's sends of its step records (default: "
+        "the hook's, lrpilot.hook.SEND_INTERVAL)",
+    )
+    parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(load_process(json.loads(Path(args.worker).read_text()))))
+        return 0
+    for name in ("ranks", "procs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.seconds <= 0 or args.rate <= 0:
+        parser.error("--seconds and --rate must be positive")
+    if args.send_interval is None:
+        from lrpilot.hook import SEND_INTERVAL
+
+        args.send_interval = SEND_INTERVAL
+    results = []
+    where = Path(tempfile.mkdtemp(prefix="lrpilot-load-"))
+    try:
+        ranks, seconds = args.ranks, args.seconds
+        while True:
+            print(
+                f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s ...", file=sys.stderr
+            )
+            result = run_load(args, ranks, seconds, where / f"{ranks}")
+            results.append(result)
+            print(show(result), flush=True)
+            if not args.ceiling or verdict(result) or ranks >= 8000:
+                break
+            ranks, seconds, args.memory = int(ranks * 1.5), 20.0, False
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
