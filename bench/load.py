@@ -101,25 +101,28 @@ class Rank:
         self.queue: list[tuple] = []
         self.random = random.Random(hash((self.run, rank)))
         self.best = 2.0
-        self.next_at = now + self.random.random() * 0.01  # phases spread over a step
+        self.started = now + self.random.random() * 0.01  # phases spread over a step
         self.sent_at = now
         self.received: list[tuple[str, int, str, float]] = []  # (run, version, actor, wall)
         self.errors: dict[str, int] = {}
 
-    def take_step(self, send_interval: float, now: float) -> None:
+    def steps_until(self, now: float, rate: float) -> None:
+        """Queue the records of the steps due by ``now`` (at ``rate`` steps/s
+        from the rank's start), each with a loss, and for `plateau` a report
+        every REPORT_EVERY steps: what the hook queues, step by step."""
         from lrpilot.protocol import REPORT, STEP
 
-        self.step += 1
-        self.seq += 1
-        self.queue.append((self.seq, self.step, STEP, {"loss": 1.0 / self.step}))
-        report = self.reports and self.step % REPORT_EVERY == 0
-        if report:  # improves now and then: plateau decides now and then
-            value = self.best * (0.97 if self.random.random() < 0.3 else 1.01)
-            self.best = min(self.best, value)
+        due = int((now - self.started) * rate)
+        while self.step < due:
+            self.step += 1
             self.seq += 1
-            self.queue.append((self.seq, self.step, REPORT, {"val_loss": value}))
-        if report or now - self.sent_at >= send_interval or len(self.queue) >= 256:
-            self.flush(now)
+            self.queue.append((self.seq, self.step, STEP, {"loss": 1.0 / self.step}))
+            if self.reports and self.step % REPORT_EVERY == 0:
+                # Improves now and then: plateau decides now and then.
+                value = self.best * (0.97 if self.random.random() < 0.3 else 1.01)
+                self.best = min(self.best, value)
+                self.seq += 1
+                self.queue.append((self.seq, self.step, REPORT, {"val_loss": value}))
 
     def flush(self, now: float) -> None:
         if self.queue:
@@ -156,23 +159,33 @@ def load_process(config: dict) -> dict:
     for rank in ranks:
         poller.register(rank.sock, zmq.POLLIN)
     by_socket = {rank.sock: rank for rank in ranks}
-    due = [(rank.next_at, i) for i, rank in enumerate(ranks)]
+    # A rank sends what it queued every send interval (the hook's), and at
+    # once for a report: with a report every REPORT_EVERY steps, at the step
+    # of each report. Its steps are generated when it sends (the records a
+    # hook would have queued by then), not one by one: the load processes
+    # must leave the daemon its core.
+    rate, interval = config["rate"], config["send_interval"]
+    every = min(interval, REPORT_EVERY / rate) if any(r.reports for r in ranks) else interval
+    due = [
+        (rank.started + (every if rank.reports else interval), i) for i, rank in enumerate(ranks)
+    ]
     heapq.heapify(due)
-    period = 1.0 / config["rate"]
     end = now + config["seconds"]
-    late = 0.0  # the worst a step came after its time (the process kept up, or not)
+    late = 0.0  # the worst a send came after its time (the process kept up, or not)
     while now < end:
-        # The steps due, then what arrived; a wake-up a millisecond at most,
-        # as a training loop's hook looks for commands.
         while due[0][0] <= now:
             at, i = heapq.heappop(due)
             late = max(late, now - at)
-            ranks[i].take_step(config["send_interval"], now)
-            heapq.heappush(due, (at + period, i))
+            rank = ranks[i]
+            rank.steps_until(at, rate)
+            rank.flush(now)
+            heapq.heappush(due, (at + (every if rank.reports else interval), i))
         wait_ms = max(0, min(1.0, (due[0][0] - time.monotonic()) * 1000))
         for sock, _ in poller.poll(wait_ms):
             by_socket[sock].read()
         now = time.monotonic()
+    for rank in ranks:
+        rank.steps_until(end, rate)
     for rank in ranks:
         rank.flush(time.monotonic())
     deadline = time.monotonic() + 30
@@ -417,7 +430,8 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
                 decision.append((wall - made[(run, version)][1]) * 1000)
             elif (run, version) in asked:
                 by_operator.append((wall - asked[(run, version)]) * 1000)
-    steady = [s for s in samples if s[0] >= seconds * 0.2]
+    # The load's own window, past its start (the hellos, the first sends).
+    steady = [s for s in samples if seconds * 0.2 <= s[0] <= seconds]
     thirds = [steady[: len(steady) // 2], steady[len(steady) // 2 :]]
     cpu_share = [
         (part[-1][1] - part[0][1]) / (part[-1][0] - part[0][0]) if len(part) > 1 else None
@@ -510,12 +524,14 @@ def show(result: dict) -> str:
         f"{result['ranks']} ranks in {result['procs']} processes, {result['seconds']:.0f} s, "
         f"sends every {result['send_interval_s'] * 1000:g} ms: "
         f"{result['steps_per_s']:.0f} steps/s, {result['records_sent']} records sent, "
-        f"{result['records_stored']} stored (drivers'), lost {result['lost']}",
+        f"{result['records_stored']} stored (drivers'), lost {result['lost']} "
+        f"({result['unpersisted']} never persisted, "
+        f"{result['missing_from_store']} not in the store)",
         f"  decision -> rank  p50 {ms(d['p50'])} ms  p99 {ms(d['p99'])} ms  (n={d['n']})",
         f"  operator -> rank  p50 {ms(o['p50'])} ms  p99 {ms(o['p99'])} ms  (n={o['n']})",
         f"  scrape            p50 {ms(s['p50'] and s['p50'] * 1000)} ms  "
         f"p99 {ms(s['p99'] and s['p99'] * 1000)} ms  (n={s['n']})",
-        f"  daemon CPU (cores, 2nd vs 3rd third) {cpu}; RSS MB {rss}",
+        f"  daemon CPU (cores, first half of the load vs second) {cpu}; RSS MB {rss}",
         f"  RSS per active rank {result['rss_per_active_rank_bytes'] / 1024:.1f} KiB"
         + (
             f"; per ended run {result['rss_per_ended_run_bytes'] / 1024:.1f} KiB"
@@ -524,7 +540,7 @@ def show(result: dict) -> str:
         ),
         f"  store {result['store_bytes_per_hour'] / 2**30:.2f} GiB/hour, "
         f"{result['store_bytes_per_million_records'] / 2**20:.1f} MiB per million records",
-        f"  load processes' worst step lateness {result['worst_step_late_s'] * 1000:.0f} ms; "
+        f"  load processes' worst send lateness {result['worst_step_late_s'] * 1000:.0f} ms; "
         f"errors {result['errors'] or 'none'}",
     ]
     missed = verdict(result)

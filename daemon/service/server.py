@@ -38,9 +38,10 @@ SWEEP_EVERY = 1.0  # seconds between looks for silent sessions
 # /healthz fails when the loop has not turned for this long (a wedged loop; a
 # start that restores many runs happens before /metrics is served at all).
 LOOP_STALL_S = 10.0
-# Data-plane messages handled in one turn of the loop (some 10 ms of work)
-# before it answers the control plane, ticks and sends persisted acks.
-DRAIN_MAX = 1000
+# Data-plane messages handled in one turn of the loop (a few ms of work)
+# before it answers the control plane, ticks and sends persisted acks: an
+# operator's command waits for at most one turn (bench/load.py).
+DRAIN_MAX = 200
 # Handshake failures the sockets' monitors report: the peer spoke another
 # mechanism (no key, on a daemon with keys) or broke the protocol. A key the
 # daemon does not allow fails in ZAP (counted by the Gatekeeper) and shows
