@@ -455,6 +455,9 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
             "worst_step_late_s": max(out["worst_late_s"] for out in outputs),
             "decision_ms": percentiles(decision),
             "operator_ms": percentiles(by_operator),
+            "operator_answer_ms": percentiles(
+                [op[3] * 1000 for op in operations if op[0] != "error"]
+            ),
             "operator_errors": [op for op in operations if op[0] == "error"][:3],
             "scrape_s": percentiles([s[0] for s in scrapes if not isinstance(s[1], str)]),
             "scrape_errors": [s for s in scrapes if isinstance(s[1], str)][:3],
@@ -514,6 +517,7 @@ def verdict(result: dict) -> list[str]:
 
 def show(result: dict) -> str:
     d, o, s = result["decision_ms"], result["operator_ms"], result["scrape_s"]
+    a = result["operator_answer_ms"]
 
     def ms(x):
         return "-" if x is None else f"{x:.1f}"
@@ -528,7 +532,8 @@ def show(result: dict) -> str:
         f"({result['unpersisted']} never persisted, "
         f"{result['missing_from_store']} not in the store)",
         f"  decision -> rank  p50 {ms(d['p50'])} ms  p99 {ms(d['p99'])} ms  (n={d['n']})",
-        f"  operator -> rank  p50 {ms(o['p50'])} ms  p99 {ms(o['p99'])} ms  (n={o['n']})",
+        f"  operator -> rank  p50 {ms(o['p50'])} ms  p99 {ms(o['p99'])} ms  (n={o['n']}; "
+        f"the daemon's answer p50 {ms(a['p50'])} ms, p99 {ms(a['p99'])} ms)",
         f"  scrape            p50 {ms(s['p50'] and s['p50'] * 1000)} ms  "
         f"p99 {ms(s['p99'] and s['p99'] * 1000)} ms  (n={s['n']})",
         f"  daemon CPU (cores, first half of the load vs second) {cpu}; RSS MB {rss}",
