@@ -576,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ceiling",
         action="store_true",
-        help="after the run, runs of 20 s with 1.5x the ranks each until a target "
-        "breaks (or 8,000 ranks)",
+        help="after the run, runs of 20 s with 1.5x the ranks while the targets hold "
+        "(1/1.5 while they do not) until a passing count sits right below a failing one",
     )
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the RSS-per-ended-run phase"
@@ -609,16 +609,31 @@ def main(argv: list[str] | None = None) -> int:
     where = Path(tempfile.mkdtemp(prefix="lrpilot-load-"))
     try:
         ranks, seconds = args.ranks, args.seconds
+        passed: list[int] = []
+        failed: list[int] = []
         while True:
-            print(
-                f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s ...", file=sys.stderr
-            )
+            print(f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s", file=sys.stderr)
             result = run_load(args, ranks, seconds, where / f"{ranks}")
             results.append(result)
             print(show(result), flush=True)
-            if not args.ceiling or verdict(result) or ranks >= 8000:
+            (failed if verdict(result) else passed).append(ranks)
+            if not args.ceiling:
                 break
-            ranks, seconds, args.memory = int(ranks * 1.5), 20.0, False
+            # Up by half while it passes, down by a third while it fails,
+            # until a passing count sits right below a failing one.
+            if failed and passed and min(failed) <= max(passed) * 1.5:
+                break
+            ranks = int(ranks * 1.5) if not failed else int(min(failed) / 1.5)
+            if ranks > 8000 or ranks < max(args.procs, 10):
+                break
+            seconds, args.memory = min(seconds, 20.0), False
+        if args.ceiling:
+            print(
+                f"ceiling: passes at {max(passed) if passed else 'none'} ranks, fails at "
+                f"{min(failed) if failed else 'none found'} "
+                f"(p99 <= {TARGET_P99_MS:g} ms, no record lost)",
+                flush=True,
+            )
     finally:
         shutil.rmtree(where, ignore_errors=True)
     if args.json:
