@@ -613,17 +613,21 @@ def main(argv: list[str] | None = None) -> int:
         failed: list[int] = []
         while True:
             print(f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s", file=sys.stderr)
-            result = run_load(args, ranks, seconds, where / f"{ranks}")
+            result = run_load(args, ranks, seconds, where / f"{len(results)}-{ranks}")
             results.append(result)
             print(show(result), flush=True)
             (failed if verdict(result) else passed).append(ranks)
             if not args.ceiling:
                 break
             # Up by half while it passes, down by a third while it fails,
-            # until a passing count sits right below a failing one.
-            if failed and passed and min(failed) <= max(passed) * 1.5:
-                break
-            ranks = int(ranks * 1.5) if not failed else int(min(failed) / 1.5)
+            # then halfway between, until the two are within a fifth.
+            if failed and passed:
+                low, high = max(passed), min(failed)
+                if high <= low * 1.2:
+                    break
+                ranks = (low + high) // 2
+            else:
+                ranks = int(ranks * 1.5) if not failed else int(min(failed) / 1.5)
             if ranks > 8000 or ranks < max(args.procs, 10):
                 break
             seconds, args.memory = min(seconds, 20.0), False
