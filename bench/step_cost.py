@@ -189,6 +189,7 @@ def measure(
                 run=f"bench-step-{where}-{kind}",
                 policy=policy,
                 daemon=address,
+                steps="calls",  # the loop never steps the optimizer: each call is a step
             )
             for where, address in (("up", daemon.address), ("down", down))
             for kind, policy in (("step", STEP_POLICY), ("plateau", PLATEAU_POLICY))
