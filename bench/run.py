@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import encoding
     import ingest
     import latency
+    import memory
     import scrape
     import step_cost
 
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     progress("scraping /metrics with 1,000 runs of 4 groups against an empty daemon ...")
     rows, details["scrape"] = scrape.measure(rounds=max(5, int(20 * scale)))
     sections.append(("Prometheus scrape (bench/scrape.py)", rows))
+
+    progress("the daemon's memory per ended run and per active rank, the store's bytes ...")
+    rows, details["memory"] = memory.measure(
+        ended=int(1000 * scale), ranks=int(512 * scale), records=int(200_000 * scale)
+    )
+    sections.append(("memory (bench/memory.py)", rows))
 
     progress("encodings ...")
     rows, details["encoding"] = encoding.measure()
