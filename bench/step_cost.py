@@ -290,6 +290,19 @@ def rows(
                         0.01,
                     )
                 )
+                if cadence == "fast":
+                    # What a loop pays: the mean, the pilot's batched sends
+                    # and looks for commands included (the median has none).
+                    out.append(
+                        Row(
+                            "  the same, mean (its batched I/O included)",
+                            added_mean[name],
+                            "ns",
+                            added_mean[f"{cadence}/send"],
+                            "1 NOBLOCK send, mean",
+                            3.0,
+                        )
+                    )
         out.append(Row("8 SummaryWriter.add_scalar", scalars, "ns"))
         if f"{cadence}/plateau_scheduler" in added_p50:
             out.append(
