@@ -246,9 +246,7 @@ def current_lrs(groups: list[dict[str, Any]]) -> list[float]:
 
 def uses_metrics(spec: PolicySpec) -> bool:
     """Whether a policy's state depends on the metrics it is given."""
-    if spec.kind == "plateau":
-        return True
-    return any(uses_metrics(stage) for stage in getattr(spec, "policies", ()))
+    return bool(spec.reduced_metrics())
 
 
 def restart_attempt() -> int:

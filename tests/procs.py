@@ -349,20 +349,53 @@ def stream_trainer(run: str, address: str, out: Path, **fields: Any) -> dict:
     }
 
 
-def start_digits(config: dict, where: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """tests/live/train_digits.py on ``config`` (written to where/train.json),
-    its output to where/train.out; ``env``: variables to set for it."""
-    path = where / "train.json"
+def start_live(
+    script: Path,
+    where: Path,
+    name: str,
+    config: dict,
+    env: dict[str, str] | None = None,
+    unset: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    cwd: Path | None = None,
+) -> subprocess.Popen:
+    """A training script of tests/live/ in its own process, on ``config``
+    (written to where/NAME-config.json, its last argument); its output to
+    where/NAME.out. ``env``: variables set for it, ``unset``: removed;
+    ``launcher``: python's arguments before the script (``-m
+    torch.distributed.run ...``)."""
+    path = where / f"{name}-config.json"
     path.write_text(json.dumps(config))
-    with open(where / "train.out", "w") as sink:
+    full = {**os.environ, **(env or {})}
+    for name_ in unset:
+        full.pop(name_, None)
+    with open(where / f"{name}.out", "w") as sink:
         return subprocess.Popen(
-            [sys.executable, str(TRAIN_DIGITS), str(path)],
+            [sys.executable, *launcher, str(script), str(path)],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            env=full,
         )
+
+
+def finish_live(proc: subprocess.Popen, output: Path, timeout: float = 120.0) -> None:
+    """Wait for a training to end (killed past ``timeout``): it must exit 0,
+    else its output (the tail) says why."""
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 0, f"exited with {proc.returncode}:\n{output.read_text()[-5000:]}"
+
+
+def start_digits(config: dict, where: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """tests/live/train_digits.py on ``config``, its output to where/train.out;
+    ``env``: variables to set for it."""
+    return start_live(TRAIN_DIGITS, where, "train", config, env, cwd=Path(__file__).parent.parent)
 
 
 class Training:
@@ -617,25 +650,22 @@ TRAIN_DDP = LIVE / "train_ddp.py"
 
 
 def start_train_ddp(
-    where: Path, config: dict, torchrun: Sequence[str], env: dict[str, str], out: str = "train.out"
+    where: Path, config: dict, torchrun: Sequence[str], env: dict[str, str], out: str = "train"
 ) -> subprocess.Popen:
     """tests/live/train_ddp.py under real torchrun (``python -m
-    torch.distributed.run TORCHRUN...``) on ``config`` (written to
-    where/train.json), its output to where/OUT. The daemon's address and the
-    keys come from ``env``; the run id is torchrun's, as in a user's job."""
-    path = where / "train.json"
-    path.write_text(json.dumps(config))
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    full.pop("LRPILOT_RUN", None)
-    with open(where / out, "w") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *torchrun, str(TRAIN_DDP), str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=where,
-            env=full,
-        )
+    torch.distributed.run TORCHRUN...``) on ``config``, its output to
+    where/OUT.out. The daemon's address and the keys come from ``env``; the
+    run id is torchrun's, as in a user's job."""
+    return start_live(
+        TRAIN_DDP,
+        where,
+        out,
+        config,
+        {"OMP_NUM_THREADS": "1", **env},
+        unset=["LRPILOT_RUN"],
+        launcher=["-m", "torch.distributed.run", *torchrun],
+        cwd=where,
+    )
 
 
 def ddp_ranks_agree(where: Path, run: str, history: list[dict], world: int) -> list[dict]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +24,11 @@ import pytest
 from procs import (
     LIVE,
     daemon_process,
+    finish_live,
     lrs_from_journal,
     read_jsonl,
     settled_history,
+    start_live,
     steer_at_gates,
     store_records,
     wait_for,
@@ -64,27 +65,9 @@ class Run:
 
 
 def run_training(where: Path, name: str, config: dict) -> subprocess.Popen:
-    path = where / f"{name}.json"
     config = {**config, "out": str(where / f"{name}.jsonl")}
-    path.write_text(json.dumps({**config, "summary": str(where / f"{name}-summary.json")}))
-    with open(where / f"{name}.out", "w") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, str(TRAIN), str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    return proc
-
-
-def finish(proc: subprocess.Popen, where: Path, name: str, timeout: float = 120) -> None:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0, (where / f"{name}.out").read_text()[-5000:]
+    config["summary"] = str(where / f"{name}-summary.json")
+    return start_live(TRAIN, where, name, config)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +107,13 @@ def runs(lrpilot_exe, tmp_path_factory) -> Iterator[dict]:
         try:
             steer_at_gates(daemon, first, where, "full", RUN, (HOLD_AT, RELEASE_AT), HELD_LR)
         finally:
-            finish(first, where, "full")
+            finish_live(first, where / "full.out")
         full_history = history()
 
         second = run_training(
             where, "resumed", {**config, "resume_from": str(checkpoint), "resume_step": SAVE_AT}
         )
-        finish(second, where, "resumed")
+        finish_live(second, where / "resumed.out")
         resumed_history = history()
 
         def stored() -> list | None:

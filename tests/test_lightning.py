@@ -23,7 +23,6 @@ its own process) against a real `lrpilot daemon`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -34,10 +33,12 @@ from procs import (
     DIGITS_PLATEAU,
     LIVE,
     daemon_process,
+    finish_live,
     free_address,
     lrs_from_journal,
     read_jsonl,
     settled_history,
+    start_live,
     stored_records,
     wait_for,
 )
@@ -67,33 +68,15 @@ HOLD_LR = 0.003
 
 
 def start_training(config: dict, where: Path, name: str = "train") -> subprocess.Popen:
-    path = where / f"{name}.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LRPILOT_RUN", None)  # run ids come from the callback's defaults
-    with open(where / f"{name}.out", "w") as sink:
-        return subprocess.Popen(
-            [sys.executable, str(TRAIN), str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=where,
-            env=env,
-        )
+    # No run id from the environment: run ids come from the callback's defaults.
+    env = {"OMP_NUM_THREADS": "1"}
+    return start_live(TRAIN, where, name, config, env, unset=["LRPILOT_RUN"], cwd=where)
 
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
-
-
-def finish(proc: subprocess.Popen, output: Path, timeout: float = 120.0) -> None:
-    try:
-        proc.wait(timeout)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, f"training exited with {proc.returncode}:\n{output.read_text()}"
 
 
 def fit(name: str, address: str, epochs: int, **fields) -> dict:
@@ -169,7 +152,7 @@ def fits(lrpilot_exe, digits, tmp_path_factory) -> dict:
         finally:
             if not go.exists():  # a failure before the go: the training would wait for it
                 stop(training)
-        finish(training, output)
+        finish_live(training, output)
 
         def history(on, name: str, last: int) -> list[dict]:
             # A decision on a fit's last report is due after its last step.
@@ -369,7 +352,7 @@ def test_ddp_ranks_join_one_run_and_apply_every_change_at_the_same_step(
     finally:
         if not go.exists():
             stop(training)
-    finish(training, output)
+    finish_live(training, output)
     steps = epochs * STEPS_PER_EPOCH // 2  # each rank takes half the batches
     # A decision on the last report may be due after the last step.
     history = settled_history(lambda: daemon.cli("history", run), until_step=steps, timeout=20)

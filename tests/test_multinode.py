@@ -60,7 +60,7 @@ def torchrun_node(
         *("--rdzv-conf", f"is_host={'true' if node == 0 else 'false'}"),
     ]
     env = {"LRPILOT_DAEMON": daemon, "LRPILOT_KEYS": str(keys / "clients" / "trainer")}
-    return start_train_ddp(where, config, torchrun, env, out=f"node{node}.out")
+    return start_train_ddp(where, config, torchrun, env, out=f"node{node}")
 
 
 def test_four_ranks_on_two_nodes_reach_a_keyed_daemon_off_loopback(

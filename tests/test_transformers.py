@@ -17,9 +17,7 @@ logged, and for the resumes against the uninterrupted fit.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,10 +26,12 @@ from procs import (
     LIVE,
     DaemonProcess,
     daemon_process,
+    finish_live,
     lrs_from_journal,
     read_jsonl,
     settled_history,
     simulate,
+    start_live,
     steer_at_gates,
     store_records,
     wait_for,
@@ -82,27 +82,8 @@ def training(where: Path, name: str, **fields) -> dict:
 
 
 def start(where: Path, name: str, config: dict) -> subprocess.Popen:
-    path = where / f"{name}-config.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with open(where / f"{name}.out", "w") as sink:
-        return subprocess.Popen(
-            [sys.executable, str(TRAIN), str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def finish(proc: subprocess.Popen, where: Path, name: str, timeout: float = 120) -> None:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0, (where / f"{name}.out").read_text()[-5000:]
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # nothing from a hub
+    return start_live(TRAIN, where, name, config, offline)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +115,13 @@ def fits(lrpilot_exe, tmp_path_factory) -> Iterator[dict]:
         try:
             steer_at_gates(daemon, first, where, "full", RUN, (HOLD_AT, RELEASE_AT), HELD_LR)
         finally:
-            finish(first, where, "full")
+            finish_live(first, where / "full.out")
         full_history = history(daemon)
 
         resume = training(where, "resumed", resume_from=checkpoint)
-        finish(start(where, "resumed", {**config, "trainings": [resume]}), where, "resumed")
+        finish_live(
+            start(where, "resumed", {**config, "trainings": [resume]}), where / "resumed.out"
+        )
         resumed_history = history(daemon)
 
         def stored() -> list | None:
@@ -176,7 +159,7 @@ def fits(lrpilot_exe, tmp_path_factory) -> Iterator[dict]:
             lr_scheduler_type="reduce_lr_on_plateau",
         )
         third = start(where, "restored", {**config, "trainings": [restored, bare, cosine]})
-        finish(third, where, "restored")
+        finish_live(third, where / "restored.out")
         restored_history = history(daemon)
     finally:
         second.stop()

@@ -549,7 +549,7 @@ class DataPlane:
             self.rejected["malformed"] += 1
             return [(identity, error("malformed", f"metrics: step {wild} is out of range"))]
         if run.multi_rank:
-            watched = self._watched(run)
+            watched = run.engine.waits_for()
             if watched or run.reduction is not None:
                 return self._metrics_reduced(identity, run, session, header, records, now, watched)
         out: Outgoing = []
@@ -596,15 +596,6 @@ class DataPlane:
         if session.sync:
             out.append((identity, [encode(Processed(run=run.run_id, seq=batch.seq))]))
         return out
-
-    @staticmethod
-    def _watched(run: Run) -> dict[str, str]:
-        """The metrics the run's policy decides on that are reduced over its
-        ranks (metric -> mean, min or max); empty when none waits."""
-        spec = run.engine.spec
-        if spec is None:
-            return {}
-        return {name: how for name, how in spec.reduced_metrics().items() if how != "rank0"}
 
     def _metrics_reduced(
         self,
@@ -730,7 +721,7 @@ class DataPlane:
             if run is None or run.reduction is None:
                 self._waiting_runs.discard(run_id)
                 continue
-            out += self._release(run, now, self._watched(run))
+            out += self._release(run, now, run.engine.waits_for())
         return out
 
     def _keep_metrics(

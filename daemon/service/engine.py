@@ -83,6 +83,7 @@ class PolicyEngine:
         # Every command after this version is in `recent` (or was of a
         # timeline a rewind left); of those before, the engine may not know.
         self.recent_since = 0
+        self._waits_for: tuple[PolicySpec | None, dict[str, str]] = (None, {})
         # LR changes since the daemon started, by cause: a bounded label for
         # the exporter (the policy's kind, set_lr, pause, resume, policy_switch);
         # the free-text reason is in the journal.
@@ -246,6 +247,18 @@ class PolicyEngine:
             if command.state_step <= step:
                 return command
         return None
+
+    def waits_for(self) -> dict[str, str]:
+        """The metrics the policy decides on that a run of several ranks
+        reduces over them (metric -> mean, min or max); empty when its
+        decisions wait for no rank. Worked out once per policy: the data
+        plane asks at every batch."""
+        spec, found = self._waits_for
+        if spec is not self.spec:
+            reduced = self.spec.reduced_metrics() if self.spec is not None else {}
+            found = {name: how for name, how in reduced.items() if how != "rank0"}
+            self._waits_for = (self.spec, found)
+        return found
 
     def knows(self, applied_version: int) -> bool:
         """Whether every command after ``applied_version`` is in ``recent``."""
