@@ -348,6 +348,7 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
         "seconds": seconds,
         "procs": args.procs,
         "send_interval_s": args.send_interval,
+        "load_nice": args.nice,
     }
     try:
         base_rss = daemon.sample()[1]
@@ -376,6 +377,7 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
                 [sys.executable, str(Path(__file__)), "--worker", str(p)],
                 stdout=subprocess.PIPE,
                 text=True,
+                preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,
             )
             for p in configs
         ]
@@ -590,6 +592,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="seconds between a rank's sends of its step records (default: "
         "the hook's, lrpilot.hook.SEND_INTERVAL)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="niceness of the load processes (default 10): they stand in for the ranks' own "
+        "hosts, so the daemon gets the CPU it has on a host of its own; 0 shares the "
+        "machine's cores evenly between the daemon and the load",
     )
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ daemon. It never waits for the daemon unless ``sync=True``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -28,7 +29,15 @@ from . import __version__
 from .device_reads import DeviceRead, device_type
 from .errors import UsageError
 from .keys import ClientKeys, find_client_keys
-from .policies import NO_METRICS, Policy, PolicySpec, ScheduleExhausted, SpecError, parse_policy
+from .policies import (
+    NO_METRICS,
+    Policy,
+    PolicySpec,
+    ScheduleExhausted,
+    SpecError,
+    Trip,
+    parse_policy,
+)
 from .protocol import (
     DAEMON_ENV,
     DEFAULT_DAEMON,
@@ -52,6 +61,7 @@ from .protocol import (
     decode,
     encode,
 )
+from .sweep_copy import SweepCopy
 from .transport import POLLIN, POLLOUT, DaemonLink
 
 # Records per metrics message: big enough that a burst after the daemon comes
@@ -76,6 +86,8 @@ RECENT_ACKS = 32
 # Control characters (ANSI escapes, newlines) in a name the daemon prints.
 UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+log = logging.getLogger("lrpilot")
+
 ChangeCallback = Callable[[int, list[float], list[float], str, str], None]
 
 
@@ -93,6 +105,7 @@ def attach(
     on_change: ChangeCallback | None = None,
     steps: str = "auto",
     keys: str | os.PathLike[str] | None = None,
+    model: Any = None,
 ) -> Pilot:
     """Attach lrpilot to ``optimizer`` (anything with torch-style ``param_groups``).
 
@@ -116,6 +129,9 @@ def attach(
     - ``keys``: this client's key directory for a daemon with keys
       (``client.key_secret`` and ``daemon.key``; docs/security.md); default
       ``$LRPILOT_KEYS``, else ``~/.config/lrpilot/keys`` when it exists.
+    - ``model``: the model, only for an LR range test (``range_test``): its
+      buffers (BatchNorm's statistics) are put back with the parameters and
+      the optimizer's state when the sweep ends (docs/hook.md).
     """
     found_rank, found_world = distributed_rank()
     return Pilot(
@@ -131,6 +147,7 @@ def attach(
         on_change=on_change,
         steps=steps,
         keys=find_client_keys(keys),
+        model=model,
     )
 
 
@@ -281,6 +298,7 @@ class Pilot:
         on_change: ChangeCallback | None,
         steps: str = "auto",
         keys: ClientKeys | None = None,
+        model: Any = None,
     ) -> None:
         optimizer = innermost(optimizer)
         if steps not in ("auto", "optimizer", "calls"):
@@ -356,7 +374,15 @@ class Pilot:
         self._device_values = False  # a metric was ever a device tensor
         self._encoder = BatchEncoder(run, rank)
         self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes, keys=keys)
+        self._model = model
+        self._sweep: SweepCopy | None = None  # while a range test sweeps
+        # The guard's trip applied since the last pilot.step() call (the loop
+        # reads it after that call), and the count of trips this rank applied.
+        self.tripped: Trip | None = None
+        self._trip_fresh: Trip | None = None
+        self.trips = 0
         if self._policy is not None:
+            self._follow_sweep()
             self._write(self._policy)
         self._hook_optimizer(optimizer, steps)
         # Hello waits for the first step, report or load_state_dict: a pilot
@@ -414,6 +440,10 @@ class Pilot:
             if type(value) is not float:
                 metrics[name] = number = as_number(name, value)
                 self._device_values |= type(number) is not float
+        # A trip applied since the last call (the optimizer's pre-hook applies
+        # due commands too) shows until the next call; one applied in this
+        # call shows from now.
+        self.tripped, self._trip_fresh = self._trip_fresh, None
         if not self._said_hello:
             self._send_hello()  # as of before this step: the daemon takes it next
         if self._optimizer.param_groups is not self._groups:
@@ -453,6 +483,7 @@ class Pilot:
         if self._pending:
             self._apply_due(n)
         self._write_current()
+        self._trip_fresh = None  # shown by this call: not again by the next
 
     def _decides_on(self, metrics: dict[str, Any]) -> bool:
         """Whether the policy decides on one of these metrics (plateau on the
@@ -794,6 +825,7 @@ class Pilot:
             return
         old = list(self._left)
         policy, spec, base = self._policy, self._spec, self._policy_base
+        last_trip = policy.last_trip if policy is not None else None
         state = command.policy_state
         try:
             if command.policy_set:
@@ -830,6 +862,11 @@ class Pilot:
         self._policy, self._spec, self._policy_base = policy, spec, base
         self._held = list(command.lrs) if command.hold else None
         self._exhausted = exhausted
+        self._follow_sweep()
+        trip = policy.last_trip if policy is not None else None
+        if trip is not None and trip != last_trip:
+            self.trips += 1
+            self.tripped = self._trip_fresh = trip
         self._applied_version = command.version
         late = n + 1 > command.effective_step
         self.stats.commands_applied += 1
@@ -844,6 +881,25 @@ class Pilot:
         self._send(ack)
         if self._on_change is not None and self._left != old:
             self._on_change(n + 1, old, list(self._left), command.reason, command.actor)
+
+    def _follow_sweep(self) -> None:
+        """Copy the training state as a range test's sweep starts; put it
+        back as it ends (client/sweep_copy.py). Called wherever the policy
+        changes, before its LRs are written."""
+        policy = self._policy
+        sweeping = policy is not None and policy.sweeping
+        if sweeping and self._sweep is None:
+            self._sweep = SweepCopy(self._optimizer, self._model)
+            log.info(
+                "lrpilot: LR range test: copied %.1f MiB of parameters and optimizer state, "
+                "put back when the sweep ends",
+                self._sweep.nbytes / 2**20,
+            )
+        elif not sweeping and self._sweep is not None:
+            sweep, self._sweep = self._sweep, None
+            sweep.restore()
+            if self._optimizer.param_groups is not self._groups:
+                self._regroup()  # load_state_dict made new group dicts
 
     def _policy_state(self) -> dict[str, Any] | None:
         """The policy's state as the daemon's engine has it: with what this
@@ -1003,6 +1059,17 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._release_read(wait=True)  # records of the timeline being left
+        if self._sweep is not None or (policy is not None and policy.sweeping):
+            # A copy from before the checkpoint belongs to another timeline:
+            # a sweep the checkpoint is in the middle of puts back the state
+            # as loaded (model and optimizer first, then the pilot).
+            self._sweep = None
+            if policy is not None and policy.sweeping:
+                self._warn_once(
+                    "sweep-resumed",
+                    "the checkpoint is in the middle of an LR range test: its end puts back "
+                    "the parameters as they are now, not as they were when the sweep began",
+                )
         self._spec, self._policy, self.step_count = spec, policy, step
         self._recorded, self._held_metrics = step, {}
         self._mirror = mirror
@@ -1014,6 +1081,7 @@ class Pilot:
         for command in pending:
             if command.run == self.run:
                 self._receive(command)
+        self._follow_sweep()
         if policy is None and held is None:
             self._write_lrs(lrs)
         self._write_current()

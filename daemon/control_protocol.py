@@ -88,6 +88,39 @@ class PolicyRequest(Request):
     policy: dict[str, Any] | None  # None: give back the policy the script asked for
 
 
+# The fields of a range_test policy an operator may give (client/policies/
+# range_test.py); the daemon sets kind, suggest_only and, for a suggestion
+# only, then, then_base_lrs and then_state itself.
+SWEEP_FIELDS = (
+    "min_lr",
+    "max_lr",
+    "steps",
+    "mode",
+    "metric",
+    "smoothing",
+    "diverge",
+    "suggest",
+    "skip_begin",
+    "skip_end",
+    "restore",
+    "then",
+)
+
+
+class RangeTestRequest(Request):
+    """An LR range test on a live run (``lrpilot range-test``): the run
+    switches to a ``range_test`` policy built from ``sweep`` (any of
+    SWEEP_FIELDS; the rest are the kind's defaults). Without ``then`` the
+    run's current policy follows the sweep, from the sweep's end; with
+    ``suggest_only`` the current policy comes back where it stood when the
+    sweep began, and the sweep only suggests an LR."""
+
+    op: Literal["range_test"]
+    run: RunId
+    sweep: dict[str, Any] = Field(default_factory=dict)  # checked in op_range_test
+    suggest_only: bool = False
+
+
 class PauseRequest(Request):
     op: Literal["pause"]
     run: RunId
@@ -113,6 +146,7 @@ ControlRequest = Annotated[
     | ShowRequest
     | SetLRRequest
     | PolicyRequest
+    | RangeTestRequest
     | PauseRequest
     | ResumeRequest
     | HistoryRequest
@@ -222,6 +256,9 @@ class JournalEntry(BaseModel):
     hold: bool
     applied_step: int | None = None  # where the driver applied it, once it says
     late: int | None = None  # steps after effective_step it was applied
+    # The policy's whole state as of the change (a range test's curve, a
+    # guard's trip); None in entries from before the journal kept it.
+    policy_state: dict[str, Any] | None = None
 
 
 class RunDetail(RunSummary):
@@ -252,7 +289,7 @@ class HistoryAnswer(Answer):
 
 
 class CommandAnswer(Answer):
-    """The answer to a change (set_lr, pause, resume, policy): the command
+    """The answer to a change (set_lr, pause, resume, policy, range_test): the command
     journaled and sent to every rank."""
 
     command: LRCommand
@@ -270,6 +307,7 @@ ANSWERS: dict[str, type[Answer]] = {
     "pause": CommandAnswer,
     "resume": CommandAnswer,
     "policy": CommandAnswer,
+    "range_test": CommandAnswer,
     "store": StoreAnswer,
 }
 

@@ -882,6 +882,50 @@ def policy_state_panels() -> list[Panel]:
             size=(8, 8),
             steps=True,
         ),
+        timeseries(
+            "Range test: smoothed loss and LR",
+            "range_test: while the sweep runs, its smoothed loss (left) and its LR (dashed, "
+            "right, log scale): the loss falls, then turns up as the LR grows too large. "
+            "`lrpilot range-test RUN --last --plot out.png` draws the curve against the LR.",
+            target(f"lrpilot_policy_range_test_smoothed_loss{{{RUN}}}", "smoothed loss"),
+            target(f"lrpilot_policy_range_test_lr{{{RUN}}}", "sweep LR"),
+            size=(16, 8),
+            overrides=[
+                {
+                    "matcher": {"id": "byFrameRefID", "options": "B"},
+                    "properties": [
+                        {"id": "custom.axisPlacement", "value": "right"},
+                        {"id": "custom.axisLabel", "value": "LR"},
+                        {"id": "custom.scaleDistribution", "value": {"log": 10, "type": "log"}},
+                        {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+                    ],
+                }
+            ],
+        ),
+        stat(
+            "Range test: suggested LR",
+            "range_test: the LR the sweep suggested (the policy after it starts from it), "
+            "and whether a sweep is running.",
+            target(f"lrpilot_policy_range_test_suggested_lr{{{RUN}}}", "suggested"),
+            target(f"lrpilot_policy_range_test_sweeping{{{RUN}}}", "sweeping"),
+            size=(8, 8),
+        ),
+        timeseries(
+            "Guard: trips and cut",
+            "guard: trips so far (each cuts the LRs and shows in pilot.tripped), and steps "
+            "of the cut left.",
+            target(f"lrpilot_policy_guard_trips_total{{{RUN}}}", "trips"),
+            target(f"lrpilot_policy_guard_holding{{{RUN}}}", "cut steps left"),
+            size=(12, 8),
+            steps=True,
+        ),
+        timeseries(
+            "Guard: watched metric and its window's mean",
+            "guard: the mean the spike rule compares each value with (a trip is a value far "
+            "above it, or one that is not finite).",
+            target(f"lrpilot_policy_guard_window_mean{{{RUN}}}", "window mean"),
+            size=(12, 8),
+        ),
     ]
 
 

@@ -46,6 +46,44 @@ def plateau_loss(steps: int, seed: int = 0) -> list[float]:
     ]
 
 
+def guard_loss(steps: int, seed: int = 0) -> list[float]:
+    """A noisy decaying training loss with a spike (5x) at step 60 and a NaN at
+    step 110: what a guard trips on."""
+    rng = random.Random(seed)
+    values = [
+        round(0.4 + 2.0 * math.exp(-t / 40) + rng.gauss(0.0, 0.02), 6) for t in range(1, steps + 1)
+    ]
+    values[60 - 1] = round(5 * values[60 - 1], 6)
+    values[110 - 1] = math.nan
+    return values
+
+
+def range_test_loss(policy: dict[str, Any], steps: int, seed: int = 0) -> list[float]:
+    """A loss as a range test sees it: flat while the LR is too small to learn,
+    falling as it grows, blowing up past about 0.05. It follows the LR the
+    range test's sweep runs each step at (lrpilot's own policy, stepped here
+    on the stream as it is made, says when the sweep ends); from then on it is
+    the loss of a fit that starts again (the sweep's updates undone) and
+    decays."""
+    from lrpilot.policies import parse_policy
+
+    rng = random.Random(seed)
+    sweep = parse_policy(policy).build([0.1])
+    values: list[float] = []
+    ended = 0
+    for t in range(1, steps + 1):
+        if not ended:
+            x = math.log10(sweep.lrs[0])  # the LR this step runs at
+            value = 2.3 - 1.8 / (1 + math.exp(-3 * (x + 2.2))) + math.exp(8 * (x + 1.2))
+            values.append(round(value + rng.gauss(0.0, 0.02), 6))
+            sweep.step({"loss": values[-1]})
+            ended = t if sweep.phase == "done" else 0
+        else:
+            decay = 0.3 + 2.0 * math.exp(-(t - ended) / 25)
+            values.append(round(decay + rng.gauss(0.0, 0.02), 6))
+    return values
+
+
 def smooth_loss(steps: int) -> list[float]:
     """A plain decaying loss; the step-driven kinds ignore it."""
     return [round(0.2 + 2.0 * math.exp(-t / 40), 6) for t in range(1, steps + 1)]
@@ -60,6 +98,8 @@ class Example:
     base_lrs: tuple[float, ...] = (0.1,)
     metric: str = "loss"
     plateau_stream: bool = False  # the noisy plateauing loss, plotted beside the LR
+    guard_stream: bool = False  # the loss with a spike and a NaN, plotted beside the LR
+    range_stream: bool = False  # a loss that reacts to a range test's LR, plotted (log) beside it
     marks: tuple[int, ...] = field(default=())  # steps to mark with a dotted line
     log_lr: bool = False
     stairs: bool = False  # draw the LR as a staircase (a cut shows at the step it happens)
@@ -180,12 +220,45 @@ EXAMPLES: tuple[Example, ...] = (
         marks=(20,),
         stairs=True,
     ),
+    Example(
+        "guard",
+        "guard over cosine: a loss spike (step 60), a NaN (step 110): LR x0.1 for 20 steps",
+        {
+            "kind": "guard",
+            "inner": {"kind": "cosine", "T_max": 160, "eta_min": 0.001},
+            "hold": 20,
+            "factor": 3.0,
+        },
+        steps=160,
+        guard_stream=True,
+        marks=(60, 110),
+        stairs=True,
+    ),
+    Example(
+        "range_test",
+        "range_test: sweep 1e-5 to 1 until the loss blows up, then cosine from the suggestion",
+        {
+            "kind": "range_test",
+            "min_lr": 1e-05,
+            "max_lr": 1.0,
+            "steps": 100,
+            "then": {"kind": "cosine", "T_max": 100},
+        },
+        steps=160,
+        range_stream=True,
+        marks=(86,),
+        log_lr=True,
+    ),
 )
 
 
 def metric_stream(example: Example) -> list[float]:
     if example.plateau_stream:
         return plateau_loss(example.steps)
+    if example.guard_stream:
+        return guard_loss(example.steps)
+    if example.range_stream:
+        return range_test_loss(example.policy, example.steps)
     return smooth_loss(example.steps)
 
 
@@ -212,6 +285,7 @@ def simulate(example: Example, workdir: Path) -> list[dict[str, Any]]:
 
 
 def leave_headroom(axis: Any, values: list[float]) -> None:
+    values = [v for v in values if math.isfinite(v)]  # a NaN in the stream is a gap
     low, high = min(values), max(values)
     pad = (high - low) or abs(high) or 1.0
     axis.set_ylim(low - 0.05 * pad, high + (HEADROOM - 1) * pad * 1.2)
@@ -262,7 +336,7 @@ def plot(example: Example, lines: list[dict[str, Any]], out: Path) -> None:
         second.set_ylabel("momentum", color=SECOND_COLOR)
         leave_headroom(second, [line["momenta"][0] for line in lines])
         handles.append(h)
-    elif example.plateau_stream:
+    elif example.plateau_stream or example.guard_stream or example.range_stream:
         second = ax.twinx()
         (h,) = second.plot(
             steps,
@@ -273,7 +347,12 @@ def plot(example: Example, lines: list[dict[str, Any]], out: Path) -> None:
             label=example.metric,
         )
         second.set_ylabel(example.metric, color=SECOND_COLOR)
-        leave_headroom(second, metric_stream(example))
+        if example.range_stream:  # the blow-up is orders of magnitude
+            second.set_yscale("log")
+            values = metric_stream(example)
+            second.set_ylim(min(values) / 1.5, max(values) * 30)
+        else:
+            leave_headroom(second, metric_stream(example))
         handles.append(h)
     ax.set_zorder(1 if second is not None else 0)  # the LR line above the second curve
     ax.patch.set_visible(False)

@@ -398,6 +398,14 @@ def start_digits(config: dict, where: Path, env: dict[str, str] | None = None) -
     return start_live(TRAIN_DIGITS, where, "train", config, env, cwd=Path(__file__).parent.parent)
 
 
+TRAIN_GUARD = LIVE / "train_guard.py"
+
+
+def start_guard(config: dict, where: Path) -> subprocess.Popen:
+    """tests/live/train_guard.py on ``config``, its output to where/train.out."""
+    return start_live(TRAIN_GUARD, where, "train", config, cwd=where)
+
+
 class Training:
     """tests/live/train_stream.py in its own process; ``at(k)``/``go(k)`` are
     its gates (it waits after step k until the test says go)."""

@@ -75,7 +75,28 @@ POLICIES = {
         "step_size_up": 25,
         "step_size_down": 15,
     },
-    "digits-restarts": {"kind": "cosine_restarts", "T_0": 20},
+    # A guard that never trips (its gauges), around a step-driven schedule.
+    "digits-restarts": {
+        "kind": "guard",
+        "inner": {"kind": "cosine_restarts", "T_0": 20},
+        "spike": "off",
+    },
+    # A range test that sweeps for the whole test, and one that is done.
+    "digits-sweeping": {
+        "kind": "range_test",
+        "min_lr": 1e-5,
+        "max_lr": 0.05,
+        "steps": 100_000,
+        "diverge": None,
+    },
+    "digits-swept": {
+        "kind": "range_test",
+        "min_lr": 1e-4,
+        "max_lr": 0.1,
+        "steps": 20,
+        "skip_begin": 2,
+        "then": {"kind": "cosine", "T_max": 1000},
+    },
     "digits-warmup": {
         "kind": "sequential",
         "policies": [

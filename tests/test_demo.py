@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
+
 
 def test_demo_trains_under_the_daemon_and_shows_its_decisions(lrpilot_exe):
     done = subprocess.run(
@@ -22,8 +24,16 @@ def test_demo_trains_under_the_daemon_and_shows_its_decisions(lrpilot_exe):
     # In sync mode a decision lands right after the report that caused it:
     # reports come every 25 steps, so the step it lands on is 25k + 1.
     assert all(int(step) % 25 == 1 for step, _, _ in changes), changes
+    # The corrupted batch at 60 % of the steps (420) trips the guard, on the
+    # loss of that step: the cut lands at the next one, and the loop reloads.
+    assert "!! step   420  a corrupted batch" in out, out
+    trips = re.findall(r">> step\s+(\d+)\s+LR ([\d.]+) -> ([\d.]+)\s+by policy: guard:spike:", out)
+    assert [step for step, _, _ in trips] == ["421"], out
+    assert float(trips[0][2]) == pytest.approx(float(trips[0][1]) * 0.1)
+    assert re.search(r"!! step   420  the guard tripped \(guard:spike, loss [\d.]+\)", out), out
     summary = out[out.index("summary") :]
-    assert f"LR changes decided by the daemon: {len(changes)}" in summary
+    assert f"LR changes decided by the daemon: {len(changes) + 1}" in summary
+    assert "models reloaded after a guard trip: 1" in summary
     assert re.search(r"with lrpilot\s+[\d.]+\s+[\d.]+%", summary)
     assert re.search(r"constant LR\s+[\d.]+\s+[\d.]+%", summary)
     assert "telemetry records dropped: 0" in summary

@@ -36,6 +36,8 @@ MIRRORS = {
     "onecycle": "OneCycleLR",
     "sequential": "SequentialLR",
 }
+# lrpilot's own kinds: no torch scheduler, so no torch defaults to match.
+LRPILOT_KINDS = {"guard", "range_test"}  # range_test: its defaults are Lightning's
 TORCH_NAMES = {("sequential", "policies"): "schedulers"}
 # No torch counterpart: torch takes the value in step(), from one process.
 LRPILOT_ONLY = {("plateau", "metric"), ("plateau", "reduce")}
@@ -233,7 +235,12 @@ def test_per_group_column_is_what_the_spec_accepts(kind):
         )
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_mirrors_a_torch_scheduler_or_is_lrpilots_own():
+    assert set(MIRRORS) | LRPILOT_KINDS == set(KINDS)
+    assert not set(MIRRORS) & LRPILOT_KINDS
+
+
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind not in LRPILOT_KINDS])
 def test_documented_defaults_are_torchs(kind):
     import torch.optim.lr_scheduler as lr_scheduler
 

@@ -358,6 +358,11 @@ def capture_corpus(where: Path) -> Corpus:
         until_acked("resume")
         cap.cli("policy", "captured", json.dumps(SWITCH_POLICY), "--json")
         until_acked("the policy switch")
+        # A range test (its sweep's updates kept: a FakeOptimizer has no
+        # tensors to copy), then its end, a decision with the curve.
+        cap.cli("range-test", "captured", "--steps", "3", "--no-restore", "--json")
+        until_acked("the range test")
+        until_acked("the range test's end")
         cap.cli("policy", "captured", "--requested", "--json")
         until_acked("the policy given back")
         cap.cli("policy", "captured", json.dumps(SWITCH_POLICY), "--preview", "--json")
@@ -436,7 +441,7 @@ def corpus(tmp_path_factory) -> Corpus:
         if spec is not None:
             parse_policy(spec).build(CAPTURE_LRS)
     ops = Counter(json.loads(raw)["op"] for raw in corpus.control)
-    for op in ("runs", "show", "set_lr", "pause", "resume", "policy", "history", "store"):
+    for op in [op for op in CONTROL_OPS if op != "nope"]:  # every op there is
         assert ops[op] >= 1, f"capture: the CLI sent no {op} among {ops}"
     return corpus
 
@@ -459,7 +464,8 @@ STEPS = [2**62, 2**63 - 1, -1, -(2**63), 2**53, 2**53 + 1, 0, 1, 10_000, 10_001]
 STRIDES = [0, -1, 1, 2, 999, 1000, 1001, 9_999, 10_000, 10_001, 2**31]  # around the gaps
 # Hostile runs are named from here; the victim's name never is.
 RUN_NAMES = ["captured", "captured-sync", "fz", "fz\u00e9\u202e", "x" * 200]
-CONTROL_OPS = ["runs", "show", "set_lr", "policy", "pause", "resume", "history", "store", "nope"]
+CONTROL_OPS = ["runs", "show", "set_lr", "policy", "range_test", "pause", "resume", "history"]
+CONTROL_OPS += ["store", "nope"]
 # Valid specs of every kind, to swap into a hello, a command or a switch: the
 # capture runs two kinds only. Some run out (onecycle, a gamma that leaves
 # the float range), some count to 2**53.

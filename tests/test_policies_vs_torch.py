@@ -56,6 +56,8 @@ MAX_EXAMPLES = {
     "linear": 150,
     "onecycle": 400,
     "sequential": 400,
+    "guard": 150,
+    "range_test": 150,
 }
 
 
@@ -439,13 +441,86 @@ def sequential_case(draw: st.DrawFn):
     return config, base_lrs, _blank_records(k), optimizer
 
 
-CASES = {
+INNER_CASES = {
     "plateau": plateau_case(),
     "cyclic": cyclic_case(),
     **{kind: schedule_case(kind) for kind in SCHEDULE_CONFIGS},
     "onecycle": onecycle_case(),
     "sequential": sequential_case(),
 }
+
+
+@st.composite
+def guard_case(draw: st.DrawFn):
+    """A guard (lrpilot's own) that never trips, around any other kind: torch
+    judges its inner policy. The guard watches its own metric, whose values
+    cannot trip it: within [1, 1.5] for ratio (factor above 1.5), constant for
+    zscore (no spread: no z), anything (NaN and infinities too) with spike
+    off and nan false; some records lack it."""
+    inner, base_lrs, records, optimizer = draw(
+        INNER_CASES[draw(st.sampled_from(sorted(INNER_CASES)))]
+    )
+    config: dict[str, Any] = {"kind": "guard", "inner": inner, "metric": "grad_norm"}
+    spike = draw(st.sampled_from(["ratio", "zscore", "off"]))
+    config["spike"] = spike
+    window = draw(st.integers(1, 60))
+    config["window"] = window
+    config["min_points"] = draw(st.integers(1, window))
+    _put(draw, config, "cut", st.floats(0.01, 1.0))
+    _put(draw, config, "hold", st.integers(1, 200))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    if spike == "ratio":
+        config["factor"] = draw(st.floats(1.51, 10.0))
+        values = [rng.uniform(1.0, 1.5) for _ in records]
+    elif spike == "zscore":
+        _put(draw, config, "zscore", st.floats(0.01, 10.0))
+        values = [draw(st.floats(-1e6, 1e6))] * len(records)
+    else:
+        config["nan"] = False
+        values = [rng.choice([math.nan, math.inf, -math.inf, rng.gauss(0.0, 1e3)]) for _ in records]
+    records = [
+        {**record, "grad_norm": value} if rng.random() < 0.8 else record
+        for record, value in zip(records, values)
+    ]
+    assume(_valid(config))  # onecycle's phase of zero steps
+    return config, base_lrs, records, optimizer
+
+
+@st.composite
+def range_test_case(draw: st.DrawFn):
+    """A range test (lrpilot's own; its judge is Lightning's LR finder, whose
+    schedulers are torch LRSchedulers) on a loss that falls, then blows up,
+    some records without it; then a step-driven kind, or nothing."""
+    n = draw(GROUPS)
+    base_lrs = draw(st.lists(LR, min_size=n, max_size=n))
+    min_lr = draw(st.floats(1e-8, 1e-3))
+    config: dict[str, Any] = {
+        "kind": "range_test",
+        "min_lr": min_lr,
+        "max_lr": min_lr * draw(st.floats(2.0, 1e7)),
+        "steps": draw(st.integers(1, 150)),
+        "mode": draw(st.sampled_from(["exponential", "linear"])),
+    }
+    _put(draw, config, "smoothing", st.sampled_from([0.0, 0.5, 0.98]))
+    _put(draw, config, "diverge", st.one_of(st.none(), st.floats(1.5, 6.0)))
+    _put(draw, config, "suggest", st.sampled_from(["steepest", "minimum"]))
+    _put(draw, config, "skip_begin", st.integers(0, 12))
+    if draw(st.booleans()):
+        config["then"] = draw(
+            SCHEDULE_CONFIGS[draw(st.sampled_from(sorted(SCHEDULE_CONFIGS)))](base_lrs)
+        )
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    turn = draw(st.integers(1, 200))
+    records = [
+        {"loss": 2.0 / (1 + k) if k < turn else 2.0 * (k - turn + 1) ** 2}
+        if rng.random() < 0.9
+        else {}
+        for k in range(draw(STEPS))
+    ]
+    return config, base_lrs, records, "sgd"
+
+
+CASES = {**INNER_CASES, "guard": guard_case(), "range_test": range_test_case()}
 
 # --------------------------------------------------------------------------
 # Parity, generated.
@@ -539,9 +614,50 @@ def test_sequential_matches_torch(case):
     GENERATED["sequential"] += 1
 
 
+@examples(MAX_EXAMPLES["guard"])
+@given(guard_case())
+def test_guard_that_never_trips_is_its_inner_policy(case):
+    policy, _ = assert_parity(*case)
+    assert policy.trips == 0
+    GENERATED["guard"] += 1
+
+
+@examples(MAX_EXAMPLES["range_test"])
+@given(range_test_case())
+def test_range_test_sweep_is_lightnings_scheduler(case):
+    """While it sweeps, group 0's LR is Lightning's _ExponentialLR / _LinearLR
+    (num_iter = steps) on a real optimizer, and every group keeps its ratio
+    to group 0; past steps, without the end decided, min_lr holds."""
+    import warnings
+
+    from lightning.pytorch.tuner.lr_finder import _ExponentialLR, _LinearLR
+
+    config, base_lrs, records, _ = case
+    policy = parse_policy(config).build(base_lrs)
+    min_lr, steps = config["min_lr"], config["steps"]
+    optimizer = torch_reference.make_optimizer([min_lr])
+    optimizer.param_groups[0]["initial_lr"] = min_lr
+    cls = _LinearLR if config["mode"] == "linear" else _ExponentialLR
+    scheduler = cls(optimizer, config["max_lr"], steps)
+    ratios = [lr / base_lrs[0] for lr in base_lrs]
+    for k, record in enumerate([*records, NO_RECORD]):
+        if policy.phase != "sweep":
+            break
+        lightning = optimizer.param_groups[0]["lr"] if k < steps else min_lr
+        assert policy.lrs == [lightning * ratio for ratio in ratios], f"{config} at step {k}"
+        assert policy.sweeping and policy.momenta is None
+        policy.step(record)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.step()
+    PARITY_CASES["range_test (Lightning)"] += 1
+    GENERATED["range_test"] += 1
+
+
 def test_every_kind_has_a_parity_strategy():
     assert set(KINDS) == set(CASES), "a policy kind without a torch parity test"
-    assert set(KINDS) - {"sequential"} <= set(torch_reference.SCHEDULERS)
+    # range_test's judge is Lightning's LR finder (test_range_test_sweep_is_lightnings_scheduler).
+    assert set(KINDS) - {"sequential", "guard", "range_test"} <= set(torch_reference.SCHEDULERS)
 
 
 # --------------------------------------------------------------------------

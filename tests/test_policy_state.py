@@ -56,6 +56,35 @@ SPECS: dict[str, dict[str, Any]] = {
         ],
         "milestones": [3, 8],
     },
+    "guard": {
+        "kind": "guard",
+        "inner": {
+            "kind": "sequential",
+            "policies": [
+                {"kind": "linear", "start_factor": 0.1, "total_iters": 3},
+                {"kind": "plateau", "metric": "val_loss", "patience": 1},
+            ],
+            "milestones": [3],
+        },
+        "window": 4,
+        "min_points": 2,
+        "hold": 5,
+    },
+}
+# A range test that has ended by step 12 (its then, a plateau, running), and
+# one still sweeping.
+SPECS["range_test"] = {
+    "kind": "range_test",
+    "min_lr": 1e-4,
+    "steps": 6,
+    "skip_begin": 1,
+    "then": {"kind": "plateau", "metric": "val_loss", "patience": 1},
+}
+SPECS["range_test_sweep"] = {
+    "kind": "range_test",
+    "steps": 40,
+    "mode": "linear",
+    "then": {"kind": "cyclic", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 3},
 }
 STOPS = (0, 1, 5, 12)  # 12: onecycle's last step, sequential's plateau stage
 
@@ -171,6 +200,28 @@ HOSTILE = [
     ("sequential", drop("held_momenta"), "sequential state: missing held_momenta"),
     ("sequential", put("held_momenta", None), "held_momenta must be a list, one per param group"),
     ("sequential", put("held_momenta", [0.9, math.inf]), "held_momenta[1] must be a finite"),
+    # guard: its window, hold and trip, and the inner policy's own state
+    ("guard", put("window", [1.0] * 5), "window must be a list of at most 4 finite numbers"),
+    ("guard", put("window.0", math.nan), "window[0] must be a finite number, got nan"),
+    ("guard", put("hold_left", 6), "hold_left must be an integer from 0 to 5, got 6"),
+    ("guard", put("hold_left", 1), "hold_left must be 0 when trip_count is 0"),
+    ("guard", put("trip_count", 1), "last_trip must be an object when trip_count is 1"),
+    ("guard", put("last_trip", {"step": 1}), "last_trip must be null or an object with step"),
+    ("guard", put("inner", [1]), "inner must be an object, got [1]"),
+    ("guard", put("inner.index", 0), "guard state: inner: sequential state: index must be 1"),
+    (
+        "guard",
+        put("inner.stage.best", "x"),
+        "inner: sequential state: stage 1: plateau state: best",
+    ),
+    # range_test: the sweep's fields, and then's own state once it has ended
+    ("range_test", put("phase", "x"), "phase must be 'sweep' or 'done', got 'x'"),
+    ("range_test", put("curve_lrs", [0.1]), "curve_lrs and curve_losses must be as long"),
+    ("range_test", put("then", None), "then must be an object (then's state) once the sweep"),
+    ("range_test", put("then.best", "x"), "range_test state: then: plateau state: best must"),
+    ("range_test_sweep", put("curve_losses.0", math.inf), "curve_losses[0] must be a finite"),
+    ("range_test_sweep", put("then", {}), "then must be null while the sweep runs"),
+    ("range_test_sweep", put("sweep_step", 3), "the curve must have at most 3 point(s)"),
     # the object itself
     ("cosine", drop("last_epoch"), "cosine state: missing last_epoch"),
     ("cosine", put("extra", 1), "cosine state: unknown field(s) 'extra'"),
@@ -446,11 +497,17 @@ def test_every_kind_is_listed_for_its_gauges_and_exports_only_what_it_declares()
     from lrpilot.policies import _POLICIES, KINDS
 
     assert sorted(kind for kind, _ in _POLICIES) == sorted(KINDS)
-    for name in ("plateau", "cosine_restarts", "cyclic", "onecycle", "sequential", "cosine"):
-        policy = stepped(name, 3)
+    names = ("plateau", "cosine_restarts", "cyclic", "onecycle", "sequential", "cosine", "guard")
+    for name in (*names, "range_test", "range_test_sweep"):
+        policy = stepped(name, 3 if name != "range_test" else 12)
         declared = {g.name for g in type(policy).GAUGES}
         if name == "sequential":  # and its stage's
             declared |= {g.name for g in type(policy.stage).GAUGES}
+        if name == "guard":  # and its inner policy's (a sequential here)
+            declared |= {g.name for g in type(policy.inner).GAUGES}
+            declared |= {g.name for g in type(policy.inner.stage).GAUGES}
+        if name.startswith("range_test") and policy.then is not None:  # and then's
+            declared |= {g.name for g in type(policy.then).GAUGES}
         values = policy.gauges()
         assert set(values) <= declared, name
         assert all(isinstance(v, (int, float)) for v in values.values()), name

@@ -92,11 +92,13 @@ def test_each_key_does_what_its_role_allows_and_no_more(keyed):
         assert [r["run"] for r in runs] == ["mine-1"]  # nothing of "yours" reached the daemon
         done = as_key(daemon, keys, "viewer", "set-lr", "mine-1", "0.05")
         one_line_error(done, "set-lr", "forbidden", "'viewer'", "may not set_lr")
+        done = as_key(daemon, keys, "trainer", "range-test", "mine-1")
+        one_line_error(done, "range-test", "forbidden", "'trainer'", "may not range_test")
         changed = ok_json(as_key(daemon, keys, "operator", "set-lr", "mine-1", "0.05", "--json"))
         assert changed["actor"] == "operator"  # the key's name, not user@host
         history = ok_json(as_key(daemon, keys, "trainer", "history", "mine-1", "--json"))
         assert [e["actor"] for e in history] == ["operator"]
-        assert refused(daemon, "forbidden") >= 1 and refused(daemon, "forbidden_control") == 1
+        assert refused(daemon, "forbidden") >= 1 and refused(daemon, "forbidden_control") == 2
     finally:
         for pilot in (mine, yours):
             with warnings.catch_warnings():

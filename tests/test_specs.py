@@ -73,6 +73,35 @@ from lrpilot.policies import KINDS, SpecError, parse_policy
             "a sequential stage cannot itself be sequential",
         ),
         ({"kind": "sequential", "policies": [], "milestones": []}, "sequential.policies"),
+        (
+            {"kind": "range_test", "min_lr": 0.1, "max_lr": 0.1},
+            "range_test: max_lr (0.1) must be above min_lr (0.1)",
+        ),
+        (
+            {"kind": "range_test", "then": {"kind": "range_test"}},
+            "range_test.then: a range_test cannot be inside another policy",
+        ),
+        (
+            {"kind": "range_test", "then_base_lrs": [0.1]},
+            "then_base_lrs is only for suggest_only",
+        ),
+        ({"kind": "guard"}, "guard.inner: required field is missing"),
+        (
+            {"kind": "guard", "inner": {"kind": "guard", "inner": {"kind": "linear"}}},
+            "guard.inner: a guard cannot be inside another policy",
+        ),
+        (
+            {"kind": "sequential", "policies": [{"kind": "guard"}], "milestones": []},
+            "sequential.policies.0: a guard cannot be inside another policy",
+        ),
+        (
+            {"kind": "guard", "inner": {"kind": "linear"}, "window": 5, "min_points": 6},
+            "min_points (6) must not be above window (5)",
+        ),
+        (
+            {"kind": "guard", "inner": {"kind": "cosine"}},
+            "guard.inner.cosine.T_max: required field",
+        ),
     ],
 )
 def test_bad_spec_is_one_line_naming_field_and_rule(spec, expected):
@@ -160,6 +189,8 @@ def test_every_kind_is_listed_once():
             "linear",
             "onecycle",
             "sequential",
+            "range_test",
+            "guard",
         ]
     )
 

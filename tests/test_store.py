@@ -215,6 +215,7 @@ def test_journal_rows_round_trip(opened):
         "hold": 0,
         "applied_step": None,
         "late": None,
+        "policy_state": None,
     }
     assert (second["policy"], second["hold"], second["actor"]) == (switch, 1, "ann@box")
     # The driving rank's ack fills in where it landed, once.
@@ -222,6 +223,15 @@ def test_journal_rows_round_trip(opened):
     store.submit([("applied", ("r", 2, 99, False))])
     assert store.wait()
     assert [(e["applied_step"], e["late"]) for e in store.history("r")] == [(None, None), (23, 1)]
+
+
+def test_the_journal_keeps_the_policy_state_of_each_change(opened):
+    # What a decision saw and made (a range test's curve) is in its entry.
+    store = opened()
+    state = {"curve_lrs": [1e-5, 1e-4], "curve_losses": [2.3, 2.1], "best": math.inf}
+    store.journal("r", command(1, policy_state=state), [0.1, 0.01])
+    [entry] = store.history("r")
+    assert entry["policy_state"] == state
 
 
 def test_history_keeps_the_last_entries_in_version_order(opened):

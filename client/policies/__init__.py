@@ -15,15 +15,26 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .base import NO_METRICS, Decision, Gauge, Policy, PolicySpec, ScheduleExhausted, SpecError
+from .base import (
+    NO_METRICS,
+    Decision,
+    Gauge,
+    Policy,
+    PolicySpec,
+    ScheduleExhausted,
+    SpecError,
+    Trip,
+)
 from .cosine import CosinePolicy, CosineSpec
 from .cosine_restarts import CosineRestartsPolicy, CosineRestartsSpec
 from .cyclic import CyclicPolicy, CyclicSpec
 from .exponential import ExponentialPolicy, ExponentialSpec
+from .guard import GuardPolicy, GuardSpec
 from .linear import LinearPolicy, LinearSpec
 from .multistep import MultiStepPolicy, MultiStepSpec
 from .onecycle import OneCyclePolicy, OneCycleSpec
 from .plateau import PlateauPolicy, PlateauSpec
+from .range_test import RangeTestPolicy, RangeTestSpec
 from .sequential import STAGE_SPECS, SequentialPolicy, SequentialSpec
 from .step import StepPolicy, StepSpec
 
@@ -42,6 +53,8 @@ __all__ = [
     "ExponentialPolicy",
     "ExponentialSpec",
     "Gauge",
+    "GuardPolicy",
+    "GuardSpec",
     "LinearPolicy",
     "LinearSpec",
     "MultiStepPolicy",
@@ -52,16 +65,19 @@ __all__ = [
     "PlateauSpec",
     "Policy",
     "PolicySpec",
+    "RangeTestPolicy",
+    "RangeTestSpec",
     "ScheduleExhausted",
     "SequentialPolicy",
     "SequentialSpec",
     "SpecError",
     "StepPolicy",
     "StepSpec",
+    "Trip",
     "parse_policy",
 ]
 
-_SPECS: tuple[type[PolicySpec], ...] = (*STAGE_SPECS, SequentialSpec)
+_SPECS: tuple[type[PolicySpec], ...] = (*STAGE_SPECS, SequentialSpec, RangeTestSpec, GuardSpec)
 KINDS: tuple[str, ...] = tuple(spec.model_fields["kind"].default for spec in _SPECS)
 if TYPE_CHECKING:  # mypy cannot read a Union built from a tuple at runtime
     AnyPolicySpec = PolicySpec
@@ -80,6 +96,8 @@ _POLICIES: tuple[tuple[str, type[Policy]], ...] = (
     ("linear", LinearPolicy),
     ("plateau", PlateauPolicy),
     ("sequential", SequentialPolicy),
+    ("range_test", RangeTestPolicy),
+    ("guard", GuardPolicy),
 )
 
 
@@ -136,6 +154,15 @@ def describe(exc: ValidationError) -> str:
             got = err.get("ctx", {}).get("tag")
             if got == "sequential" and loc:
                 parts.append(f"{'.'.join(loc)}: a sequential stage cannot itself be sequential")
+                continue
+            if got == "range_test" and loc:
+                parts.append(f"{'.'.join(loc)}: a range_test cannot be inside another policy")
+                continue
+            if got == "guard" and loc:
+                parts.append(
+                    f"{'.'.join(loc)}: a guard cannot be inside another policy "
+                    "(but a range_test's then may be one)"
+                )
                 continue
             rule = "missing" if got is None else f"unknown policy kind {got!r}"
             parts.append(f"{where}: {rule} (expected one of {', '.join(KINDS)})")

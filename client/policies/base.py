@@ -226,6 +226,18 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Trip:
+    """A guard's trip: the record ``step`` whose ``metric`` tripped it,
+    ``cause`` (``guard:nan`` for a value that is not finite, ``guard:spike``)
+    and the value (None when it was not finite)."""
+
+    step: int
+    cause: str
+    metric: str
+    value: float | None
+
+
+@dataclass(frozen=True)
 class Gauge:
     """A number a policy exports about its state: Prometheus family
     ``lrpilot_policy_<name>`` (a counter gets ``_total``), and what it means."""
@@ -271,6 +283,26 @@ class Policy:
     @property
     def n_groups(self) -> int:
         return len(self.lrs)
+
+    @property
+    def sweeping(self) -> bool:
+        """True while the policy runs an LR sweep whose parameter updates are
+        to be undone (``range_test``): the hook copies the model's parameters
+        and the optimizer's state when it turns True and puts them back when
+        it turns False, at the same step on every rank (commands are applied
+        at their effective step)."""
+        return False
+
+    @property
+    def trips(self) -> int:
+        """How many times a ``guard`` in this policy has tripped: the hook
+        compares it before and after a command to tell the training loop."""
+        return 0
+
+    @property
+    def last_trip(self) -> Trip | None:
+        """The guard's last trip, or None."""
+        return None
 
     # A policy whose step can neither raise nor take the LRs out of the float
     # range skips the guard in step() (plateau only ever cuts, to no less

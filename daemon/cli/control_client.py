@@ -63,7 +63,7 @@ class ControlClient:
     at a time, answers read into the control protocol's models.
 
     Blocking: ``runs()``, ``show()``, ``history()``, ``set_lr()``,
-    ``pause()``, ``resume()``, ``policy()``, ``store()``, each its answer or a
+    ``pause()``, ``resume()``, ``policy()``, ``range_test()``, ``store()``, each its answer or a
     ControlClientError (no answer within ``timeout``, or the daemon's one-line
     refusal). Without blocking (``top``): :meth:`send`, poll :attr:`socket`,
     :meth:`receive`; a request that got no answer is dropped with its socket
@@ -114,6 +114,13 @@ class ControlClient:
     def policy(self, run: str, policy: dict[str, Any] | None) -> LRCommand:
         """Switch the run to ``policy``; None gives back the script's own."""
         return self._ask(CommandAnswer, op="policy", run=run, policy=policy).command
+
+    def range_test(self, run: str, sweep: dict[str, Any], suggest_only: bool = False) -> LRCommand:
+        """Start an LR range test on the run (``sweep``: the range_test fields
+        to set); the run's policy, or ``then``, follows it."""
+        return self._ask(
+            CommandAnswer, op="range_test", run=run, sweep=sweep, suggest_only=suggest_only
+        ).command
 
     def store(self) -> str:
         """The daemon's store path, once the daemon has committed what it has."""

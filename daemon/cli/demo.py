@@ -2,9 +2,16 @@
 
 Starts ``lrpilot daemon`` as a child process on a free loopback port, trains
 a small MLP on scikit-learn's bundled digits with ``lrpilot.attach`` (linear
-warmup, then reduce-on-plateau on the validation loss), prints progress and
-every LR change with its reason as it lands, then trains the same model with
-a constant LR and compares the two.
+warmup, then reduce-on-plateau on the validation loss, under a guard that
+cuts the LR when the loss spikes), prints progress and every LR change with
+its reason as it lands, then trains the same model with a constant LR and
+compares the two.
+
+Both trainings meet one corrupted batch (labels shifted, inputs x10) at 60 %
+of the steps. Under lrpilot the guard trips on its loss; the loop sees
+``pilot.tripped`` and reloads the model it kept at the last evaluation,
+which is what a training script does with the flag (lrpilot itself never
+touches the model). The constant-LR training takes the hit.
 """
 
 from __future__ import annotations
@@ -24,13 +31,32 @@ BATCH = 32
 EVAL_EVERY = 25
 DEFAULT_STEPS = 1500
 DEFAULT_POLICY: dict[str, Any] = {
-    "kind": "sequential",
-    "policies": [
-        {"kind": "linear", "start_factor": 0.1, "total_iters": 100},
-        {"kind": "plateau", "metric": "val_loss", "patience": 4, "factor": 0.5, "min_lr": 0.002},
-    ],
-    "milestones": [100],
+    "kind": "guard",
+    # A wide factor: this MLP's training loss falls near 0, where one
+    # batch's loss is often 20x the window's mean; a corrupted batch's is
+    # thousands of times it.
+    "metric": "loss",
+    "spike": "ratio",
+    "factor": 100.0,
+    "window": 100,
+    "cut": 0.1,
+    "hold": 50,
+    "inner": {
+        "kind": "sequential",
+        "policies": [
+            {"kind": "linear", "start_factor": 0.1, "total_iters": 100},
+            {
+                "kind": "plateau",
+                "metric": "val_loss",
+                "patience": 4,
+                "factor": 0.5,
+                "min_lr": 0.002,
+            },
+        ],
+        "milestones": [100],
+    },
 }
+SPIKE_AT = 0.6  # of the steps: where the corrupted batch comes
 
 
 def free_port() -> int:
@@ -70,6 +96,7 @@ SHOWN_METRICS = (
     "lrpilot_run_lr_changes_total",
     "lrpilot_policy_plateau_best",
     "lrpilot_policy_plateau_bad_steps",
+    "lrpilot_policy_guard_trips_total",
     "lrpilot_records_ingested_total",
 )
 
@@ -104,7 +131,10 @@ class Digits:
 def train(
     data: Digits, steps: int, pilot_args: Mapping[str, Any] | None, quiet: bool = False
 ) -> dict[str, float]:
-    """Train from a fixed seed; with ``pilot_args``, under lrpilot."""
+    """Train from a fixed seed; with ``pilot_args``, under lrpilot, reloading
+    the last evaluated model when the guard trips."""
+    import copy
+
     import torch
 
     import lrpilot
@@ -120,15 +150,36 @@ def train(
     pilot = None
     if pilot_args is not None:
         pilot = lrpilot.attach(optimizer, **pilot_args)
-    result: dict[str, float] = {}
+    result: dict[str, float] = {"reloads": 0}
+    spike_at = max(1, int(steps * SPIKE_AT))
+    good = (0, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(data.x_train), (BATCH,), generator=batches)
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+        x, y = data.x_train[idx], data.y_train[idx]
+        if step == spike_at:
+            x, y = x * 10, (y + 1) % 10
+            if not quiet:
+                print(f"  !! step {step:>5}  a corrupted batch (labels shifted, inputs x10)")
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if pilot is not None:
             pilot.step(loss=loss.detach())
+            trip = pilot.tripped
+            if trip is not None:
+                # What a script does with the flag: here, go back to the
+                # model of the last evaluation (lrpilot's LRs stay as set).
+                model.load_state_dict(good[1])
+                optimizer.load_state_dict(good[2])
+                result["reloads"] += 1
+                if not quiet:
+                    print(
+                        f"  !! step {step:>5}  the guard tripped ({trip.cause}, loss "
+                        f"{trip.value if trip.value is not None else 'not finite'}): "
+                        f"the loop reloads the model of step {good[0]}",
+                        flush=True,
+                    )
         if step % EVAL_EVERY == 0 or step == steps:
             with torch.no_grad():
                 logits = model(data.x_val)
@@ -136,7 +187,13 @@ def train(
                 accuracy = (logits.argmax(1) == data.y_val).float().mean().item()
             if pilot is not None:
                 pilot.report(val_loss=val_loss, val_accuracy=accuracy)
-            result = {"val_loss": val_loss, "val_accuracy": accuracy}
+            result.update(val_loss=val_loss, val_accuracy=accuracy)
+            if pilot is None or pilot.tripped is None:
+                good = (
+                    step,
+                    copy.deepcopy(model.state_dict()),
+                    copy.deepcopy(optimizer.state_dict()),
+                )
             if not quiet and (step % (EVAL_EVERY * 4) == 0 or step == steps):
                 lr = optimizer.param_groups[0]["lr"]
                 print(
@@ -204,6 +261,7 @@ def main(
 
     print(f"\nsummary ({elapsed:.1f} s under lrpilot)")
     print(f"  LR changes decided by the daemon: {len(changes)}")
+    print(f"  models reloaded after a guard trip: {int(piloted['reloads'])}")
     for step, old, new, reason in changes:
         print(f"    step {step:>5}  {old:.5f} -> {new:.5f}  {reason}")
     print(f"  {'':<22}{'val_loss':>10}{'val_accuracy':>14}")

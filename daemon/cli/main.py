@@ -37,6 +37,7 @@ EXTRA_OF = {
     "rich": "daemon",
     "torch": "demo",
     "sklearn": "demo",
+    "matplotlib": "plot",
 }
 
 
@@ -255,20 +256,25 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def add_control_flags(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+def add_control_flags(
+    parser: argparse.ArgumentParser, json_flag: bool = True, timeout: bool = True
+) -> None:
+    """--control, --timeout (unless the command has its own), --keys and --json."""
     parser.add_argument(
         "--control",
         default=None,
         metavar="ADDR",
         help="the daemon's control address (default: $LRPILOT_CONTROL, else tcp://127.0.0.1:7313)",
     )
-    parser.add_argument(
-        "--timeout",
-        type=seconds_in(*TIMEOUT_S),
-        metavar="SECONDS",
-        default=5.0,
-        help=f"seconds to wait for the daemon, {TIMEOUT_S[0]:g} to {TIMEOUT_S[1]:g} (default: 5)",
-    )
+    if timeout:
+        parser.add_argument(
+            "--timeout",
+            type=seconds_in(*TIMEOUT_S),
+            metavar="SECONDS",
+            default=5.0,
+            help=f"seconds to wait for the daemon, {TIMEOUT_S[0]:g} to {TIMEOUT_S[1]:g} "
+            "(default: 5)",
+        )
     parser.add_argument(
         "--keys",
         default=None,
@@ -517,6 +523,13 @@ def add_operator_options(parser: argparse.ArgumentParser, name: str) -> None:
         )
 
 
+def add_range_test_command(commands: argparse._SubParsersAction) -> None:
+    """`lrpilot range-test`: an LR range test on a live run (daemon/cli/range_test.py)."""
+    from .range_test import add_range_test_command as add
+
+    add(commands)
+
+
 def add_top_command(commands: argparse._SubParsersAction) -> None:
     """`lrpilot top`: the live terminal view of every run."""
     top = commands.add_parser(
@@ -595,8 +608,8 @@ def add_keys_command(commands: argparse._SubParsersAction) -> None:
         "(its public key), allowed/NAME.key (each client's public key and role, which the "
         "daemon allows) and clients/NAME/ (the folder to give that client). Roles: trainer "
         "(the data plane for its runs, and the control plane's reads), operator (everything, "
-        "set-lr, policy, pause and resume included), viewer (runs, show, history, top). A "
-        "running daemon reads allowed/ again on SIGHUP. See docs/security.md.",
+        "set-lr, policy, range-test, pause and resume included), viewer (runs, show, history, "
+        "top). A running daemon reads allowed/ again on SIGHUP. See docs/security.md.",
         epilog="example: lrpilot keys init /etc/lrpilot/keys && lrpilot keys add "
         "/etc/lrpilot/keys team-a --role trainer --runs 'team-a-*'",
     )
@@ -672,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The order here is the order `lrpilot --help` lists the commands in.
     add_simulate_command(commands)
     add_operator_commands(commands)
+    add_range_test_command(commands)
     add_top_command(commands)
     add_daemon_command(commands)
     add_demo_command(commands)
@@ -689,6 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("policy: give a FILE (or -), or --requested")
     if getattr(args, "command", None) == "simulate" and not args.from_run and not args.base_lr:
         parser.error("simulate: --base-lr is required (one per param group) unless --from-run")
+    check = getattr(args, "check", None)  # what a command's flags must be together
+    if check is not None:
+        check(args)
     try:
         args.func(args)
     except LRPilotError as exc:  # anything else is a bug: its traceback shows

@@ -1,5 +1,6 @@
 """The operator's commands (``lrpilot runs``, ``show``, ``set-lr``, ``policy``,
-``pause``, ``resume``, ``history``) and how their answers read on a terminal.
+``pause``, ``resume``, ``history``; ``range-test`` is in range_test.py) and
+how their answers read on a terminal.
 Each takes the parsed arguments, asks the control plane, and prints either a
 table for people or, with ``--json``, the answer for scripts.
 
@@ -37,6 +38,8 @@ from .main import CommandError
 # further is one where the daemon took a client's state, not a gap to fill.
 REPLAY_MAX_GAP = 10_000_000
 PREVIEW_ROWS = 20  # rows of the human-readable preview; --json prints every step
+# `show`: journal entries searched for the newest finished range test.
+RANGE_TEST_LOOKBACK = 200
 
 
 def actor() -> str:
@@ -115,8 +118,16 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    from .range_test import history_line, sweep_line
+
     with client(args) as control:
         run = control.show(args.run)
+        # A range test: where its sweep is, and the newest finished one's
+        # suggestion (looked for further back than the recent changes).
+        sweep = sweep_line(run.policy, run.policy_state, run.lrs)
+        finished = history_line(run.history)
+        if not finished and not args.json and (sweep or run.version > len(run.history)):
+            finished = history_line(control.history(args.run, RANGE_TEST_LOOKBACK))
     lines = [
         f"run        {printable(run.run)} ({printable(run.status)}, "
         f"ranks {printable(run.ranks or '-')} of {printable(run.world_size)})",
@@ -132,6 +143,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         f"groups     {printable(', '.join(run.groups))}",
         f"lrs        {lrs_text(run.lrs)}" + ("   HELD by an operator" if run.held else ""),
         f"policy     {json.dumps(run.policy)}",
+        *([f"range test {sweep}"] if sweep else []),
+        *([f"last range test {finished}"] if finished else []),
         f"requested  {json.dumps(run.requested_policy)}",
         f"version    {printable(run.version)}",
         f"metrics    {json.dumps(run.last_metrics)}",

@@ -18,7 +18,7 @@ it may speak for. Roles:
 - ``trainer``: the data plane, for its runs only (a run id, or a prefix
   ending in ``*``; ``*`` is every run); on the control plane, the reads;
 - ``operator``: everything: any run on the data plane, and the changes
-  (set-lr, policy, pause, resume) on the control plane;
+  (set-lr, policy, range-test, pause, resume) on the control plane;
 - ``viewer``: the control plane's reads (runs, show, history, top) only.
 
 ``allowed/`` is read again on SIGHUP: a key added or removed there takes
@@ -58,7 +58,7 @@ RESERVED_NAMES = frozenset({"daemon", "policy"})
 RUNS_RULE = re.compile(r"[^\x00-\x1f\x7f-\x9f*]{0,199}\*?")
 # Control requests each role may make (the data plane is checked per run).
 READS = frozenset({"runs", "show", "history", "store"})
-CHANGES = frozenset({"set_lr", "policy", "pause", "resume"})
+CHANGES = frozenset({"set_lr", "policy", "range_test", "pause", "resume"})
 
 
 class KeysError(LRPilotError, ValueError):

@@ -1,6 +1,6 @@
 """The control plane: what the daemon does with an operator's request
-(``lrpilot runs``, ``show``, ``set-lr``, ``policy``, ``pause``, ``resume``,
-``history``). The requests, answers and their bounds are the control
+(``lrpilot runs``, ``show``, ``set-lr``, ``policy``, ``range-test``,
+``pause``, ``resume``, ``history``). The requests, answers and their bounds are the control
 protocol's (daemon/control_protocol.py); this module answers them.
 
 Each change is validated before anything moves, journaled, and sent to every
@@ -10,15 +10,25 @@ run's steps), so all ranks apply it at the same step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from typing import Any
 
-from lrpilot.policies import ScheduleExhausted, SpecError, parse_policy
+from lrpilot.policies import (
+    PolicySpec,
+    RangeTestPolicy,
+    ScheduleExhausted,
+    SpecError,
+    parse_policy,
+)
 
 from ..control_protocol import (
     LR_RULE,
+    MAX_POLICY_BYTES,
+    POLICY_RULE,
+    SWEEP_FIELDS,
     Answer,
     CommandAnswer,
     ControlError,
@@ -28,6 +38,7 @@ from ..control_protocol import (
     LastChange,
     PauseRequest,
     PolicyRequest,
+    RangeTestRequest,
     Refusal,
     ResumeRequest,
     RunDetail,
@@ -48,7 +59,7 @@ from ..control_protocol import (
 )
 from .auth import Key
 from .dataplane import DataPlane, Outgoing
-from .engine import Change
+from .engine import Change, PolicyEngine
 from .registry import Run, Session
 
 log = logging.getLogger("lrpilot.daemon")
@@ -207,6 +218,106 @@ class ControlPlane:
         )
         change = run.engine.switch(spec, reason, request.actor, self._lead(run))
         return CommandAnswer(command=change.command), self._send(run, change)
+
+    def op_range_test(self, request: RangeTestRequest) -> tuple[CommandAnswer, Outgoing]:
+        """Switch the run to a ``range_test`` built from the operator's
+        fields; what follows the sweep is ``then`` when given, else the
+        run's policy: from the suggestion, or with ``suggest_only`` where it
+        stood (its base LRs and state as of now)."""
+        sweep = request.sweep
+        unknown = [name for name in sweep if name not in SWEEP_FIELDS]
+        if unknown:
+            raise ControlError(
+                f"sweep: unknown field {unknown[0][:40]!r} (fields: {', '.join(SWEEP_FIELDS)})"
+            )
+        problem = policy_problem(sweep)
+        if problem:
+            raise ControlError(f"sweep: {problem}")
+        if request.suggest_only and "then" in sweep:
+            raise ControlError(
+                "sweep: then and suggest_only are two ends: suggest_only goes back to the "
+                "run's policy where it stood, then switches to another"
+            )
+        run = self._run(request.run)
+        engine = run.engine
+        if engine.held is not None:
+            raise ControlError(
+                f"run {run.run_id!r} is held by an operator at {engine.held} (set-lr or pause): "
+                "resume first, then start the range test"
+            )
+        sweeping = range_test_sweeping(engine)
+        if sweeping:
+            raise ControlError(
+                f"run {run.run_id!r} is already in a range test, sweeping ({sweeping}); "
+                "wait for its end"
+            )
+        then, then_base_lrs, then_state = policy_after(engine)
+        spec: dict[str, Any] = {"kind": "range_test", **sweep}
+        if request.suggest_only:
+            spec.update(
+                suggest_only=True,
+                then=then.model_dump() if then is not None else None,
+                then_base_lrs=then_base_lrs,
+                then_state=then_state,
+            )
+        elif "then" not in sweep:
+            spec["then"] = then.model_dump() if then is not None else None
+        size = len(json.dumps(spec, separators=(",", ":")).encode())
+        if size > MAX_POLICY_BYTES:
+            raise ControlError(
+                f"range test: {POLICY_RULE} (with the policy that follows), got {size} bytes"
+            )
+        built = try_policy(spec, engine.lrs)
+        self._require_live(run)
+        change = engine.switch(built, range_test_reason(built), request.actor, self._lead(run))
+        return CommandAnswer(command=change.command), self._send(run, change)
+
+
+def range_test_sweeping(engine: PolicyEngine) -> str:
+    """Where the run's range test is (``step 37 of 100``) while it sweeps;
+    empty when the run's policy is not a range test that has not ended."""
+    spec, policy = engine.spec, engine.policy
+    if spec is None or spec.kind != "range_test" or policy is None:
+        return ""
+    state = policy.state_dict()
+    if state["phase"] != "sweep":
+        return ""
+    return f"step {state['sweep_step']} of {getattr(spec, 'steps', '?')}"
+
+
+def policy_after(
+    engine: PolicyEngine,
+) -> tuple[PolicySpec | None, list[float], dict[str, Any] | None]:
+    """The run's policy as a range test's ``then``: its spec (None: constant
+    LRs), the base LRs it was built from and its state now. A run whose
+    policy is a range test that has ended gives the policy that followed it."""
+    spec, policy = engine.spec, engine.policy
+    if spec is None or policy is None:
+        return None, engine.lrs, None
+    if isinstance(policy, RangeTestPolicy):
+        if policy.then is None or policy.spec.then is None:
+            return None, engine.lrs, None
+        _, base, _ = policy.then_at(policy.suggested_lr)
+        return policy.spec.then, list(base), policy.then.state_dict()
+    return spec, list(engine.base_lrs), policy.state_dict()
+
+
+def range_test_reason(spec: Any) -> str:
+    """``range test: lr 1e-07 -> 1 over 100 steps (exponential), then cosine``."""
+    then = spec.then.kind if spec.then is not None else None
+    if spec.suggest_only:
+        after = (
+            f"then back to {then} where it stood" if then else "then back to the LRs of now"
+        ) + " (suggest only)"
+    else:
+        after = (
+            f"then {then} from the suggestion" if then else "then the LRs held at the suggestion"
+        )
+    restore = "" if spec.restore else "; the sweep's updates are kept (no restore)"
+    return (
+        f"range test: lr {spec.min_lr:g} -> {spec.max_lr:g} over {spec.steps} steps "
+        f"({spec.mode}), {after}{restore}"
+    )
 
 
 def try_policy(wanted: dict[str, Any], lrs: list[float]) -> Any:

@@ -102,6 +102,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN wire INTEGER NOT NULL DEFAULT 1;
     """,
+    # 3 -> 4: the policy's whole state as of each change, so the journal
+    # holds what a decision saw and made (a range test's curve and
+    # suggestion, a guard's trip). Older entries have none.
+    """
+    ALTER TABLE journal ADD COLUMN policy_state TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 RUN_COLUMNS = (
@@ -150,6 +156,7 @@ JOURNAL_COLUMNS = (
     "time",
     "policy",
     "hold",
+    "policy_state",
 )
 SNAPSHOT_COLUMNS = (
     "run_id",

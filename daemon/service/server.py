@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -42,6 +42,7 @@ LOOP_STALL_S = 10.0
 # before it answers the control plane, ticks and sends persisted acks: an
 # operator's command waits for at most one turn (bench/load.py).
 DRAIN_MAX = 200
+CONTROL_EVERY = 25  # data messages between two looks at the control plane in a drain
 # Handshake failures the sockets' monitors report: the peer spoke another
 # mechanism (no key, on a daemon with keys) or broke the protocol. A key the
 # daemon does not allow fails in ZAP (counted by the Gatekeeper) and shows
@@ -228,11 +229,16 @@ class Daemon:
         most DRAIN_MAX messages, so that clients sending faster than the
         loop handles them cannot keep it from the control plane, the store
         and its persisted acks (what they sent waits in ZeroMQ's bounded
-        pipes, and then in theirs, rather than in the daemon's memory)."""
-        sock, plane = self._sock, self.plane
-        assert sock is not None and plane is not None, "start() first"
+        pipes, and then in theirs, rather than in the daemon's memory).
+        Every CONTROL_EVERY messages it answers the control plane, if a
+        request waits: an operator's set-lr does not wait for a whole drain
+        of a busy daemon (bench/load.py)."""
+        sock, plane, control = self._sock, self.plane, self._control_sock
+        assert sock is not None and plane is not None and control is not None, "start() first"
         keys = self.keys
-        for _ in range(DRAIN_MAX):
+        for i in range(DRAIN_MAX):
+            if i and not i % CONTROL_EVERY and cast(int, control.get(zmq.EVENTS)) & zmq.POLLIN:
+                self._drain_control()
             try:
                 if keys is None:
                     identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)

@@ -93,6 +93,7 @@ def write_journal(db: sqlite3.Connection, arg: tuple[str, Any, Sequence[float]])
         time.time(),
         dumps(command.policy),
         int(command.hold),
+        dumps(command.policy_state),
     )
     db.execute(
         f"INSERT OR IGNORE INTO journal ({', '.join(JOURNAL_COLUMNS)})"
