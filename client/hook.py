@@ -67,6 +67,13 @@ from .transport import POLLIN, POLLOUT, DaemonLink
 # Records per metrics message: big enough that a burst after the daemon comes
 # back drains in few messages, small enough that one stays well under 100 KiB.
 MAX_BATCH = 256
+# With a policy that decides on metrics, an async pilot sends its step records
+# once this many are queued (or SEND_INTERVAL has passed): a report's message
+# then carries few of them, and the daemon, which folds every record before
+# the report in, decides within a millisecond at 1 kHz (bench/latency.py).
+# Below ~300 steps/s the interval comes first, so the message rate of a
+# cluster's ranks is as low as ever (bench/load.py).
+DECIDING_BATCH = 32
 # How often (seconds) an async pilot looks for commands: at most once a
 # millisecond, so a 1 kHz loop hears a decision within a step or two.
 IO_INTERVAL = 0.001
@@ -355,6 +362,8 @@ class Pilot:
         self._last_look = 0.0  # the last look for what the daemon sent
         self._watched_for: PolicySpec | None = None  # the spec _watched is of
         self._watched: frozenset[str] = frozenset()  # the metrics it decides on
+        self._send_every = MAX_BATCH  # step records an async pilot holds at most
+        self._watch()
         self._io_seq = 0
         self._await_until = 0.0  # report(): look for the answer every step until then
         self._pending: list[LRCommand] = []
@@ -473,7 +482,7 @@ class Pilot:
         # New records since the last send, not the queue's length: with the
         # daemon away the queue stays long, and I/O every step would cost.
         elif (
-            self._seq - self._io_seq >= MAX_BATCH
+            self._seq - self._io_seq >= self._send_every
             or (now := time.monotonic()) - self._last_io >= SEND_INTERVAL
             or (recorded and self._decides_on(metrics))
         ):
@@ -488,11 +497,16 @@ class Pilot:
     def _decides_on(self, metrics: dict[str, Any]) -> bool:
         """Whether the policy decides on one of these metrics (plateau on the
         step's loss): such a record goes at once, as a report does."""
-        spec = self._spec
-        if spec is not self._watched_for:
-            self._watched_for = spec
-            self._watched = frozenset(spec.reduced_metrics()) if spec is not None else frozenset()
+        if self._spec is not self._watched_for:
+            self._watch()
         return bool(self._watched) and not self._watched.isdisjoint(metrics)
+
+    def _watch(self) -> None:
+        """What the policy in effect decides on, and so how many step records
+        an async pilot holds before it sends them."""
+        spec = self._watched_for = self._spec
+        self._watched = frozenset(spec.reduced_metrics()) if spec is not None else frozenset()
+        self._send_every = DECIDING_BATCH if self._watched else MAX_BATCH
 
     def _advance(self) -> None:
         """One real step: the local policy moves on (step-driven schedules
@@ -860,6 +874,7 @@ class Pilot:
             self._mirror = self._mirror_of(spec, policy, base)
             self._mirror_from = n  # records of this step and before are the old one's
         self._policy, self._spec, self._policy_base = policy, spec, base
+        self._watch()
         self._held = list(command.lrs) if command.hold else None
         self._exhausted = exhausted
         self._follow_sweep()
@@ -1071,6 +1086,7 @@ class Pilot:
                     "the parameters as they are now, not as they were when the sweep began",
                 )
         self._spec, self._policy, self.step_count = spec, policy, step
+        self._watch()
         self._recorded, self._held_metrics = step, {}
         self._mirror = mirror
         self._mirror_from = step

@@ -491,18 +491,19 @@ def test_sample_values_are_numbers_and_labels_valid_utf8():
     assert label("run\ud800").encode() == b'"run?"'
 
 
-def test_the_metrics_server_gives_the_switch_interval_back_at_close():
-    """A host that runs the daemon in a thread keeps its own setting."""
+def test_the_daemon_loop_shortens_the_switch_interval_and_gives_it_back(tmp_path):
+    """The loop waits for the GIL behind the store's writer and /metrics'
+    renderer for at most the switch interval while it serves; a host that
+    runs the daemon in a thread keeps its own setting once it is gone."""
     import sys
 
-    from lrpilot.daemon.observability.metrics_server import MetricsServer
+    from procs import serving
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.01)
     try:
-        server = MetricsServer(lambda: "", "127.0.0.1", 0)
-        assert sys.getswitchinterval() < 0.01
-        server.close()
+        with serving(tmp_path / "state"):
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
         assert sys.getswitchinterval() == pytest.approx(0.01)
     finally:
         sys.setswitchinterval(before)

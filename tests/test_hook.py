@@ -16,7 +16,7 @@ from procs import FakeOptimizer, control, free_address, serving, train_step, two
 
 import lrpilot
 from lrpilot.daemon.service.server import Daemon
-from lrpilot.hook import IO_INTERVAL
+from lrpilot.hook import DECIDING_BATCH, IO_INTERVAL
 from lrpilot.policies import parse_policy
 from lrpilot.protocol import LRCommand
 
@@ -921,19 +921,22 @@ def test_a_command_for_another_run_is_not_applied():
 
 
 @pytest.mark.parametrize(
-    ("policy", "at_once"),
+    ("policy", "sent"),
     [
-        ({"kind": "cosine", "T_max": 1000}, False),
-        ({"kind": "plateau", "metric": "val_loss"}, False),
-        ({"kind": "plateau", "metric": "loss"}, True),
+        ({"kind": "cosine", "T_max": 1000}, "every interval"),
+        ({"kind": "plateau", "metric": "val_loss"}, "every 32 records"),
+        ({"kind": "plateau", "metric": "loss"}, "at once"),
     ],
     ids=["step-driven", "plateau-on-reports", "plateau-on-the-step-loss"],
 )
-def test_async_step_records_go_in_batches_unless_the_policy_decides_on_them(policy, at_once):
+def test_async_step_records_go_in_batches_unless_the_policy_decides_on_them(policy, sent):
     """Every SEND_INTERVAL, not every step (a message per rank and step is
-    what would limit the daemon); a record carrying the metric the policy
-    decides on goes at once, as a report does. A ROUTER stands in for the
-    daemon and counts the metrics messages of 200 steps at ~1 kHz."""
+    what would limit the daemon); with a policy that decides on reports, also
+    once DECIDING_BATCH are queued (a report's message must not carry a
+    backlog the daemon folds in before it decides); a record carrying the
+    metric the policy decides on goes at once, as a report does. A ROUTER
+    stands in for the daemon and counts the metrics messages of 200 steps at
+    ~1 kHz."""
     import zmq
 
     from lrpilot.protocol import SEND_INTERVAL, MetricsHeader, decode
@@ -959,10 +962,14 @@ def test_async_step_records_go_in_batches_unless_the_policy_decides_on_them(poli
                 batches += 1
                 records += sum(count for _, count in message.blocks)
         assert records == 200
-        if at_once:
+        by_interval = elapsed / SEND_INTERVAL
+        if sent == "at once":
             assert batches >= 190, batches  # one a step (a few may share a send)
+        elif sent == "every 32 records":
+            by_count = 200 / DECIDING_BATCH
+            assert by_count - 1 <= batches <= by_count + by_interval + 3, (batches, elapsed)
         else:
-            assert batches <= elapsed / SEND_INTERVAL + 3, (batches, elapsed)
+            assert batches <= by_interval + 3, (batches, elapsed)
     finally:
         pilot.close()
         router.close(linger=0)

@@ -28,7 +28,12 @@ from lrpilot.daemon.service.schema import (
     open_readonly,
 )
 from lrpilot.daemon.service.store import DROP_REASONS, Store, StoreWriteError
-from lrpilot.daemon.service.store_ops import SNAPSHOT_SPACING, SNAPSHOTS_KEPT, upsert_run
+from lrpilot.daemon.service.store_ops import (
+    PRUNE_EVERY,
+    SNAPSHOT_SPACING,
+    SNAPSHOTS_KEPT,
+    upsert_run,
+)
 from lrpilot.protocol import PROTOCOL_VERSION, REPORT, STEP, BatchEncoder, LRCommand
 
 PLATEAU = {"kind": "plateau", "metric": "val_loss", "patience": 0, "factor": 0.5}
@@ -373,7 +378,8 @@ def test_old_snapshots_thin_out_to_one_per_thousand_steps(opened):
     kept = [s for (s,) in store._db.execute("SELECT step FROM snapshots WHERE run_id = 'r'")]
     newest = list(steps)[-SNAPSHOTS_KEPT:]
     assert set(newest) <= set(kept)
-    assert len(kept) <= SNAPSHOTS_KEPT + len(steps) * 7 // SNAPSHOT_SPACING + 1
+    # Pruned at every PRUNE_EVERY-th row of the run: a few more between two.
+    assert len(kept) <= SNAPSHOTS_KEPT + len(steps) * 7 // SNAPSHOT_SPACING + PRUNE_EVERY
     for resume_at in (1500, 2999, 6001, 8000):
         # Within the spacing plus the steps between two ticks (7 here).
         assert resume_at - store.snapshot_at("r", resume_at)["step"] <= SNAPSHOT_SPACING + 7

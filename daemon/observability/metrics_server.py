@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import logging
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,6 @@ from typing import cast
 log = logging.getLogger("lrpilot.daemon")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SWITCH_INTERVAL = 0.0005  # seconds
 INDEX = b"lrpilot daemon: metrics at /metrics, health at /healthz, liveness at /livez\n"
 
 
@@ -60,14 +58,9 @@ class MetricsServer:
         )
         self._thread.start()
         # A scrape renders on this thread while the daemon loop waits for the
-        # GIL; CPython hands the GIL over every switch interval (5 ms by
-        # default), so a loop message could wait that long behind a scrape.
-        # 0.5 ms keeps a sync round trip within ~1 ms while a scrape of
-        # 1,000 runs renders (bench/scrape.py).
-        # The host's own setting comes back at close() (a program that runs
-        # the daemon in a thread keeps its own once the daemon is gone).
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
+        # GIL: the daemon loop shortens the switch interval while it runs
+        # (daemon/service/server.py), and the renderer offers the GIL every
+        # few runs (exporter.YIELD_EVERY).
 
     @property
     def url(self) -> str:
@@ -78,7 +71,6 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
-        sys.setswitchinterval(self._switch_interval)
 
 
 class MetricsHandler(BaseHTTPRequestHandler):

@@ -70,6 +70,11 @@ class DataPlane:
         self.rejected: Counter[str] = Counter()  # messages and records refused, by reason
         self.commands_sent = 0
         self.journal_deferred = 0  # commands sent while the store could not write them
+        # Where a decision made inside a batch goes the moment it is journaled
+        # (the server's socket), rather than after the rest of the batch is
+        # folded in and its store ops are made: None returns it with the
+        # batch's replies (tests, replays).
+        self.send_now: Callable[[Outgoing], None] | None = None
         self.forgotten_runs = 0  # ended runs let go of from memory (still in the store)
         self.change_listeners: list[ChangeListener] = []
         # With --keys: every message must come with an allowed key (the
@@ -589,7 +594,7 @@ class DataPlane:
             else:
                 self._keep_metrics(identity, run, metrics, out)
             if change is not None:
-                out += self.send_command(run, change)
+                self._decided(self.send_command(run, change), out)
         if batch.stepped:  # once a batch: the rate is measured between batches
             session.saw_step(batch.stepped, now)
         self.ledger.close_batch(ledger, batch, header.stats or {})
@@ -685,7 +690,7 @@ class DataPlane:
             self._keep_metrics(driver, run, record.metrics, out)
             folded.append((record.seq, record.step, record.kind, record.metrics))
             if change is not None:
-                out += self.send_command(run, change)
+                self._decided(self.send_command(run, change), out)
         if folded:
             session = run.sessions.get(driver_rank)
             stats = session.stats if session is not None else ClientStats()
@@ -768,6 +773,14 @@ class DataPlane:
             return []
         self._asked[identity] = now
         return [(identity, error("unknown_session", "say hello first"))]
+
+    def _decided(self, command: Outgoing, out: Outgoing) -> None:
+        """A journaled decision goes out now where the server lets it (the
+        ranks apply it a step sooner at a high step rate), else with ``out``."""
+        if self.send_now is not None:
+            self.send_now(command)
+        else:
+            out += command
 
     def send_command(self, run: Run, change: Change) -> Outgoing:
         """Journal the command with the run's state (on disk), then address it

@@ -58,6 +58,7 @@ BACKLOG_BYTES, RETRY_S = 64 * 2**20, 1.0
 # Why the store gave an op up (``Store.dropped``): it failed by itself (the
 # first three), waited past backlog_bytes, or was waiting when the store closed.
 DROP_REASONS = ("out_of_range", "constraint", "bad_op", "backlog_full", "closed")
+LOCK_TIMEOUT_S = 30.0  # as long as SQLite waits for its own write lock (schema.connect)
 
 
 class StoreWriteError(StoreError):
@@ -136,6 +137,12 @@ class Store:
         self._trim_logged = False
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
         self.committed: queue.SimpleQueue = queue.SimpleQueue()  # notices for the loop
+        # Held by either connection for a whole write transaction. SQLite's
+        # own wait for the write lock sleeps 1, 2, 5, 10 ms... between tries:
+        # a journal entry that met the writer's commit waited up to 11 ms at
+        # 1,000 ranks (bench/load.py). A lock hands over the moment the commit
+        # ends. (SQLite's wait stays for other processes: `lrpilot simulate`.)
+        self._write_lock = threading.Lock()
         self._writer = threading.Thread(
             target=self._write_loop, args=(writer_db,), name="lrpilot-store", daemon=True
         )
@@ -201,7 +208,7 @@ class Store:
         """One transaction on the loop's connection. A failure is rolled back
         (the connection stays usable) and raised as StoreWriteError."""
         try:
-            with transaction(self._db):
+            with self._loop_writes(), transaction(self._db):
                 write()
         except Exception as exc:
             self.failed_commits += 1
@@ -210,6 +217,20 @@ class Store:
             raise StoreWriteError(f"cannot write {what} to {self.path}: {exc}") from exc
         if not self._backlog:  # else the store works again once the writer says so
             self._works()
+
+    @contextlib.contextmanager
+    def _loop_writes(self) -> Iterator[None]:
+        """The write lock for the loop's connection, given up on as SQLite
+        gives up on its own (a writer stuck on a stalled disk): the entry is
+        then journaled later, as for any write that fails."""
+        if not self._write_lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise sqlite3.OperationalError(
+                f"database is locked: the store's writer held it for {LOCK_TIMEOUT_S:.0f} s"
+            )
+        try:
+            yield
+        finally:
+            self._write_lock.release()
 
     def load_runs(self) -> list[dict[str, Any]]:
         """Every run's row. A row the daemon cannot use is moved to the
@@ -260,7 +281,7 @@ class Store:
         names = raw.keys()  # iterating a sqlite3.Row gives its values, not its names
         row = json.dumps({k: raw[k] for k in names if k != "rowid"}, default=repr)
         try:
-            with transaction(self._db):
+            with self._loop_writes(), transaction(self._db):
                 self._db.execute(
                     "INSERT INTO quarantine (run_id, row, reason, time) VALUES (?,?,?,?)",
                     (run_id, row, reason, time.time()),
@@ -391,7 +412,7 @@ class Store:
         fail are left out. Per batch, the (run, ops, error) left out. Raises
         when the store fails."""
         try:
-            with transaction(db, "BEGIN"):
+            with self._write_lock, transaction(db, "BEGIN"):
                 for batch in pending:
                     apply_ops(db, batch.ops)
             return [[] for _ in pending]
@@ -403,7 +424,7 @@ class Store:
 
     def _commit_each(self, db: sqlite3.Connection, pending: list[Pending]) -> list[list[tuple]]:
         failures: list[list[tuple]] = []
-        with transaction(db, "BEGIN"):
+        with self._write_lock, transaction(db, "BEGIN"):
             for batch in pending:
                 failed = []
                 for run_id, ops in ops_by_run(batch.ops):

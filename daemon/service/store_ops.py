@@ -29,6 +29,11 @@ from .schema import (
 # checkpoint, and for older ones the first of every SNAPSHOT_SPACING steps
 # (ticks seldom land on a multiple), so a resume replays about that many at most.
 SNAPSHOTS_KEPT, SNAPSHOT_SPACING = 200, 1000
+# The pruning query reads all of a run's snapshots (~80 us at 200): it runs at
+# every PRUNE_EVERY-th snapshot of a run, not in every transaction, since
+# a decision's journal entry waits for its commit before the command goes out.
+# A run holds at most PRUNE_EVERY - 1 snapshots more than the rule keeps.
+PRUNE_EVERY = 16
 
 
 def upsert_run(row: dict[str, Any]) -> tuple[str, tuple]:
@@ -67,6 +72,8 @@ def _write_snapshot(db: sqlite3.Connection, row: dict[str, Any]) -> None:
         f" VALUES ({', '.join('?' * len(SNAPSHOT_COLUMNS))})",
         storable(snap, SNAPSHOT_COLUMNS, f"run {row['run_id']}'s snapshot"),
     )
+    if row["rev"] % PRUNE_EVERY:  # rev counts the run's rows, each with its snapshot
+        return
     db.execute(
         "DELETE FROM snapshots WHERE run_id = ?1"
         " AND rowid NOT IN"
