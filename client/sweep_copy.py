@@ -41,18 +41,17 @@ class SweepCopy:
     buffers, taken at construction; :meth:`restore` writes it back in place."""
 
     def __init__(self, optimizer: Any, model: Any = None) -> None:
-        import torch
-
+        # Tensor methods only: lrpilot never imports torch (detach() keeps
+        # autograd out of the copy and of the in-place write back).
         self._optimizer = optimizer
-        with torch.no_grad():
-            self._params = [
-                (p, p.detach().clone()) for group in optimizer.param_groups for p in group["params"]
-            ]
-            # state_dict() hands out the live state tensors: deepcopy clones them.
-            self._state = copy.deepcopy(optimizer.state_dict())
-            self._buffers = (
-                [(b, b.detach().clone()) for b in model.buffers()] if model is not None else []
-            )
+        self._params = [
+            (p, p.detach().clone()) for group in optimizer.param_groups for p in group["params"]
+        ]
+        # state_dict() hands out the live state tensors: deepcopy clones them.
+        self._state = copy.deepcopy(optimizer.state_dict())
+        self._buffers = (
+            [(b, b.detach().clone()) for b in model.buffers()] if model is not None else []
+        )
         self.nbytes = (
             sum(tensor_bytes(saved) for _, saved in self._params)
             + tensor_bytes(self._state)
@@ -63,13 +62,8 @@ class SweepCopy:
         """Parameters, buffers and optimizer state as they were when copied.
         The param groups' hyperparameters come back too; the hook writes its
         LRs over them right after."""
-        import torch
-
-        with torch.no_grad():
-            for live, saved in self._params:
-                live.copy_(saved)
-            for live, saved in self._buffers:
-                live.copy_(saved)
+        for live, saved in (*self._params, *self._buffers):
+            live.detach().copy_(saved)
         # load_state_dict keeps references to the tensors it is given: this
         # copy is not used again, so it may have them.
         self._optimizer.load_state_dict(self._state)

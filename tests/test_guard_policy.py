@@ -671,3 +671,22 @@ def test_a_nan_during_the_hold_trips_again_and_starts_the_hold_again():
     policy.step({"loss": math.inf})
     assert policy.trips == 2 and policy.hold_left == 5
     assert policy.last_trip.cause == "guard:nan" and policy.last_trip.value is None
+
+
+@pytest.mark.parametrize("value", [123456.789, -0.1, 1e-300, 7.0 / 3.0])
+def test_a_constant_metric_never_trips_the_zscore_rule(value):
+    # The window's mean of identical values can be an ulp off the value
+    # (found by tests/test_policies_vs_torch.py): that is no spread.
+    policy = parse_policy(
+        {
+            "kind": "guard",
+            "inner": {"kind": "step", "step_size": 10**6},
+            "spike": "zscore",
+            "zscore": 0.01,
+            "window": 3,
+            "min_points": 1,
+        }
+    ).build([0.1])
+    for _ in range(50):
+        policy.step({"loss": value})
+    assert policy.trips == 0

@@ -133,6 +133,10 @@ class GuardSpec(PolicySpec):
         return {self.metric: "max", **self.inner.reduced_metrics()}
 
 
+# The relative error of a window's mean of up to 10,000 values, and then some.
+ROUNDING = 1e-12
+
+
 def window_mean(values: Sequence[float]) -> float | None:
     """The mean of finite values, or None when it is not a finite number."""
     try:
@@ -331,7 +335,9 @@ class GuardPolicy(Policy):
                 )
             return None
         std = window_std(window, mean)
-        if not std:  # 0, or not finite
+        # 0, not finite, or no more than the rounding of the mean itself: a
+        # constant metric (its mean off by an ulp) has no spread to judge by.
+        if not std or std <= ROUNDING * abs(mean):
             return None
         z = (value - mean) / std
         if z > spec.zscore:
