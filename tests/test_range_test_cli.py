@@ -461,3 +461,26 @@ def test_help_explains_each_flag_and_the_flow(lrpilot_exe):
         assert flag in text, flag
     assert "put back" in text and "suggest" in text and "journal" in text
     assert "range-test" in ok(lrpilot(lrpilot_exe, "--help"))
+
+
+@pytest.mark.parametrize(
+    "request_", [{"op": "set_lr", "lr": 0.5}, {"op": "pause"}], ids=["set-lr", "pause"]
+)
+def test_a_hold_during_a_sweep_is_refused_and_a_switch_ends_the_sweep(plane, request_):
+    # A hold would keep the sweep's end (its suggestion and curve) from the
+    # journal; `lrpilot policy` is how to stop a sweep.
+    engine = plane.plane.registry.runs["r"].engine
+    ask(plane, run="r", sweep={"steps": 30})
+    version = engine.version
+    answer, outgoing = plane.answer(json.dumps({**request_, "run": "r"}).encode())
+    wire = answer.model_dump()
+    assert wire["ok"] is False and not outgoing
+    assert "is in a range test (step 0 of 30)" in wire["error"]
+    assert "lrpilot policy" in wire["error"] and "\n" not in wire["error"]
+    assert engine.version == version and engine.held is None
+    answer, _ = plane.answer(
+        json.dumps(
+            {"op": "policy", "run": "r", "policy": {"kind": "step", "step_size": 5}}
+        ).encode()
+    )
+    assert answer.model_dump()["ok"] and not engine.policy.sweeping

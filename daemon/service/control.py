@@ -115,6 +115,20 @@ class ControlPlane:
                 "its training is back"
             )
 
+    @staticmethod
+    def _refuse_during_sweep(run: Run, what: str) -> None:
+        """A hold during a range test's sweep would keep its end (the
+        suggestion, with the curve) from being sent and journaled, and the
+        parameters from being put back until a resume: refused. A switch
+        (`lrpilot policy`) is how to stop a sweep."""
+        sweeping = range_test_sweeping(run.engine)
+        if sweeping:
+            raise ControlError(
+                f"{what}: run {run.run_id!r} is in a range test ({sweeping}); a hold would keep "
+                "its end and its curve from the journal: wait for it to end, or stop it with "
+                "`lrpilot policy` (the parameters are put back)"
+            )
+
     def _send(self, run: Run, change: Change) -> Outgoing:
         return self.plane.send_command(run, change)
 
@@ -169,6 +183,7 @@ class ControlPlane:
         run = self._run(request.run)
         lrs = run.engine.lrs
         groups = group_indices(run, request.group)
+        self._refuse_during_sweep(run, "set-lr")
         self._require_live(run)
         for i in groups:
             lrs[i] = request.lr
@@ -182,6 +197,7 @@ class ControlPlane:
         run = self._run(request.run)
         if run.engine.held is not None:
             raise ControlError(f"run {run.run_id!r} is already held at {run.engine.held}")
+        self._refuse_during_sweep(run, "pause")
         self._require_live(run)
         change = run.engine.hold(
             run.engine.lrs,
