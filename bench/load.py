@@ -31,6 +31,7 @@ import argparse
 import heapq
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -301,6 +302,14 @@ def operator(control: str, runs: list[str], every: float, stop: threading.Event,
                 log.append(("error", 0, time.time(), str(exc)))
 
 
+def logged(name: str, target: Any, args: tuple, stop: Any, logs: Any) -> None:
+    """Run ``target(*args, stop, log)`` in a process of its own; put
+    ``(name, log)`` on ``logs`` when ``stop`` is set."""
+    log: list = []
+    target(*args, stop, log)
+    logs.put((name, log))
+
+
 def scraper(url: str, every: float, stop: threading.Event, log: list) -> None:
     while not stop.wait(every):
         started = time.monotonic()
@@ -381,27 +390,32 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
             )
             for p in configs
         ]
-        stop = threading.Event()
-        operations: list = []
-        scrapes: list = []
-        threads = [
-            threading.Thread(
-                target=operator,
+        # The operator and the scraper each in a process of their own: in
+        # this one, reading and unzipping 2 MB bodies held up the operator's
+        # own clock (its figures were this process's GIL as much as the
+        # daemon's answer).
+        spawn = multiprocessing.get_context("spawn")
+        stop = spawn.Event()
+        logs: Any = spawn.Queue()
+        helpers = [
+            spawn.Process(
+                target=logged,
                 args=(
-                    daemon.control,
-                    [r["run"] for r in runs],
-                    args.operator_every,
+                    "operator",
+                    operator,
+                    (daemon.control, [r["run"] for r in runs], args.operator_every),
                     stop,
-                    operations,
+                    logs,
                 ),
             ),
-            threading.Thread(
-                target=scraper, args=(daemon.metrics, args.scrape_every, stop, scrapes)
+            spawn.Process(
+                target=logged,
+                args=("scraper", scraper, (daemon.metrics, args.scrape_every), stop, logs),
             ),
         ]
         time.sleep(min(3.0, seconds / 5))  # the hellos in, before the operator starts
-        for thread in threads:
-            thread.start()
+        for helper in helpers:
+            helper.start()
         samples = []
         t0 = time.monotonic()
         while any(p.poll() is None for p in procs):
@@ -409,8 +423,10 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
             samples.append((time.monotonic() - t0, cpu, rss, dir_bytes(state)))
             time.sleep(1.0)
         stop.set()
-        for thread in threads:
-            thread.join()
+        got = dict(logs.get(timeout=60) for _ in helpers)
+        for helper in helpers:
+            helper.join(30)
+        operations, scrapes = got["operator"], got["scraper"]
         outputs = [json.loads(p.stdout.read()) for p in procs]  # type: ignore[union-attr]
         history = journal(state)
     finally:

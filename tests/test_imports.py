@@ -55,6 +55,7 @@ SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
     "dataplane": ({"engine", "ledger", "reduction", "registry", "store", "config", "auth"}, None),
     "control": ({"dataplane", "engine", "registry", "auth", "control_protocol"}, None),
     "auth": (set(), {"lrpilot.errors", "lrpilot.keys", "zmq", "zmq.auth", "zmq.auth.thread"}),
+    "gc_pacing": (set(), set()),
 }
 
 

@@ -29,6 +29,7 @@ from .auth import Gatekeeper, KeyRing, KeysError, key_name
 from .config import DaemonConfig, is_loopback
 from .control import ControlPlane
 from .dataplane import DataPlane
+from .gc_pacing import CollectorPacing
 from .schema import StoreError
 
 log = logging.getLogger("lrpilot.daemon")
@@ -81,6 +82,8 @@ class Daemon:
         # Handshakes a plane refused before ZAP (a client with no key, or a
         # key on a keyless daemon), from the sockets' monitors.
         self._monitors: list[zmq.Socket] = []
+        # Full garbage collections once per FULL_EVERY_S, not every few seconds.
+        self.collector = CollectorPacing()
 
     def start(self) -> None:
         """Open the store (restoring its runs) and bind both sockets."""
@@ -214,9 +217,11 @@ class Daemon:
         # runs the daemon in a thread keeps its own once the daemon is gone).
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL))
+        self.collector.start(next_sweep)
         try:
             self._serve(data, control, plane, poller, next_tick, next_sweep)
         finally:
+            self.collector.stop()
             sys.setswitchinterval(switch_interval)
 
     def _serve(
@@ -249,6 +254,7 @@ class Daemon:
             self._send_acks(plane.persisted())
             if now >= next_sweep:
                 plane.sweep(now)
+                self.collector.tick(now)
                 next_sweep = now + SWEEP_EVERY
 
     def _drain_data(self, now: float) -> None:
