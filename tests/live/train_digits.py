@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlp import body_head_sgd, digits_mlp
 
 import lrpilot
 
@@ -52,17 +53,8 @@ class Trainer:
             data["x_val"],
             data["y_val"],
         )
-        self.model = torch.nn.Sequential(
-            torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
-        )
-        body_lr, head_lr = spec["lrs"]
-        self.optimizer = torch.optim.SGD(
-            [
-                {"params": self.model[0].parameters(), "lr": body_lr, "name": "body"},
-                {"params": self.model[2].parameters(), "lr": head_lr, "name": "head"},
-            ],
-            momentum=0.9,
-        )
+        self.model = digits_mlp(HIDDEN)
+        self.optimizer = body_head_sgd(self.model, *spec["lrs"])
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.generator = torch.Generator().manual_seed(seed)
         self.out = open(spec["out"], "w", buffering=1)  # noqa: SIM115 - closed in close()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlp import body_head_sgd, digits_mlp
 
 import lrpilot
 
@@ -45,17 +46,8 @@ def main(config_path: str) -> None:
     x = torch.tensor(raw["x"], dtype=torch.float32) / 16.0
     y = torch.tensor(raw["y"], dtype=torch.int64)
     x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
-    )
-    body_lr, head_lr = config["lrs"]
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model[0].parameters(), "lr": body_lr, "name": "body"},
-            {"params": model[2].parameters(), "lr": head_lr, "name": "head"},
-        ],
-        momentum=0.9,
-    )
+    model = digits_mlp(HIDDEN)
+    optimizer = body_head_sgd(model, *config["lrs"])
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
     report_every = config["report_every"]

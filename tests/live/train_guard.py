@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlp import body_head_sgd, digits_mlp
 
 import lrpilot
 
@@ -89,17 +90,8 @@ def saved(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -
 def train(spec: dict, config: dict, data: dict, deadline: float) -> None:
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
-    )
-    body_lr, head_lr = config["lrs"]
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model[0].parameters(), "lr": body_lr, "name": "body"},
-            {"params": model[2].parameters(), "lr": head_lr, "name": "head"},
-        ],
-        momentum=0.9,
-    )
+    model = digits_mlp(HIDDEN)
+    optimizer = body_head_sgd(model, *config["lrs"])
     inject = spec["inject"]
     out = open(spec["out"], "w", buffering=1)  # noqa: SIM115 - closed below
     with warnings.catch_warnings(record=True) as caught:
