@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from state_mutation import json_leaves, json_values, paths, replaced
 
 from lrpilot.policies import KINDS, Policy, ScheduleExhausted, SpecError, parse_policy
 
@@ -275,23 +276,8 @@ def test_plateau_best_may_be_its_starting_infinity():
 
 # --- any mutation of a real state: refused, or it steps to finite LRs -------------
 
-JSON_LEAVES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-3, 40),  # counters near the real ones: states that load
-    st.sampled_from([2**53, 2**53 + 1, 2**63, 2**70, -(2**53), 10**400]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.floats(0.0, 1.0),
-    st.sampled_from([1e308, 5e-324, -0.0, 1e200]),
-    st.text(max_size=4),
-)
-JSON_VALUES = st.recursive(
-    JSON_LEAVES,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
+JSON_LEAVES = json_leaves()
+JSON_VALUES = json_values(JSON_LEAVES)
 
 
 def near(value: Any) -> st.SearchStrategy[Any]:
@@ -316,32 +302,6 @@ def near(value: Any) -> st.SearchStrategy[Any]:
 def at(state: Any, path: tuple) -> Any:
     for part in path:
         state = state[part]
-    return state
-
-
-def paths(value: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every place in a state: the whole, each field, each list element."""
-    found = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found += paths(item, (*prefix, i))
-    return found
-
-
-def replaced(state: Any, path: tuple, value: Any, delete: bool) -> Any:
-    if not path:
-        return value
-    state = copy.deepcopy(state)
-    parent = state
-    for part in path[:-1]:
-        parent = parent[part]
-    if delete and isinstance(parent, dict):
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = value
     return state
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from state_mutation import json_leaves, json_values, paths, replaced
 
 from lrpilot.policies import (
     NO_METRICS,
@@ -646,34 +647,7 @@ def test_a_hostile_state_is_refused_in_one_line_and_changes_nothing(phase, mutat
     assert saved(policy) == before and policy.lrs == lrs
 
 
-JSON_LEAVES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-3, 40),
-    st.sampled_from([2**53, 2**53 + 1, 10**400]),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.floats(0.0, 1.0),
-    st.sampled_from([1e308, 5e-324, -0.0, 1e200, "sweep", "done"]),
-    st.text(max_size=4),
-)
-JSON_VALUES = st.recursive(
-    JSON_LEAVES,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-
-
-def places(value: Any, prefix: tuple = ()) -> list[tuple]:
-    found = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += places(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found += places(item, (*prefix, i))
-    return found
+JSON_VALUES = json_values(json_leaves("sweep", "done"), max_size=4)
 
 
 @examples(300)
@@ -686,16 +660,8 @@ def test_a_random_state_loads_or_is_refused_and_never_steps_to_a_bad_lr(data):
         policy.step({"loss": loss, "val_loss": loss})
     state: Any = saved(policy)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
-        path = data.draw(st.sampled_from(places(state)), label="path")
-        value = data.draw(JSON_VALUES, label="value")
-        if not path:
-            state = value
-            continue
-        state = copy.deepcopy(state)
-        parent = state
-        for part in path[:-1]:
-            parent = parent[part]
-        parent[path[-1]] = value
+        path = data.draw(st.sampled_from(paths(state)), label="path")
+        state = replaced(state, path, data.draw(JSON_VALUES, label="value"))
     fresh = build([0.1, 0.05], **STATE_SPECS[name])
     try:
         fresh.load_state_dict(state)
