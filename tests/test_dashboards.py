@@ -86,7 +86,7 @@ POLICIES = {
         "kind": "range_test",
         "min_lr": 1e-5,
         "max_lr": 0.05,
-        "steps": 100_000,
+        "steps": 10_000,
         "diverge": None,
     },
     "digits-swept": {

@@ -697,7 +697,7 @@ def own_fields_finite(policy: Policy) -> None:
         ({"min_lr": 0.0}, "range_test.min_lr: Input should be greater than 0"),
         ({"min_lr": 1e-300, "max_lr": 1e300}, "max_lr / min_lr (1e+300 / 1e-300) must be a finite"),
         ({"steps": 0}, "range_test.steps: Input should be greater than or equal to 1"),
-        ({"steps": 100_001}, "range_test.steps: Input should be less than or equal to 100000"),
+        ({"steps": 10_001}, "range_test.steps: Input should be less than or equal to 10000"),
         ({"steps": 10.0}, "range_test.steps: Input should be a valid integer"),
         ({"mode": "log"}, "range_test.mode: Input should be 'exponential' or 'linear'"),
         ({"metric": ""}, "range_test.metric: String should have at least 1 character"),
@@ -798,11 +798,11 @@ def test_defaults_are_lightnings():
 
 
 def test_a_long_sweep_is_linear_in_its_steps():
-    """100_000 steps with the loss on each: the curve grows in place."""
-    policy = build(steps=100_000, diverge=None)
-    for k in range(100_000):
+    """10_000 steps with the loss on each: the curve grows in place."""
+    policy = build(steps=10_000, diverge=None)
+    for k in range(10_000):
         policy.step({"loss": 1.0 + (k % 7) * 1e-3})
-    assert policy.phase == "done" and len(policy.curve_lrs) == 100_000
+    assert policy.phase == "done" and len(policy.curve_lrs) == 10_000
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         json.dumps(policy.state_dict(), allow_nan=False)
