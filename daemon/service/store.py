@@ -163,6 +163,10 @@ class Store:
                     "; ".join(self.check_problems),
                 )
             migrate(db, self.path)
+            # The WAL is checkpointed by the writer's commits (every tick),
+            # never by the loop's: a journal entry's commit must not copy
+            # megabytes of WAL back into the file while a command waits.
+            db.execute("PRAGMA wal_autocheckpoint=0")
             # Opened here so that a file it cannot open fails the start; used
             # by the writer thread alone.
             return db, connect(self.path, durability, thread_bound=False)
