@@ -112,3 +112,62 @@ def test_every_rank_applies_every_change_at_the_same_step(running_daemon, digits
     # (its reduce's default), which is what the store has for a replay.
     want = mean_val_losses(tmp_path, world=2)
     assert stored_val_losses(daemon, run, len(want)) == want
+
+
+RANGE_TEST = {
+    "kind": "range_test",
+    "min_lr": 1e-4,
+    "max_lr": 1.0,
+    "steps": 40,
+    "skip_begin": 5,
+    # Constant LRs at the suggestion: the journal's new_lrs are a command's
+    # LRs as of the record it was decided on, and a schedule after it would
+    # have moved on by the lead at the step the ranks apply it.
+    "then": None,
+}
+
+
+def test_a_range_test_puts_every_rank_back_at_the_same_step(running_daemon, digits, tmp_path):
+    """The sweep's copy is taken at attach and put back when its end is
+    applied: at the same step on both ranks, bit-identical to the parameters
+    at attach; then both hold the suggestion (the ranks' mean loss is what
+    the sweep smoothed)."""
+    daemon = running_daemon
+    config = {
+        "data": str(digits),
+        "policy": RANGE_TEST,
+        "sync": True,
+        "report_every": 0,
+        "max_steps": 60,
+        "stop_file": str(tmp_path / "stop"),
+        "out_dir": str(tmp_path),
+        "deadline_s": 90,
+        "hash_params": True,
+    }
+    training = start_train_ddp(
+        tmp_path,
+        config,
+        ["--standalone", "--nproc-per-node", "2"],
+        {"LRPILOT_DAEMON": daemon.address},
+    )
+    try:
+        training.wait(120)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.wait(10)
+    output = (tmp_path / "train.out").read_text() + "\n" + daemon.log()[-3000:]
+    assert training.returncode == 0, output
+    [run] = [r["run"] for r in daemon.cli("runs")]
+    history = daemon.cli("history", run)
+    ddp_ranks_agree(tmp_path, run, history, world=2)
+    [end] = [e for e in history if e["reason"].startswith("range_test:")]
+    state = end["policy_state"]
+    assert state["phase"] == "done" and len(state["curve_lrs"]) == len(state["curve_losses"]) > 5
+    for rank in (0, 1):
+        lines = read_jsonl(tmp_path / f"rank{rank}.jsonl")
+        [attached] = [line for line in lines if line.get("event") == "attached"]
+        [ended] = [c for c in changes(lines) if c["reason"].startswith("range_test:")]
+        assert ended["step"] == end["effective_step"], (ended, end)
+        assert ended["params"] == attached["params"], f"rank {rank}: not put back\n{output}"
+        assert ended["new"][0] == state["suggested_lr"]

@@ -19,7 +19,9 @@ while every rank steps with the same LRs).
 Config (JSON): ``data`` (an .npz with x, y), ``policy``, ``sync``,
 ``report_every``, ``max_steps``, ``stop_file`` (every rank stops after the
 step at which rank 0 sees it), ``step_sleep`` (pace only), ``out_dir``,
-``deadline_s``. The daemon's address comes from ``$LRPILOT_DAEMON``.
+``deadline_s``, ``hash_params`` (each ``change`` line and an ``attached``
+line then carry ``params``, a hash of the parameters as they are then). The
+daemon's address comes from ``$LRPILOT_DAEMON``.
 
 Elastic restarts (tests/test_elastic.py; all off unless given):
 ``checkpoint`` (a path) and ``checkpoint_every`` (N): after every N-th step
@@ -102,6 +104,8 @@ def main(config_path: str) -> None:
 
     def changed(step, old, new, reason, actor) -> None:
         event = {"event": "change", "step": step, "new": new, "reason": reason, "actor": actor}
+        if config.get("hash_params"):
+            event["params"] = digest(model)  # as the change left them (a range test's end)
         out.write(json.dumps({**event, **tag}) + "\n")
 
     stop_file = Path(config["stop_file"])
@@ -114,6 +118,8 @@ def main(config_path: str) -> None:
             sync_timeout=10.0,
             on_change=changed,
         )
+        if config.get("hash_params"):
+            out.write(json.dumps({"event": "attached", "params": digest(model)}) + "\n")
         if saved is not None:
             pilot.load_state_dict(saved["lrpilot"])
             lrs = [g["lr"] for g in optimizer.param_groups]
@@ -151,7 +157,6 @@ def main(config_path: str) -> None:
                 sys.exit(f"train_ddp rank {rank}: deadline passed at step {k}")
         pilot.close()
     out.close()
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
     summary = {
         "run": pilot.run,
         "rank": pilot.rank,
@@ -159,12 +164,18 @@ def main(config_path: str) -> None:
         "steps": k,
         "stats": asdict(pilot.stats),
         "warnings": [str(w.message) for w in caught if str(w.message).startswith("lrpilot")],
-        "params_sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+        "params_sha256": digest(model),
     }
     if elastic:
         summary.update(attempt=attempt, first_step=first)
     Path(config["out_dir"], f"summary{rank}.json").write_text(json.dumps(summary))
     dist.destroy_process_group()
+
+
+def digest(model) -> str:
+    """The parameters' bytes, hashed: equal only when bit-identical."""
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return hashlib.sha256(params.numpy().tobytes()).hexdigest()
 
 
 def save(path: Path, model, optimizer, pilot, step: int) -> None:
