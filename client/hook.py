@@ -360,8 +360,7 @@ class Pilot:
         self._unacked: deque = deque(maxlen=self._max_queue)
         self._last_io = 0.0  # the last send (and look)
         self._last_look = 0.0  # the last look for what the daemon sent
-        self._watched_for: PolicySpec | None = None  # the spec _watched is of
-        self._watched: frozenset[str] = frozenset()  # the metrics it decides on
+        self._watched: frozenset[str] = frozenset()  # the metrics the policy decides on
         self._send_every = MAX_BATCH  # step records an async pilot holds at most
         self._watch()
         self._io_seq = 0
@@ -497,14 +496,13 @@ class Pilot:
     def _decides_on(self, metrics: dict[str, Any]) -> bool:
         """Whether the policy decides on one of these metrics (plateau on the
         step's loss): such a record goes at once, as a report does."""
-        if self._spec is not self._watched_for:
-            self._watch()
-        return bool(self._watched) and not self._watched.isdisjoint(metrics)
+        return not self._watched.isdisjoint(metrics)
 
     def _watch(self) -> None:
         """What the policy in effect decides on, and so how many step records
-        an async pilot holds before it sends them."""
-        spec = self._watched_for = self._spec
+        an async pilot holds before it sends them: wherever the policy
+        changes (attach, a command, a checkpoint)."""
+        spec = self._spec
         self._watched = frozenset(spec.reduced_metrics()) if spec is not None else frozenset()
         self._send_every = DECIDING_BATCH if self._watched else MAX_BATCH
 
@@ -1074,17 +1072,16 @@ class Pilot:
                 f"lrpilot: state has {len(lrs)} groups, the optimizer {len(self._groups)}"
             )
         self._release_read(wait=True)  # records of the timeline being left
-        if self._sweep is not None or (policy is not None and policy.sweeping):
-            # A copy from before the checkpoint belongs to another timeline:
-            # a sweep the checkpoint is in the middle of puts back the state
-            # as loaded (model and optimizer first, then the pilot).
-            self._sweep = None
-            if policy is not None and policy.sweeping:
-                self._warn_once(
-                    "sweep-resumed",
-                    "the checkpoint is in the middle of an LR range test: its end puts back "
-                    "the parameters as they are now, not as they were when the sweep began",
-                )
+        # A copy from before the checkpoint belongs to another timeline: a
+        # sweep the checkpoint is in the middle of puts back the state as
+        # loaded (model and optimizer first, then the pilot).
+        self._sweep = None
+        if policy is not None and policy.sweeping:
+            self._warn_once(
+                "sweep-resumed",
+                "the checkpoint is in the middle of an LR range test: its end puts back "
+                "the parameters as they are now, not as they were when the sweep began",
+            )
         self._spec, self._policy, self.step_count = spec, policy, step
         self._watch()
         self._recorded, self._held_metrics = step, {}

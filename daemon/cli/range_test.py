@@ -471,12 +471,6 @@ def wait_for_decision(control: ControlClient, run: str, command: Any, deadline: 
                     f"run {run}'s range test (v{command.version}) was replaced before its "
                     f"sweep ended: v{entry.version} ({entry.reason})"
                 )
-            if entry.hold:
-                raise CommandError(
-                    f"run {run} was held during its range test's sweep (v{entry.version}: "
-                    f"{entry.reason}): the sweep's end is not sent while the LRs are held, "
-                    "and its curve is not journaled"
-                )
         if len(entries) >= window and entries[0].version > command.version + 1:
             window *= 4  # the window does not reach back to the start: read more
             continue

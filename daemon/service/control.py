@@ -292,13 +292,10 @@ class ControlPlane:
 def range_test_sweeping(engine: PolicyEngine) -> str:
     """Where the run's range test is (``step 37 of 100``) while it sweeps;
     empty when the run's policy is not a range test that has not ended."""
-    spec, policy = engine.spec, engine.policy
-    if spec is None or spec.kind != "range_test" or policy is None:
-        return ""
-    state = policy.state_dict()
-    if state["phase"] != "sweep":
-        return ""
-    return f"step {state['sweep_step']} of {getattr(spec, 'steps', '?')}"
+    policy = engine.policy
+    if not isinstance(policy, RangeTestPolicy) or policy.phase != "sweep":
+        return ""  # read off the policy: its state_dict() would copy the curve
+    return f"step {policy.sweep_step} of {policy.spec.steps}"
 
 
 def policy_after(

@@ -266,12 +266,12 @@ class Daemon:
         Every CONTROL_EVERY messages it answers the control plane, if a
         request waits: an operator's set-lr does not wait for a whole drain
         of a busy daemon (bench/load.py)."""
-        sock, plane, control = self._sock, self.plane, self._control_sock
-        assert sock is not None and plane is not None and control is not None, "start() first"
+        sock, plane = self._sock, self.plane
+        assert sock is not None and plane is not None, "start() first"
         keys = self.keys
         for i in range(DRAIN_MAX):
-            if i and not i % CONTROL_EVERY and cast(int, control.get(zmq.EVENTS)) & zmq.POLLIN:
-                self._drain_control()
+            if i and not i % CONTROL_EVERY:
+                self._control_if_waiting()
             try:
                 if keys is None:
                     identity, *frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -341,12 +341,18 @@ class Daemon:
         """The persisted acks of a commit, one per rank that sent records
         (1,000 at 1,000 ranks, ~10 ms of sends): the control plane is
         answered between slices of them, as within a drain."""
+        for start in range(0, len(replies), ACKS_PER_LOOK):
+            if start:
+                self._control_if_waiting()
+            self._send(replies[start : start + ACKS_PER_LOOK])
+
+    def _control_if_waiting(self) -> None:
+        """Answer the control plane now if a request waits (a getsockopt: the
+        look costs a microsecond, between pieces of a long turn)."""
         control = self._control_sock
         assert control is not None, "start() first"
-        for start in range(0, len(replies), ACKS_PER_LOOK):
-            if start and cast(int, control.get(zmq.EVENTS)) & zmq.POLLIN:
-                self._drain_control()
-            self._send(replies[start : start + ACKS_PER_LOOK])
+        if cast(int, control.get(zmq.EVENTS)) & zmq.POLLIN:
+            self._drain_control()
 
     def _send(self, replies: list) -> None:
         assert self._sock is not None and self.plane is not None, "start() first"
