@@ -90,7 +90,9 @@ from .base import (
 from .sequential import STAGE_SPECS, SequentialSpec
 
 # The window is part of the state, which travels in every command.
-MAX_WINDOW = 10_000
+# At most: the window is summed at every record, in the rank's copy too
+# (training steps pay it): 3.9 us a step at 50 values, 21 us at 1,000 (ratio).
+MAX_WINDOW = 1_000
 CAUSES = ("guard:nan", "guard:spike")
 
 # Every kind but guard itself.
@@ -133,7 +135,7 @@ class GuardSpec(PolicySpec):
         return {self.metric: "max", **self.inner.reduced_metrics()}
 
 
-# The relative error of a window's mean of up to 10,000 values, and then some.
+# The relative error of a window's mean of up to 1,000 values, and then some.
 ROUNDING = 1e-12
 
 
