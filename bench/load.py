@@ -34,6 +34,7 @@ import math
 import multiprocessing
 import os
 import random
+import select
 import shutil
 import socket
 import subprocess
@@ -86,18 +87,23 @@ class Rank:
 
         self.run, self.rank = run["run"], rank
         self.reports = run["policy"]["kind"] == "plateau"
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.ctx, self.address = ctx, address
+        self.sock = self.connect(address)
         self.encoder = BatchEncoder(self.run, rank)
-        hello = Hello(
-            run=self.run,
-            rank=rank,
-            world_size=run["world"],
-            groups=[GroupInfo(name="0", lr=0.1)],
-            policy=run["policy"],
+        self.hello = encode(
+            Hello(
+                run=self.run,
+                rank=rank,
+                world_size=run["world"],
+                groups=[GroupInfo(name="0", lr=0.1)],
+                policy=run["policy"],
+            )
         )
-        self.sock.send(encode(hello))
+        self.sock.send(self.hello)
+        # Records wait for the welcome: a daemon of several shards answers
+        # the hello with its shard's address (moved), and what went to the
+        # front would be lost (the hook sends it again; this rank keeps none).
+        self.welcomed = False
         self.step = self.seq = self.persisted = self.sent = 0
         self.queue: list[tuple] = []
         self.random = random.Random(hash((self.run, rank)))
@@ -106,6 +112,12 @@ class Rank:
         self.sent_at = now
         self.received: list[tuple[str, int, str, float]] = []  # (run, version, actor, wall)
         self.errors: dict[str, int] = {}
+
+    def connect(self, address: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        return sock
 
     def steps_until(self, now: float, rate: float) -> None:
         """Queue the records of the steps due by ``now`` (at ``rate`` steps/s
@@ -126,17 +138,28 @@ class Rank:
                 self.queue.append((self.seq, self.step, REPORT, {"val_loss": value}))
 
     def flush(self, now: float) -> None:
-        if self.queue:
+        if self.queue and self.welcomed:
             self.sock.send_multipart(self.encoder.encode(self.queue, {}))
             self.sent += len(self.queue)
             self.queue = []
         self.sent_at = now
 
-    def read(self) -> None:
-        from lrpilot.protocol import Error, LRCommand, Persisted, Welcome, decode
+    def read(self) -> zmq.Socket | None:
+        """Handle what arrived; the old socket when a moved answer replaced it."""
+        from lrpilot.protocol import Error, LRCommand, Moved, Persisted, Welcome, decode
+        from lrpilot.transport import redirected
 
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             message = decode(self.sock.recv_multipart())
+            if isinstance(message, Moved):
+                old, self.sock = (
+                    self.sock,
+                    self.connect(redirected(self.address, message.address) or message.address),
+                )
+                self.sock.send(self.hello)
+                return old
+            if isinstance(message, Welcome):
+                self.welcomed = True
             if isinstance(message, Persisted):
                 self.persisted = max(self.persisted, message.seq)
             elif isinstance(message, LRCommand):
@@ -146,6 +169,7 @@ class Rank:
                 self.received.append((command.run, command.version, command.actor, time.time()))
             elif isinstance(message, Error):
                 self.errors[message.code] = self.errors.get(message.code, 0) + 1
+        return None
 
 
 def load_process(config: dict) -> dict:
@@ -156,10 +180,34 @@ def load_process(config: dict) -> dict:
     ctx = zmq.Context()
     now = time.monotonic()
     ranks = [Rank(ctx, config["address"], run, r, now) for run, r in config["ranks"]]
-    poller = zmq.Poller()
+    # epoll over the sockets' ZMQ_FDs, not zmq.Poller: a zmq_poll of 125
+    # sockets costs ~55 µs whatever is ready, and a process wakes ~1,000 times
+    # a second: that was half of the load processes' CPU, taken from the
+    # daemon on a small machine. A ZMQ_FD signals that a socket's events may
+    # have changed; Rank.read() reads ZMQ_EVENTS until nothing is waiting,
+    # which re-arms it, and is called after every send (a send can take the
+    # signal of a message that arrived meanwhile).
+    poller = select.epoll()
+    by_fd: dict[int, Rank] = {}
+
+    def watch(rank: Rank) -> None:
+        fd = rank.sock.getsockopt(zmq.FD)
+        poller.register(fd, select.EPOLLIN)
+        by_fd[fd] = rank
+
     for rank in ranks:
-        poller.register(rank.sock, zmq.POLLIN)
-    by_socket = {rank.sock: rank for rank in ranks}
+        watch(rank)
+
+    def read(rank: Rank) -> None:
+        old = rank.read()
+        if old is not None:  # moved to its shard
+            fd = old.getsockopt(zmq.FD)
+            poller.unregister(fd)
+            del by_fd[fd]
+            old.close()
+            watch(rank)
+            rank.read()
+
     # A rank sends what it queued every send interval (the hook's), and at
     # once for a report: with a report every REPORT_EVERY steps, at the step
     # of each report. Its steps are generated when it sends (the records a
@@ -180,10 +228,15 @@ def load_process(config: dict) -> dict:
             rank = ranks[i]
             rank.steps_until(at, rate)
             rank.flush(now)
+            read(rank)
             heapq.heappush(due, (at + (every if rank.reports else interval), i))
-        wait_ms = max(0, min(1.0, (due[0][0] - time.monotonic()) * 1000))
-        for sock, _ in poller.poll(wait_ms):
-            by_socket[sock].read()
+            # What arrived for any rank meanwhile (a command's arrival is
+            # timed when it is read): an epoll_wait of nothing is ~1 µs.
+            for fd, _ in poller.poll(0):
+                read(by_fd[fd])
+        wait_s = max(0.0, min(0.001, due[0][0] - time.monotonic()))
+        for fd, _ in poller.poll(wait_s):
+            read(by_fd[fd])
         now = time.monotonic()
     for rank in ranks:
         rank.steps_until(end, rate)
@@ -192,8 +245,9 @@ def load_process(config: dict) -> dict:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(r.persisted < r.seq for r in ranks):
         for rank in ranks:
-            rank.read()
+            read(rank)
         time.sleep(0.005)
+    poller.close()
     for rank in ranks:
         rank.sock.send(encode(Bye(run=rank.run, rank=rank.rank, step=rank.step)))
         rank.sock.close()
@@ -212,9 +266,25 @@ def load_process(config: dict) -> dict:
 # --- the test ----------------------------------------------------------------------
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports free now."""
+    rng = random.Random()
+    for _ in range(100):
+        first = rng.randrange(20_000, 60_000)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Daemon:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, shards: int = 1) -> None:
         exe = Path(sys.executable).parent / "lrpilot"
+        self.shards = shards
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.control = f"tcp://127.0.0.1:{free_port()}"
         self.metrics = f"http://127.0.0.1:{free_port()}/metrics"
@@ -236,6 +306,11 @@ class Daemon:
                 "100000",
                 "--log-level",
                 "warning",
+                *(
+                    ["--shards", str(shards), "--shard-base-port", str(free_ports(shards))]
+                    if shards > 1
+                    else []
+                ),
             ],
             stdout=subprocess.DEVNULL,
             stderr=self.log,
@@ -252,13 +327,45 @@ class Daemon:
                 time.sleep(0.05)
 
     def sample(self) -> tuple[float, int]:
-        """(CPU seconds so far, RSS bytes) of the daemon, from /proc."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        """(CPU seconds so far, RSS bytes) of the daemon, from /proc: of all
+        its processes with --shards (the front, the shards, multiprocessing's
+        resource tracker)."""
+        cpu, rss = 0.0, 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/status") as f:
+                    rss += next(
+                        int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")
+                    )
+            except (OSError, StopIteration):
+                continue  # a shard between two lives
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return cpu, rss
+
+    def pids(self) -> list[int]:
+        pids = [self.proc.pid]
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except OSError:
+            pass
+        return pids
+
+    def data_address(self, run: str) -> str:
+        """Where ``run``'s records go: the daemon, or the shard it hashes to
+        (read from the log line that lists them)."""
+        if self.shards == 1:
+            return self.address
+        from lrpilot.daemon.service.sharding import shard_of
+
+        return self.shard_addresses()[shard_of(run, self.shards)]
+
+    def shard_addresses(self) -> list[str]:
+        text = (self.state_dir.parent / "daemon.log").read_text()
+        line = next(x for x in text.splitlines() if "shards: data at " in x)
+        return line.split("shards: data at ", 1)[1].split(", stores in")[0].split(", ")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -327,22 +434,33 @@ def ended_runs_rss(daemon: Daemon, count: int) -> float:
 
     before = daemon.sample()[1]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(daemon.address)
+    socks: dict[str, zmq.Socket] = {}
     for i in range(count):
         run = f"ended-{i:05d}"
+        # Straight to the run's shard: the moved answer is not what is measured.
+        where = daemon.data_address(run)
+        if where not in socks:
+            socks[where] = ctx.socket(zmq.DEALER)
+            socks[where].connect(where)
+        sock = socks[where]
         sock.send(encode(Hello(run=run, groups=[GroupInfo(name="0", lr=0.1)], policy=POLICIES[1])))
         records = [(k, k, STEP, {"loss": 1.0}) for k in range(1, 21)]
         sock.send_multipart(BatchEncoder(run, 0).encode(records, {}))
         sock.send(encode(Bye(run=run, step=20)))
     # Every message handled: the daemon answers in order; wait for its answers.
     received = 0
+    poller = zmq.Poller()
+    for sock in socks.values():
+        poller.register(sock, zmq.POLLIN)
     while received < 2 * count:  # a welcome and a persisted (or more) per run
-        if not sock.poll(10_000):
+        ready = poller.poll(10_000)
+        if not ready:
             break
-        sock.recv_multipart()
-        received += 1
-    sock.close(linger=0)
+        for sock, _ in ready:
+            sock.recv_multipart()
+            received += 1
+    for sock in socks.values():
+        sock.close(linger=0)
     ctx.term()
     time.sleep(1.5)  # two sweeps of the daemon's loop: sessions and rows settled
     return (daemon.sample()[1] - before) / count
@@ -351,9 +469,10 @@ def ended_runs_rss(daemon: Daemon, count: int) -> float:
 def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) -> dict:
     state = where / "state"
     state.mkdir(parents=True)
-    daemon = Daemon(state)
+    daemon = Daemon(state, args.shards)
     result: dict[str, Any] = {
         "ranks": ranks,
+        "shards": args.shards,
         "seconds": seconds,
         "procs": args.procs,
         "send_interval_s": args.send_interval,
@@ -498,14 +617,23 @@ def merge(dicts) -> dict[str, int]:
     return out
 
 
+def store_dirs(state: Path) -> list[Path]:
+    """The state dir, or its shards' (--shards)."""
+    shards = sorted(state.glob("shard-*"))
+    return shards or [state]
+
+
 def journal(state: Path) -> list[tuple[str, int, str, float]]:
     from lrpilot.daemon.service.schema import DB_NAME, open_readonly
 
-    db = open_readonly(state / DB_NAME)
-    try:
-        return list(db.execute("SELECT run_id, version, actor, time FROM journal"))
-    finally:
-        db.close()
+    entries = []
+    for where in store_dirs(state):
+        db = open_readonly(where / DB_NAME)
+        try:
+            entries += list(db.execute("SELECT run_id, version, actor, time FROM journal"))
+        finally:
+            db.close()
+    return entries
 
 
 def stored_counts(state: Path) -> dict[str, int]:
@@ -513,12 +641,15 @@ def stored_counts(state: Path) -> dict[str, int]:
     from lrpilot.daemon.service.records import read_records
     from lrpilot.daemon.service.schema import DB_NAME, open_readonly
 
-    db = open_readonly(state / DB_NAME)
-    try:
-        runs = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM batches")]
-        return {run: sum(1 for _ in read_records(db, run)) for run in runs}
-    finally:
-        db.close()
+    counts = {}
+    for where in store_dirs(state):
+        db = open_readonly(where / DB_NAME)
+        try:
+            runs = [row[0] for row in db.execute("SELECT DISTINCT run_id FROM batches")]
+            counts.update({run: sum(1 for _ in read_records(db, run)) for run in runs})
+        finally:
+            db.close()
+    return counts
 
 
 def verdict(result: dict) -> list[str]:
@@ -544,6 +675,7 @@ def show(result: dict) -> str:
     rss = " -> ".join("-" if r is None else f"{r:.0f}" for r in result["daemon_rss_mb"])
     lines = [
         f"{result['ranks']} ranks in {result['procs']} processes, {result['seconds']:.0f} s, "
+        f"daemon of {result.get('shards', 1)} shard(s), "
         f"sends every {result['send_interval_s'] * 1000:g} ms: "
         f"{result['steps_per_s']:.0f} steps/s, {result['records_sent']} records sent, "
         f"{result['records_stored']} stored (drivers'), lost {result['lost']} "
@@ -618,12 +750,20 @@ def main(argv: list[str] | None = None) -> int:
         "hosts, so the daemon gets the CPU it has on a host of its own; 0 shares the "
         "machine's cores evenly between the daemon and the load",
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the daemon's --shards: N processes serve the runs behind one address "
+        "(default 1: one process)",
+    )
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(load_process(json.loads(Path(args.worker).read_text()))))
         return 0
-    for name in ("ranks", "procs"):
+    for name in ("ranks", "procs", "shards"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.seconds <= 0 or args.rate <= 0:
@@ -639,7 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         passed: list[int] = []
         failed: list[int] = []
         while True:
-            print(f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s", file=sys.stderr)
+            print(
+                f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s, "
+                f"{args.shards} shard(s)",
+                file=sys.stderr,
+            )
             result = run_load(args, ranks, seconds, where / f"{len(results)}-{ranks}")
             results.append(result)
             print(show(result), flush=True)

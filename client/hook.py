@@ -54,6 +54,7 @@ from .protocol import (
     GroupInfo,
     Hello,
     LRCommand,
+    Moved,
     Persisted,
     Processed,
     ProtocolError,
@@ -62,11 +63,15 @@ from .protocol import (
     encode,
 )
 from .sweep_copy import SweepCopy
-from .transport import POLLIN, POLLOUT, DaemonLink
+from .transport import POLLIN, POLLOUT, DaemonLink, redirected
 
 # Records per metrics message: big enough that a burst after the daemon comes
 # back drains in few messages, small enough that one stays well under 100 KiB.
 MAX_BATCH = 256
+# Moves (a daemon of several shards sending this run to its shard) before a
+# welcome: one is the rule, a second follows a shard count changed under a
+# running job; more is a loop between misconfigured daemons.
+MAX_MOVES = 4
 # With a policy that decides on metrics, an async pilot sends its step records
 # once this many are queued (or SEND_INTERVAL has passed): a report's message
 # then carries few of them, and the daemon, which folds every record before
@@ -381,7 +386,10 @@ class Pilot:
         self._reading: deque = deque()
         self._device_values = False  # a metric was ever a device tensor
         self._encoder = BatchEncoder(run, rank)
-        self._link = DaemonLink(daemon, identity=uuid.uuid4().bytes, keys=keys)
+        self._identity = uuid.uuid4().bytes
+        self._daemon_address, self._keys = daemon, keys
+        self._link = DaemonLink(daemon, identity=self._identity, keys=keys)
+        self._moves = 0  # moved answers since the last welcome (a loop is a bug)
         self._model = model
         self._sweep: SweepCopy | None = None  # while a range test sweeps
         # The guard's trip applied since the last pilot.step() call (the loop
@@ -702,11 +710,11 @@ class Pilot:
         (up to sync_timeout) until the daemon has processed that record."""
         self._last_io = self._last_look = time.monotonic()
         self._io_seq = self._seq
-        link = self._link
-        events = link.events()
+        events = self._link.events()
         while events & POLLIN:
-            self._handle(link.receive())
-            events = link.events()
+            # Read again each time: a moved answer replaces the link.
+            self._handle(self._link.receive())
+            events = self._link.events()
         if events & POLLOUT:
             self._flush()
         if not wait_for or self._daemon_silent:
@@ -740,9 +748,8 @@ class Pilot:
         """Handle what arrived, sending nothing: between sends, a decision
         still lands within a millisecond or two."""
         self._last_look = now
-        link = self._link
-        while link.events() & POLLIN:
-            self._handle(link.receive())
+        while self._link.events() & POLLIN:  # a moved answer replaces the link
+            self._handle(self._link.receive())
 
     def _flush(self) -> None:
         """Send the queue in batches while the pipe takes them."""
@@ -772,13 +779,16 @@ class Pilot:
             unacked = self._unacked
             while unacked and unacked[0][0] <= message.seq:
                 unacked.popleft()
-        elif isinstance(message, (LRCommand, Welcome)) and message.run != self.run:
+        elif isinstance(message, (LRCommand, Welcome, Moved)) and message.run != self.run:
             # Not this run's: a daemon does not send it; applying it would.
             self.stats.daemon_errors += 1
             self._warn_once("other-run", f"ignored a command for run {message.run!r}")
         elif isinstance(message, LRCommand):
             self._receive(message)
+        elif isinstance(message, Moved):
+            self._move(message.address)
         elif isinstance(message, Welcome):
+            self._moves = 0
             if message.command is not None and message.command.run == self.run:
                 self._receive(message.command)
         elif isinstance(message, Error):
@@ -789,6 +799,21 @@ class Pilot:
             else:
                 self.stats.daemon_errors += 1
                 self._warn_once(f"error-{message.code}", f"daemon: {message.message}")
+
+    def _move(self, address: str) -> None:
+        """A daemon of several shards serves this run at ``address``: talk to
+        that shard from now on (hello, then what it has not persisted)."""
+        target = redirected(self._daemon_address, address)
+        self._moves += 1
+        if target is None or self._moves > MAX_MOVES:
+            self.stats.daemon_errors += 1
+            why = "without a welcome" if target is not None else f"to {address!r}"
+            self._warn_once("moved", f"ignored the daemon's move of this run {why}")
+            return
+        log.info("lrpilot: run %s is served by the daemon's shard at %s", self.run, target)
+        old, self._link = self._link, DaemonLink(target, identity=self._identity, keys=self._keys)
+        old.close(linger_ms=0)  # what it held is sent again from _unacked
+        self._reintroduce()
 
     def _reintroduce(self) -> None:
         """The daemon restarted (or ended our session): say hello again, then

@@ -184,6 +184,17 @@ class Welcome(Message):
     command: LRCommand | None = None
 
 
+class Moved(Message):
+    """Daemon → client, the answer to hello from a daemon of several shards:
+    ``run`` is served at ``address``; say hello there. The client keeps the
+    host it was given and takes only the port (tcp), so that the shard is
+    reached the way the daemon was."""
+
+    t: Literal["moved"] = "moved"
+    run: str
+    address: str = Field(max_length=1024, pattern=r"^(tcp|ipc)://[^\x00-\x1f\x7f-\x9f]+$")
+
+
 class Processed(Message):
     """Daemon → a sync-mode client: every record up to ``seq`` is processed."""
 
@@ -252,7 +263,7 @@ class MetricsHeader(Message):
 
 
 ControlMessage = Annotated[
-    Hello | Welcome | LRCommand | Processed | Persisted | Ack | Bye | Error | MetricsHeader,
+    Hello | Welcome | Moved | LRCommand | Processed | Persisted | Ack | Bye | Error | MetricsHeader,
     Field(discriminator="t"),
 ]
 _CONTROL: TypeAdapter[Any] = TypeAdapter(ControlMessage)

@@ -64,6 +64,22 @@ class DaemonLink:
         except zmq.Again:
             return None
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger_ms: int = LINGER_MS) -> None:
+        self._sock.close(linger=linger_ms)
         self._context.term()
+
+
+def redirected(given: str, moved: str) -> str | None:
+    """Where to reach the shard a ``moved`` answer names: its port on the
+    host this pilot was given (tcp), so that a shard behind a name, a tunnel
+    or a published port is reached the way the daemon was, never at a host
+    the daemon chose; an ipc path as it is (the same machine). None for a
+    port that is not one."""
+    scheme, _, rest = moved.partition("://")
+    if scheme == "ipc" or not given.startswith("tcp://"):
+        return moved
+    port = rest.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = given[len("tcp://") :].rpartition(":")[0]
+    return f"tcp://{host}:{port}"

@@ -139,6 +139,8 @@ class HistoryRequest(Request):
 
 class StoreRequest(Request):
     op: Literal["store"]
+    # The run whose store (a daemon of several shards has one per shard).
+    run: RunId | None = None
 
 
 ControlRequest = Annotated[

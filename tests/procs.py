@@ -58,6 +58,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nobody listens on
+    (right now): a daemon's --shard-base-port."""
+    import random
+
+    for _ in range(200):
+        first = random.randrange(20_000, 60_000)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no {count} consecutive free loopback ports")
+
+
 def free_address() -> str:
     """A loopback address nobody listens on (right now)."""
     return f"tcp://127.0.0.1:{free_port()}"
@@ -287,7 +304,9 @@ def ok_json(done: subprocess.CompletedProcess) -> Any:
 
 def store_row(state_dir: Path, run: str) -> dict[str, Any] | None:
     """The run's row as the daemon's store has it on disk now (read-only)."""
-    path = state_dir / "lrpilot.sqlite3"
+    from lrpilot.daemon.service.sharding import store_dir_of
+
+    path = store_dir_of(state_dir, run) / "lrpilot.sqlite3"
     if not path.exists():
         return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
@@ -322,8 +341,9 @@ def store_records(state_dir: Path, run: str) -> list[tuple[int, str, dict]]:
     store (while it runs) as the daemon reads it: metrics batches, not rows."""
     from lrpilot.daemon.service.records import read_records
     from lrpilot.daemon.service.schema import DB_NAME, open_readonly
+    from lrpilot.daemon.service.sharding import store_dir_of
 
-    db = open_readonly(state_dir / DB_NAME)
+    db = open_readonly(store_dir_of(state_dir, run) / DB_NAME)
     try:
         return list(read_records(db, run))
     finally:

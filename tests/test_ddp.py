@@ -19,7 +19,9 @@ import pytest
 from procs import (
     DIGITS_PLATEAU,
     LIVE,
+    daemon_process,
     ddp_ranks_agree,
+    free_ports,
     mean_val_losses,
     metric_value,
     read_jsonl,
@@ -57,9 +59,22 @@ def torchrun(where: Path, daemon_address: str, sync: bool, digits: Path) -> subp
     )
 
 
-@pytest.mark.parametrize("sync", [False, True], ids=["async", "lock-step"])
-def test_every_rank_applies_every_change_at_the_same_step(running_daemon, digits, tmp_path, sync):
-    daemon = running_daemon
+@pytest.mark.parametrize(
+    "sync, shards",
+    [(False, 1), (True, 1), (True, 2)],
+    ids=["async", "lock-step", "lock-step-2-shards"],
+)
+def test_every_rank_applies_every_change_at_the_same_step(
+    lrpilot_exe, digits, tmp_path, sync, shards
+):
+    flags = ["--shards", str(shards), "--shard-base-port", str(free_ports(shards))]
+    with daemon_process(
+        lrpilot_exe, tmp_path / "state", tmp_path / "daemon.log", *(flags if shards > 1 else [])
+    ) as daemon:
+        ranks_apply_every_change_at_one_step(daemon, digits, tmp_path, sync)
+
+
+def ranks_apply_every_change_at_one_step(daemon, digits: Path, tmp_path: Path, sync: bool) -> None:
     training = torchrun(tmp_path, daemon.address, sync, digits)
     rank0, rank1 = tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"
 

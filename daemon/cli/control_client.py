@@ -122,9 +122,11 @@ class ControlClient:
             CommandAnswer, op="range_test", run=run, sweep=sweep, suggest_only=suggest_only
         ).command
 
-    def store(self) -> str:
-        """The daemon's store path, once the daemon has committed what it has."""
-        return self._ask(StoreAnswer, op="store").path
+    def store(self, run: str | None = None) -> str:
+        """The daemon's store path, once the daemon has committed what it has:
+        of ``run``'s shard, for a daemon of several shards."""
+        fields = {"run": run} if run is not None else {}
+        return self._ask(StoreAnswer, op="store", **fields).path
 
     def _ask(self, kind: type[A], **fields: Any) -> A:
         if self.actor is not None:

@@ -224,7 +224,12 @@ def cmd_daemon(args: argparse.Namespace) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        Daemon(config).run()
+        if config.shards > 1:
+            from ..service.front import ShardFront
+
+            ShardFront(config).run()
+        else:
+            Daemon(config).run()
     except DaemonError as exc:
         raise CommandError(str(exc)) from None
 

@@ -31,6 +31,7 @@ from ..control_protocol import MAX_NAME, JournalEntry
 from ..service.engine import PolicyEngine, StepGapTooLarge
 from ..service.records import read_records
 from ..service.schema import DB_NAME, open_readonly
+from ..service.sharding import store_dir_of
 from .control_client import ControlClient, control_address, printable
 from .main import CommandError
 
@@ -257,13 +258,13 @@ def open_run_store(args: argparse.Namespace, run_id: str) -> tuple[Any, dict[str
     """The run's store, read-only, and its first base LRs: from --state-dir
     directly (no daemon needed), else where the daemon says its store is."""
     if args.state_dir:
-        db = open_readonly(Path(args.state_dir) / DB_NAME)
+        db = open_readonly(store_dir_of(Path(args.state_dir), run_id) / DB_NAME)
         row = db.execute("SELECT base_lrs FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise CommandError(f"unknown run {run_id!r} in {args.state_dir}")
         return db, {"base_lrs": json.loads(row[0])}
     with client(args) as control:
-        path = control.store()  # also makes the daemon commit what it has
+        path = control.store(run_id)  # also makes the daemon commit what it has
         run = control.show(run_id)
     return open_readonly(Path(path)), {"base_lrs": run.base_lrs}
 

@@ -153,6 +153,12 @@ class DaemonCollector:
             value=plane.records_ingested,
         )
         yield CounterMetricFamily(
+            "lrpilot_hellos_moved",
+            "hellos answered with the address of the shard that serves the run (--shards): "
+            "the front answers every hello so, a shard those of other shards' runs",
+            value=plane.hellos_moved,
+        )
+        yield CounterMetricFamily(
             "lrpilot_commands_sent",
             "LR command messages sent (one per rank a command is addressed to)",
             value=plane.commands_sent,

@@ -113,6 +113,21 @@ class DaemonConfig(BaseModel):
         "who can connect can report for any run, steer its decisions and (control plane) "
         "set its LRs (a warning is logged at every start)",
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes that serve the runs, each a whole daemon (loop, store, core) "
+        "for the runs that hash to it, behind these same addresses: more than 1 for a few "
+        "hundred ranks or more at 100 steps/s (docs/scaling.md); fixed for a --state-dir",
+    )
+    shard_base_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="with --shards: shard k's data plane listens on this port + k, on the host "
+        "of --address (default: --address's port + 1000); ranks connect there once told to",
+    )
     state_dir: Path = Field(
         default_factory=default_state_dir,
         description="where the store (SQLite) lives; $LRPILOT_STATE_DIR, else "
@@ -251,6 +266,14 @@ class DaemonConfig(BaseModel):
                     "--keys DIR (`lrpilot keys init DIR` makes them), or --insecure to bind it "
                     "anyway on a network you trust, or bind 127.0.0.1"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _shard_layout(self) -> DaemonConfig:
+        if self.shards > 1:
+            from .sharding import check_shard_ports
+
+            check_shard_ports(self.address, self.shards, self.shard_base_port)
         return self
 
     @field_validator("metrics_addr")

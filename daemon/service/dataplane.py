@@ -31,6 +31,7 @@ from lrpilot.protocol import (
     LRCommand,
     MessageTooLarge,
     MetricsHeader,
+    Moved,
     Processed,
     ProtocolError,
     Welcome,
@@ -75,6 +76,10 @@ class DataPlane:
         # folded in and its store ops are made: None returns it with the
         # batch's replies (tests, replays).
         self.send_now: Callable[[Outgoing], None] | None = None
+        # In a shard (--shards): the address of the shard that serves a run,
+        # None for this one (daemon/service/sharding.py).
+        self.elsewhere: Callable[[str], str | None] | None = None
+        self.hellos_moved = 0
         self.forgotten_runs = 0  # ended runs let go of from memory (still in the store)
         self.change_listeners: list[ChangeListener] = []
         # With --keys: every message must come with an allowed key (the
@@ -144,6 +149,10 @@ class DataPlane:
         if isinstance(message, MetricsHeader):
             return self._metrics(identity, message, frames[1], now, frames[0])
         if isinstance(message, Hello):
+            moved = self.elsewhere(message.run) if self.elsewhere is not None else None
+            if moved is not None:
+                self.hellos_moved += 1
+                return [(identity, [encode(Moved(run=message.run, address=moved))])]
             return self._hello(identity, message, now, key)
         known = self.registry.session(identity)
         if known is None:

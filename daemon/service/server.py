@@ -19,7 +19,7 @@ from typing import Any, cast
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lrpilot.errors import LRPilotError
+from lrpilot.errors import LRPilotError, UsageError
 
 from ..control_protocol import MAX_CONTROL_BYTES, Answer, Refusal, encode_answer, refusal
 from ..observability.annotations import AnnotationPoster
@@ -31,6 +31,7 @@ from .control import ControlPlane
 from .dataplane import DataPlane
 from .gc_pacing import CollectorPacing
 from .schema import StoreError
+from .sharding import ShardPlan, check_manifest
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -61,9 +62,41 @@ class DaemonError(LRPilotError, RuntimeError):
     """The daemon cannot start (address in use, bad address)."""
 
 
+def bind_router(
+    context: zmq.Context,
+    address: str,
+    max_bytes: int,
+    keys: KeyRing | None,
+    monitors: list[zmq.Socket],
+) -> zmq.Socket:
+    """A plane's ROUTER, bound: with keys, every connection does the CURVE
+    handshake, and a monitor for refused handshakes is added to ``monitors``."""
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.secure(sock)  # before bind: every connection does the CURVE handshake
+        monitors.append(sock.get_monitor_socket(HANDSHAKE_REFUSED))
+    # Before bind: libzmq applies it to connections as they are accepted,
+    # and drops a peer whose message grows past it before it is buffered
+    # whole (set after bind it did not hold).
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    # Replies to a peer whose pipe is full are dropped, never block the loop.
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise DaemonError(f"cannot bind {address}: {exc}") from None
+    return sock
+
+
 class Daemon:
-    def __init__(self, config: DaemonConfig | None = None) -> None:
+    def __init__(self, config: DaemonConfig | None = None, shard: ShardPlan | None = None) -> None:
         self.config = config or DaemonConfig()
+        # One of the shards of `lrpilot daemon --shards N` (daemon/service/front.py):
+        # hellos of other shards' runs are sent there, and the control plane
+        # is a private socket the front forwards requests to.
+        self.shard = shard
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._context: zmq.Context | None = None
@@ -88,11 +121,15 @@ class Daemon:
     def start(self) -> None:
         """Open the store (restoring its runs) and bind both sockets."""
         try:
+            if self.shard is None:  # a state dir of several shards needs them all
+                check_manifest(self.config.state_dir, 1)
             self.plane = DataPlane(self.config)
-        except StoreError as exc:
+        except (StoreError, UsageError) as exc:
             raise DaemonError(str(exc)) from None
         self.control = ControlPlane(self.plane)
         self.plane.send_now = self._send
+        if self.shard is not None:
+            self.plane.elsewhere = self.shard.elsewhere
         self._post_annotations()
         self._context = zmq.Context()
         if self.config.keys is not None:
@@ -108,7 +145,7 @@ class Daemon:
                 ("data", self.config.address),
                 ("control", self.config.control_address),
             ):
-                if not is_loopback(address):
+                if not is_loopback(address) and not (plane == "control" and self.shard):
                     log.warning(
                         "the %s plane is bound to %s with --insecure and no keys: anyone who "
                         "can connect can report for any run, steer its decisions and set its "
@@ -124,7 +161,10 @@ class Daemon:
             # _send counts it (reply_dropped) rather than nobody knowing.
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             control_limit = MAX_CONTROL_BYTES * HARD_LIMIT_FACTOR
-            self._control_sock = self._bind(self.config.control_address, control_limit)
+            if self.shard is None:
+                self._control_sock = self._bind(self.config.control_address, control_limit)
+            else:
+                self._control_sock = self._bind_private(self.shard.control_address)
         except DaemonError:
             self.close()
             raise
@@ -179,24 +219,14 @@ class Daemon:
 
     def _bind(self, address: str, max_bytes: int) -> zmq.Socket:
         assert self._context is not None
-        sock = self._context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.keys is not None:
-            self.keys.secure(sock)  # before bind: every connection does the CURVE handshake
-            monitor = sock.get_monitor_socket(HANDSHAKE_REFUSED)
-            self._monitors.append(monitor)
-        # Before bind: libzmq applies it to connections as they are accepted,
-        # and drops a peer whose message grows past it before it is buffered
-        # whole (set after bind it did not hold).
-        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        # Replies to a peer whose pipe is full are dropped, never block the loop.
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        try:
-            sock.bind(address)
-        except zmq.ZMQError as exc:
-            sock.close()
-            raise DaemonError(f"cannot bind {address}: {exc}") from None
-        return sock
+        return bind_router(self._context, address, max_bytes, self.keys, self._monitors)
+
+    def _bind_private(self, address: str) -> zmq.Socket:
+        """A shard's control socket: an ipc path in a directory only the
+        daemon's user may enter (front.py makes it), which only the front
+        connects to; the front has checked the client's key."""
+        assert self._context is not None
+        return bind_router(self._context, address, MAX_CONTROL_BYTES * HARD_LIMIT_FACTOR, None, [])
 
     def serve(self) -> None:
         """Run the loop until stop() or a signal."""
@@ -289,6 +319,9 @@ class Daemon:
             self._send(replies)
 
     def _drain_control(self) -> None:
+        if self.shard is not None:
+            self._drain_forwarded()
+            return
         sock = self._control_sock
         assert sock is not None and self.control is not None, "start() first"
         keys = self.keys
@@ -308,13 +341,40 @@ class Daemon:
                 continue
             # A REQ client puts an empty delimiter frame before its request.
             envelope, raw = frames[:-1], frames[-1] if frames else b""
-            try:
-                answer, outgoing = self.control.answer(raw, key=key)
-            except Exception:
-                log.exception("internal error handling a control request")
-                answer, outgoing = refusal("internal error; see the daemon log"), []
+            answer, outgoing = self._answer(raw, key)
             sock.send_multipart([identity, *envelope, encode_answer(answer)])
             self._send(outgoing)
+
+    def _drain_forwarded(self) -> None:
+        """A shard's control requests, as the front forwards them: [request
+        id, the client's public key (empty without keys), request]."""
+        sock, keys = self._control_sock, self.keys
+        assert sock is not None, "start() first"
+        answer: Answer | Refusal
+        while True:
+            try:
+                identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3:
+                continue  # not the front's: nothing else can reach this socket
+            request_id, public, raw = frames
+            key = keys.key(public.decode()) if keys is not None and public else None
+            if keys is not None and key is None:
+                answer = refusal("forbidden: this client's key is no longer allowed")
+                sock.send_multipart([identity, request_id, encode_answer(answer)])
+                continue
+            answer, outgoing = self._answer(raw, key)
+            sock.send_multipart([identity, request_id, encode_answer(answer)])
+            self._send(outgoing)
+
+    def _answer(self, raw: bytes, key: Any) -> tuple[Answer | Refusal, list]:
+        assert self.control is not None, "start() first"
+        try:
+            return self.control.answer(raw, key=key)
+        except Exception:
+            log.exception("internal error handling a control request")
+            return refusal("internal error; see the daemon log"), []
 
     @staticmethod
     def _receive_keyed(sock: zmq.Socket, keys: KeyRing) -> tuple[bytes, list[bytes], Any]:
