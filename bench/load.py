@@ -52,6 +52,10 @@ HERE = Path(__file__).resolve().parent
 TARGET_P99_MS = 10.0
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 REPORT_EVERY = 10
+# Plain ints: pyzmq's enum flags cost ~2 µs per `&` (as in lrpilot.transport).
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+# lrpilot.protocol.Persisted.frame's start: read without pydantic (~20 µs each).
+PERSISTED = b'{"v":1,"t":"persisted",'
 POLICIES = (
     {"kind": "plateau", "metric": "val_loss", "patience": 2, "factor": 0.7, "min_lr": 1e-6},
     {"kind": "cosine", "T_max": 1_000_000},
@@ -149,8 +153,12 @@ class Rank:
         from lrpilot.protocol import Error, LRCommand, Moved, Persisted, Welcome, decode
         from lrpilot.transport import redirected
 
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            message = decode(self.sock.recv_multipart())
+        while self.sock.getsockopt(EVENTS) & POLLIN:
+            frames = self.sock.recv_multipart()
+            if frames[0].startswith(PERSISTED):  # most of what comes: one per send
+                self.persisted = max(self.persisted, int(frames[0].rpartition(b":")[2][:-1]))
+                continue
+            message = decode(frames)
             if isinstance(message, Moved):
                 old, self.sock = (
                     self.sock,
@@ -221,10 +229,17 @@ def load_process(config: dict) -> dict:
     heapq.heapify(due)
     end = now + config["seconds"]
     late = 0.0  # the worst a send came after its time (the process kept up, or not)
+    # How late this process ran, every 16th send: a command that arrives
+    # for one of its ranks is read as late, and counted in the latencies.
+    lateness: list[float] = []
+    sends = 0
     while now < end:
         while due[0][0] <= now:
             at, i = heapq.heappop(due)
             late = max(late, now - at)
+            sends += 1
+            if not sends % 16:
+                lateness.append(now - at)
             rank = ranks[i]
             rank.steps_until(at, rate)
             rank.flush(now)
@@ -260,6 +275,7 @@ def load_process(config: dict) -> dict:
         },
         "steps": sum(r.step for r in ranks),
         "worst_late_s": late,
+        "late_s": lateness,
     }
 
 
@@ -373,6 +389,16 @@ class Daemon:
         self.log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -407,6 +433,15 @@ def operator(control: str, runs: list[str], every: float, stop: threading.Event,
                 log.append((command.run, command.version, sent, time.time() - sent))
             except ControlClientError as exc:
                 log.append(("error", 0, time.time(), str(exc)))
+
+
+def operated(runs: list[dict], probe_runs: list[dict]) -> list[str]:
+    """The runs the operator picks from: every run, the probe runs three
+    times as often as all others together (enough of its commands reach a
+    probe for a p99)."""
+    names = [r["run"] for r in runs]
+    probes = [r["run"] for r in probe_runs]
+    return names + probes * max(1, 3 * len(names) // max(1, len(probes)))
 
 
 def logged(name: str, target: Any, args: tuple, stop: Any, logs: Any) -> None:
@@ -466,13 +501,15 @@ def ended_runs_rss(daemon: Daemon, count: int) -> float:
     return (daemon.sample()[1] - before) / count
 
 
-def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) -> dict:
+def run_load(
+    args: argparse.Namespace, ranks: int, seconds: float, where: Path, shards: int
+) -> dict:
     state = where / "state"
     state.mkdir(parents=True)
-    daemon = Daemon(state, args.shards)
+    daemon = Daemon(state, shards)
     result: dict[str, Any] = {
         "ranks": ranks,
-        "shards": args.shards,
+        "shards": shards,
         "seconds": seconds,
         "procs": args.procs,
         "send_interval_s": args.send_interval,
@@ -482,9 +519,15 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
         base_rss = daemon.sample()[1]
         if args.memory:
             result["rss_per_ended_run_bytes"] = ended_runs_rss(daemon, 1000)
-        runs = layout(ranks, "load")
+        probes = min(args.probes, ranks - 1)
+        runs = layout(ranks - probes, "load")
+        probe_runs = [
+            {"run": f"probe-{i:04d}", "world": 1, "policy": POLICIES[0]} for i in range(probes)
+        ]
         members = [(run, r) for run in runs for r in range(run["world"])]
         chunks = [members[i :: args.procs] for i in range(args.procs)]
+        if probe_runs:
+            chunks.append([(run, 0) for run in probe_runs])
         configs = []
         for i, chunk in enumerate(chunks):
             path = where / f"load{i}.json"
@@ -503,11 +546,15 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
         procs = [
             subprocess.Popen(
                 [sys.executable, str(Path(__file__)), "--worker", str(p)],
-                stdout=subprocess.PIPE,
+                # Its result goes to a file: a pipe's 64 KiB would block a
+                # worker that writes more until this process reads it, which
+                # is only after every worker has exited.
                 text=True,
-                preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,
+                # The probe ranks' process (the last) runs at the daemon's
+                # priority: ranks on hosts of their own.
+                preexec_fn=(lambda: os.nice(args.nice)) if args.nice and i < args.procs else None,
             )
-            for p in configs
+            for i, p in enumerate(configs)
         ]
         # The operator and the scraper each in a process of their own: in
         # this one, reading and unzipping 2 MB bodies held up the operator's
@@ -522,7 +569,7 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
                 args=(
                     "operator",
                     operator,
-                    (daemon.control, [r["run"] for r in runs], args.operator_every),
+                    (daemon.control, operated(runs, probe_runs), args.operator_every),
                     stop,
                     logs,
                 ),
@@ -535,18 +582,19 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
         time.sleep(min(3.0, seconds / 5))  # the hellos in, before the operator starts
         for helper in helpers:
             helper.start()
-        samples = []
+        samples, load_samples = [], []
         t0 = time.monotonic()
         while any(p.poll() is None for p in procs):
             cpu, rss = daemon.sample()
             samples.append((time.monotonic() - t0, cpu, rss, dir_bytes(state)))
+            load_samples.append((time.monotonic() - t0, sum(cpu_seconds(p.pid) for p in procs)))
             time.sleep(1.0)
         stop.set()
         got = dict(logs.get(timeout=60) for _ in helpers)
         for helper in helpers:
             helper.join(30)
         operations, scrapes = got["operator"], got["scraper"]
-        outputs = [json.loads(p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+        outputs = [json.loads(p.with_suffix(".out").read_text()) for p in configs]
         history = journal(state)
     finally:
         daemon.stop()
@@ -560,15 +608,28 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
     missing = sum(max(0, n - stored.get(run, 0)) for run, n in driver_sent.items())
     made = {(run, version): (actor, t) for run, version, actor, t in history}
     decision, by_operator = [], []
+    at_probes: dict[str, list[float]] = {"decision": [], "operator": []}
     asked = {(run, version): sent_at for run, version, sent_at, _ in operations if run != "error"}
     for out in outputs:
         for run, version, actor, wall, _rank in out["received"]:
             if actor == "policy" and (run, version) in made:
-                decision.append((wall - made[(run, version)][1]) * 1000)
+                took, kind = (wall - made[(run, version)][1]) * 1000, "decision"
             elif (run, version) in asked:
-                by_operator.append((wall - asked[(run, version)]) * 1000)
+                took, kind = (wall - asked[(run, version)]) * 1000, "operator"
+            else:
+                continue
+            if run.startswith("probe-"):
+                at_probes[kind].append(took)
+            else:
+                (decision if kind == "decision" else by_operator).append(took)
     # The load's own window, past its start (the hellos, the first sends).
     steady = [s for s in samples if seconds * 0.2 <= s[0] <= seconds]
+    load_steady = [s for s in load_samples if seconds * 0.2 <= s[0] <= seconds]
+    load_cpu = (
+        (load_steady[-1][1] - load_steady[0][1]) / (load_steady[-1][0] - load_steady[0][0])
+        if len(load_steady) > 1
+        else None
+    )
     thirds = [steady[: len(steady) // 2], steady[len(steady) // 2 :]]
     cpu_share = [
         (part[-1][1] - part[0][1]) / (part[-1][0] - part[0][0]) if len(part) > 1 else None
@@ -590,8 +651,13 @@ def run_load(args: argparse.Namespace, ranks: int, seconds: float, where: Path) 
             "missing_from_store": missing,
             "errors": merge(out["errors"] for out in outputs),
             "worst_step_late_s": max(out["worst_late_s"] for out in outputs),
+            "load_late_ms": percentiles([x * 1000 for out in outputs for x in out["late_s"]]),
+            "load_cpu_cores": load_cpu,
             "decision_ms": percentiles(decision),
             "operator_ms": percentiles(by_operator),
+            "probes": probes,
+            "probe_decision_ms": percentiles(at_probes["decision"]),
+            "probe_operator_ms": percentiles(at_probes["operator"]),
             "operator_answer_ms": percentiles(
                 [op[3] * 1000 for op in operations if op[0] != "error"]
             ),
@@ -652,12 +718,13 @@ def stored_counts(state: Path) -> dict[str, int]:
     return counts
 
 
-def verdict(result: dict) -> list[str]:
-    """The targets a load run misses (none: it passed)."""
+def verdict(result: dict, at: str = "") -> list[str]:
+    """The targets a load run misses (none: it passed), at every simulated
+    rank, or (``at="probe_"``) at the probe ranks."""
     missed = []
     if result["lost"]:
         missed.append(f"{result['lost']} records lost")
-    for name in ("decision_ms", "operator_ms"):
+    for name in (f"{at}decision_ms", f"{at}operator_ms"):
         p99 = result[name]["p99"]
         if p99 is None or p99 > TARGET_P99_MS:
             missed.append(f"{name} p99 {p99} > {TARGET_P99_MS}")
@@ -666,6 +733,7 @@ def verdict(result: dict) -> list[str]:
 
 def show(result: dict) -> str:
     d, o, s = result["decision_ms"], result["operator_ms"], result["scrape_s"]
+    pd, po = result["probe_decision_ms"], result["probe_operator_ms"]
     a = result["operator_answer_ms"]
 
     def ms(x):
@@ -682,6 +750,9 @@ def show(result: dict) -> str:
         f"({result['unpersisted']} never persisted, "
         f"{result['missing_from_store']} not in the store)",
         f"  decision -> rank  p50 {ms(d['p50'])} ms  p99 {ms(d['p99'])} ms  (n={d['n']})",
+        f"  at the {result['probes']} probe ranks (a process at the daemon's priority): "
+        f"decision p50 {ms(pd['p50'])} ms, p99 {ms(pd['p99'])} ms (n={pd['n']}); "
+        f"operator p50 {ms(po['p50'])} ms, p99 {ms(po['p99'])} ms (n={po['n']})",
         f"  operator -> rank  p50 {ms(o['p50'])} ms  p99 {ms(o['p99'])} ms  (n={o['n']}; "
         f"the daemon's answer p50 {ms(a['p50'])} ms, p99 {ms(a['p99'])} ms)",
         f"  scrape            p50 {ms(s['p50'] and s['p50'] * 1000)} ms  "
@@ -695,12 +766,72 @@ def show(result: dict) -> str:
         ),
         f"  store {result['store_bytes_per_hour'] / 2**30:.2f} GiB/hour, "
         f"{result['store_bytes_per_million_records'] / 2**20:.1f} MiB per million records",
-        f"  load processes' worst send lateness {result['worst_step_late_s'] * 1000:.0f} ms; "
+        f"  load processes: {result['load_cpu_cores'] or 0:.2f} cores; their sends' lateness "
+        f"p50 {ms(result['load_late_ms']['p50'])} ms, p99 {ms(result['load_late_ms']['p99'])} ms, "
+        f"worst {result['worst_step_late_s'] * 1000:.0f} ms; "
         f"errors {result['errors'] or 'none'}",
     ]
     missed = verdict(result)
     lines.append("  PASS" if not missed else "  FAIL: " + "; ".join(missed))
+    missed = verdict(result, "probe_")
+    lines.append(
+        "  at the probe ranks: " + ("PASS" if not missed else "FAIL: " + "; ".join(missed))
+    )
     return "\n".join(lines)
+
+
+def search(args: argparse.Namespace, shards: int, where: Path, done: int) -> list[dict]:
+    """One load run against a daemon of ``shards``; with --ceiling, then more
+    or fewer ranks until a passing count sits right below a failing one. The
+    ceiling is judged at the probe ranks when there are some: the other
+    ranks' latencies include their own processes' lateness on this machine."""
+    results = []
+    ranks, seconds, memory = args.ranks, args.seconds, args.memory
+    passed: list[int] = []
+    failed: list[int] = []
+    while True:
+        print(
+            f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s, {shards} shard(s)",
+            file=sys.stderr,
+        )
+        args.memory = memory
+        result = run_load(args, ranks, seconds, where / f"{done + len(results)}-{ranks}", shards)
+        results.append(result)
+        print(show(result), flush=True)
+        missed = verdict(result, "probe_" if result["probes"] else "")
+        (failed if missed else passed).append(ranks)
+        if not args.ceiling:
+            break
+        # Up by half while it passes, down by a third while it fails,
+        # then halfway between, until the two are within a fifth.
+        if failed and passed:
+            low, high = max(passed), min(failed)
+            if high <= low * 1.2:
+                break
+            ranks = (low + high) // 2
+        else:
+            ranks = int(ranks * 1.5) if not failed else int(min(failed) / 1.5)
+        if ranks > 8000 or ranks < max(args.procs, 10):
+            break
+        seconds, memory = min(seconds, 20.0), False
+    if args.ceiling:
+        print(
+            f"ceiling with {shards} shard(s): passes at {max(passed) if passed else 'none'} "
+            f"ranks, fails at {min(failed) if failed else 'none found'} "
+            f"(p99 <= {TARGET_P99_MS:g} ms at the probe ranks, no record lost)",
+            flush=True,
+        )
+    return results
+
+
+def shard_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,2, got {text!r}") from None
+    if not counts or any(not 1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"shard counts are 1 to 64, got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,18 +883,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--shards",
+        type=shard_counts,
+        default=[1, 2],
+        metavar="N[,N...]",
+        help="the daemon's --shards, one load run (or ceiling search) for each: N "
+        "processes serve the runs behind one address (default 1,2: one process, then two)",
+    )
+    parser.add_argument(
+        "--probes",
         type=int,
-        default=1,
-        metavar="N",
-        help="the daemon's --shards: N processes serve the runs behind one address "
-        "(default 1: one process)",
+        default=16,
+        metavar="K",
+        help="of the ranks, K single-rank plateau runs in a process of their own at the "
+        "daemon's priority (default 16): ranks on hosts of their own, where the others share "
+        "the machine's cores at --nice; three in four of the operator's commands go to them",
     )
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(load_process(json.loads(Path(args.worker).read_text()))))
+        config = Path(args.worker)
+        result = load_process(json.loads(config.read_text()))
+        config.with_suffix(".out").write_text(json.dumps(result))
         return 0
-    for name in ("ranks", "procs", "shards"):
+    if args.probes < 0:
+        parser.error("--probes must be at least 0")
+    for name in ("ranks", "procs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.seconds <= 0 or args.rate <= 0:
@@ -772,43 +916,11 @@ def main(argv: list[str] | None = None) -> int:
         from lrpilot.hook import SEND_INTERVAL
 
         args.send_interval = SEND_INTERVAL
-    results = []
+    results: list[dict] = []
     where = Path(tempfile.mkdtemp(prefix="lrpilot-load-"))
     try:
-        ranks, seconds = args.ranks, args.seconds
-        passed: list[int] = []
-        failed: list[int] = []
-        while True:
-            print(
-                f"load: {ranks} ranks, {args.procs} processes, {seconds:.0f} s, "
-                f"{args.shards} shard(s)",
-                file=sys.stderr,
-            )
-            result = run_load(args, ranks, seconds, where / f"{len(results)}-{ranks}")
-            results.append(result)
-            print(show(result), flush=True)
-            (failed if verdict(result) else passed).append(ranks)
-            if not args.ceiling:
-                break
-            # Up by half while it passes, down by a third while it fails,
-            # then halfway between, until the two are within a fifth.
-            if failed and passed:
-                low, high = max(passed), min(failed)
-                if high <= low * 1.2:
-                    break
-                ranks = (low + high) // 2
-            else:
-                ranks = int(ranks * 1.5) if not failed else int(min(failed) / 1.5)
-            if ranks > 8000 or ranks < max(args.procs, 10):
-                break
-            seconds, args.memory = min(seconds, 20.0), False
-        if args.ceiling:
-            print(
-                f"ceiling: passes at {max(passed) if passed else 'none'} ranks, fails at "
-                f"{min(failed) if failed else 'none found'} "
-                f"(p99 <= {TARGET_P99_MS:g} ms, no record lost)",
-                flush=True,
-            )
+        for shards in args.shards:
+            results += search(args, shards, where, len(results))
     finally:
         shutil.rmtree(where, ignore_errors=True)
     if args.json:
