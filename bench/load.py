@@ -28,6 +28,7 @@ bytes per million records.
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
 import json
 import math
@@ -185,6 +186,11 @@ def load_process(config: dict) -> dict:
     (wall), then flush, wait for every record to be persisted and say bye."""
     from lrpilot.protocol import Bye, encode
 
+    # No collector pauses in the load: its lists of received commands and
+    # latenesses grow for the whole run, and a full collection over them
+    # paused a process ~100 ms, counted in the latencies of its ranks. The
+    # loop makes no reference cycles; the process ends with the run.
+    gc.disable()
     ctx = zmq.Context()
     now = time.monotonic()
     ranks = [Rank(ctx, config["address"], run, r, now) for run, r in config["ranks"]]
@@ -301,6 +307,7 @@ class Daemon:
     def __init__(self, state_dir: Path, shards: int = 1) -> None:
         exe = Path(sys.executable).parent / "lrpilot"
         self.shards = shards
+        self.base_port = free_ports(shards) if shards > 1 else 0
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.control = f"tcp://127.0.0.1:{free_port()}"
         self.metrics = f"http://127.0.0.1:{free_port()}/metrics"
@@ -323,7 +330,7 @@ class Daemon:
                 "--log-level",
                 "warning",
                 *(
-                    ["--shards", str(shards), "--shard-base-port", str(free_ports(shards))]
+                    ["--shards", str(shards), "--shard-base-port", str(self.base_port)]
                     if shards > 1
                     else []
                 ),
@@ -370,18 +377,12 @@ class Daemon:
         return pids
 
     def data_address(self, run: str) -> str:
-        """Where ``run``'s records go: the daemon, or the shard it hashes to
-        (read from the log line that lists them)."""
+        """Where ``run``'s records go: the daemon, or the shard it hashes to."""
         if self.shards == 1:
             return self.address
         from lrpilot.daemon.service.sharding import shard_of
 
-        return self.shard_addresses()[shard_of(run, self.shards)]
-
-    def shard_addresses(self) -> list[str]:
-        text = (self.state_dir.parent / "daemon.log").read_text()
-        line = next(x for x in text.splitlines() if "shards: data at " in x)
-        return line.split("shards: data at ", 1)[1].split(", stores in")[0].split(", ")
+        return f"tcp://127.0.0.1:{self.base_port + shard_of(run, self.shards)}"
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -153,6 +153,19 @@ def test_runs_are_served_by_their_shards_behind_the_front_s_addresses(front):
             ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
+        # A run's recorded stream replays from its shard's store, through the
+        # front or read directly from the state dir.
+        for run in (runs_of(runs, 0)[0], runs_of(runs, 1)[0]):
+            policy = json.dumps(STEP_POLICY)
+            via_front = ok(
+                lrpilot(front.exe, "simulate", "--from-run", run, "--policy", policy,
+                        "--control", front.control)
+            )  # fmt: skip
+            direct = ok(
+                lrpilot(front.exe, "simulate", "--from-run", run, "--policy", policy,
+                        "--state-dir", str(front.state_dir))
+            )  # fmt: skip
+            assert via_front == direct and len(via_front.splitlines()) >= 5, via_front
         # A request that names no run's store is refused; one that does is answered.
         with pytest.raises(ControlClientError, match="each with a store"):
             front.ask({"op": "store"})

@@ -31,6 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -45,6 +46,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.registry import Collector
 
 from lrpilot import __version__
 from lrpilot.policies import POLICY_GAUGES
@@ -478,3 +480,63 @@ def by_reason(
     for reason in sorted(set(reasons) | set(counts)):
         family.add_metric([reason], counts.get(reason, 0))
     return family
+
+
+# --- the front of a daemon of several shards (daemon/service/front.py) ---
+
+
+class FrontCollector(Collector):
+    """The front's own families: its shards and what it did with messages."""
+
+    def __init__(self, front: Any) -> None:
+        self.front = front
+
+    def collect(self) -> Iterator[Any]:
+        front = self.front
+        yield GaugeMetricFamily(
+            "lrpilot_shards", "shard processes of this daemon (--shards)", value=len(front.shards)
+        )
+        up = GaugeMetricFamily(
+            "lrpilot_shard_up",
+            "1 while the shard serves, 0 while it is restarting",
+            labels=["index"],
+        )
+        restarts = CounterMetricFamily(
+            "lrpilot_shard_restarts",
+            "times the front started a shard again after it died",
+            labels=["index"],
+        )
+        for shard in front.shards:
+            up.add_metric([str(shard.plan.index)], 1 if shard.up else 0)
+            restarts.add_metric([str(shard.plan.index)], shard.restarts)
+        yield up
+        yield restarts
+        yield CounterMetricFamily(
+            "lrpilot_hellos_moved",
+            "hellos answered with the address of the shard that serves the run (--shards): "
+            "the front answers every hello so, a shard those of other shards' runs",
+            value=front.counts["moved"],
+        )
+        yield CounterMetricFamily(
+            "lrpilot_control_forwarded",
+            "operator requests the front forwarded to shards",
+            value=front.counts["forwarded"],
+        )
+        yield CounterMetricFamily(
+            "lrpilot_control_timed_out",
+            "forwarded requests a shard did not answer in time",
+            value=front.counts["timed_out"],
+        )
+
+
+class FrontExposition:
+    """The front's own part of /metrics: its shards and the process; the
+    shards' parts are merged with it, each labelled (shard_exposition.py)."""
+
+    def __init__(self, front: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(FrontCollector(front))
+        self.registry.register(PROCESS_COLLECTOR)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()

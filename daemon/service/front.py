@@ -42,9 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from prometheus_client import PROCESS_COLLECTOR, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from lrpilot.protocol import (
     Ack,
@@ -58,6 +55,7 @@ from lrpilot.protocol import (
 )
 
 from ..control_protocol import MAX_CONTROL_BYTES, encode_answer, refusal
+from ..observability.exporter import FrontExposition
 from ..observability.metrics_server import MetricsServer
 from ..observability.shard_exposition import merge
 from .auth import Gatekeeper, KeyRing, KeysError, key_name
@@ -163,7 +161,6 @@ def run_shard(config: DaemonConfig, plan: ShardPlan, ready_path: str) -> None:
 class ShardFront:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.ready = threading.Event()
         self._stop = threading.Event()
         self._reload_keys = threading.Event()
         self._context: zmq.Context | None = None
@@ -293,13 +290,10 @@ class ShardFront:
         where = self.config.metrics_host_port
         if where is None:
             return
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(FrontCollector(self))
-        registry.register(PROCESS_COLLECTOR)
+        own = FrontExposition(self)
 
         def render() -> str:
-            own = generate_latest(registry).decode()
-            return merge([("front", own), *self._shard_texts()])
+            return merge([("front", own.text()), *self._shard_texts()])
 
         try:
             self.metrics = MetricsServer(render, *where, self.health, self.liveness)
@@ -382,14 +376,6 @@ class ShardFront:
             self.close()
             log.info("lrpilot daemon stopped")
 
-    def serve_in_thread(self) -> threading.Thread:
-        """start here, serve in a thread (tests); close() when done."""
-        self.start()
-        thread = threading.Thread(target=self.serve, name="lrpilot-front", daemon=True)
-        thread.start()
-        self.ready.wait(30)
-        return thread
-
     # --- health -------------------------------------------------------------
 
     def liveness(self) -> str | None:
@@ -418,7 +404,6 @@ class ShardFront:
         assert data is not None and control is not None, "start() first"
         poller = self._poller()
         next_look = time.monotonic()
-        self.ready.set()
         while not self._stop.is_set():
             ready = dict(poller.poll(POLL_MS))
             if data in ready:
@@ -657,47 +642,3 @@ def shard_health(shard: Shard) -> str | None:
         return f"shard {shard.plan.index}: {exc.read().decode(errors='replace').strip()}"
     except OSError as exc:
         return f"shard {shard.plan.index}: /healthz: {exc}"
-
-
-class FrontCollector(Collector):
-    """The front's own families: its shards and what it did with messages."""
-
-    def __init__(self, front: ShardFront) -> None:
-        self.front = front
-
-    def collect(self) -> Iterator[Any]:
-        front = self.front
-        yield GaugeMetricFamily(
-            "lrpilot_shards", "shard processes of this daemon (--shards)", value=len(front.shards)
-        )
-        up = GaugeMetricFamily(
-            "lrpilot_shard_up",
-            "1 while the shard serves, 0 while it is restarting",
-            labels=["index"],
-        )
-        restarts = CounterMetricFamily(
-            "lrpilot_shard_restarts",
-            "times the front started a shard again after it died",
-            labels=["index"],
-        )
-        for shard in front.shards:
-            up.add_metric([str(shard.plan.index)], 1 if shard.up else 0)
-            restarts.add_metric([str(shard.plan.index)], shard.restarts)
-        yield up
-        yield restarts
-        yield CounterMetricFamily(
-            "lrpilot_hellos_moved",
-            "hellos answered with the address of the shard that serves the run (--shards): "
-            "the front answers every hello so, a shard those of other shards' runs",
-            value=front.counts["moved"],
-        )
-        yield CounterMetricFamily(
-            "lrpilot_control_forwarded",
-            "operator requests the front forwarded to shards",
-            value=front.counts["forwarded"],
-        )
-        yield CounterMetricFamily(
-            "lrpilot_control_timed_out",
-            f"forwarded requests a shard did not answer within {FORWARD_TIMEOUT_S:.0f} s",
-            value=front.counts["timed_out"],
-        )
