@@ -63,7 +63,7 @@ from .protocol import (
     encode,
 )
 from .sweep_copy import SweepCopy
-from .transport import POLLIN, POLLOUT, DaemonLink, redirected
+from .transport import POLLIN, POLLOUT, DaemonLink, LinkError, redirected
 
 # Records per metrics message: big enough that a burst after the daemon comes
 # back drains in few messages, small enough that one stays well under 100 KiB.
@@ -810,8 +810,14 @@ class Pilot:
             why = "without a welcome" if target is not None else f"to {address!r}"
             self._warn_once("moved", f"ignored the daemon's move of this run {why}")
             return
+        try:
+            link = DaemonLink(target, identity=self._identity, keys=self._keys)
+        except LinkError as exc:
+            self.stats.daemon_errors += 1
+            self._warn_once("moved", f"ignored the daemon's move of this run: {exc}")
+            return
         log.info("lrpilot: run %s is served by the daemon's shard at %s", self.run, target)
-        old, self._link = self._link, DaemonLink(target, identity=self._identity, keys=self._keys)
+        old, self._link = self._link, link
         old.close(linger_ms=0)  # what it held is sent again from _unacked
         self._reintroduce()
 

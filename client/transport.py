@@ -13,6 +13,7 @@ from typing import cast
 
 import zmq
 
+from .errors import UsageError
 from .keys import ClientKeys
 
 # 64 batches in the pipe; beyond that the hook's own queue (counted in
@@ -23,6 +24,10 @@ RECONNECT_MS, RECONNECT_MAX_MS = 100, 2000
 LINGER_MS = 200
 # Plain ints: pyzmq's enum flags cost ~2 µs per `&` on this path.
 EVENTS, POLLIN, POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
+
+
+class LinkError(UsageError):
+    """An address ZeroMQ cannot connect to (a daemon's moved answer)."""
 
 
 class DaemonLink:
@@ -37,7 +42,12 @@ class DaemonLink:
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.connect(address)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._context.term()
+            raise LinkError(f"cannot connect to {address!r}: {exc}") from None
         self._sock = sock
 
     def events(self) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from procs import (
     DIGITS_PLATEAU,
     DaemonProcess,
@@ -42,6 +44,7 @@ from procs import (
 
 import lrpilot as lrpilot_hook
 from lrpilot.daemon.cli.control_client import ControlClientError
+from lrpilot.daemon.service.front import request_targets
 from lrpilot.daemon.service.schema import DB_NAME, open_readonly
 from lrpilot.daemon.service.sharding import shard_of, shard_state_dir
 from lrpilot.protocol import Error, GroupInfo, Hello, Moved, decode, encode
@@ -274,6 +277,10 @@ def test_the_front_checks_keys_and_the_shard_the_key_s_role(lrpilot_exe, tmp_pat
         mine, yours = pilots
         assert (mine.stats.sync_timeouts, mine.stats.daemon_errors) == (0, 0)
         assert yours.stats.daemon_errors >= 1  # refused at the front: never moved
+        refused = metric_value(
+            daemon.scrape(), "lrpilot_auth_refused_total", shard="front", reason="forbidden"
+        )
+        assert refused is not None and refused >= 1
 
         def as_key(who: str, *args: str) -> subprocess.CompletedProcess:
             return lrpilot(
@@ -305,14 +312,13 @@ def test_the_shard_count_is_fixed_for_a_state_directory(lrpilot_exe, tmp_path):
     assert daemon.proc.wait(30) == 0
     for pid in shards.values():  # the front stopped its shards before it exited
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
-    state = str(tmp_path / "state")
 
-    def start(*flags: str) -> subprocess.CompletedProcess:
+    def start(*flags: str, state: Path = tmp_path / "state") -> subprocess.CompletedProcess:
         return lrpilot(
             lrpilot_exe,
             "daemon",
             "--state-dir",
-            state,
+            str(state),
             "--address",
             free_address(),
             "--control-address",
@@ -328,21 +334,7 @@ def test_the_shard_count_is_fixed_for_a_state_directory(lrpilot_exe, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "lrpilot.sqlite3").write_bytes(b"")
-    done = lrpilot(
-        lrpilot_exe,
-        "daemon",
-        "--state-dir",
-        str(plain),
-        "--shards",
-        "2",
-        "--address",
-        free_address(),
-        "--control-address",
-        free_address(),
-        "--metrics-addr",
-        "off",
-    )
-    one_line_error(done, "daemon", "unsharded daemon")
+    one_line_error(start("--shards", "2", state=plain), "daemon", "unsharded daemon")
 
 
 @pytest.mark.parametrize(
@@ -498,3 +490,62 @@ def test_lock_step_under_shards_equals_simulate(front, digits, tmp_path, lrpilot
         assert any(lrs != base for lrs in want), "the training was meant to plateau"
         stats = summary["stats"][run]
         assert (stats["sync_timeouts"], stats["commands_late"], stats["daemon_errors"]) == (0, 0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(st.sampled_from(["op", "run", "x"]), inner, max_size=3)
+            ),
+            max_leaves=10,
+        ).map(lambda value: json.dumps(value).encode()),
+    ),
+    count=st.integers(1, 64),
+)
+def test_any_control_request_goes_to_shards_that_exist(raw, count):
+    op, targets = request_targets(raw, count)
+    assert isinstance(op, str) and targets and all(0 <= k < count for k in targets)
+
+
+@settings(max_examples=300, deadline=None)
+@given(given_=st.text(max_size=60), moved=st.text(max_size=60))
+def test_any_moved_address_is_a_tcp_or_ipc_address_or_refused(given_, moved):
+    for address in (moved, "tcp://" + moved, "ipc://" + moved):
+        target = redirected("tcp://" + given_, address)
+        assert target is None or target.startswith(("tcp://", "ipc://"))
+
+
+def test_a_move_to_an_address_zeromq_refuses_is_ignored_with_a_warning():
+    """A hostile or broken daemon's moved answer must not raise out of
+    pilot.step(): the pilot warns, counts it and stays where it is."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    optimizer = two_groups()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pilot = lrpilot_hook.attach(optimizer, run="r", daemon=f"tcp://127.0.0.1:{port}")
+        try:
+            train_step(optimizer)
+            pilot.step(loss=1.0)
+            assert sock.poll(5000)
+            identity = sock.recv_multipart()[0]
+            sock.send_multipart([identity, encode(Moved(run="r", address="ipc://" + "x" * 300))])
+            deadline = time.monotonic() + 10
+            while pilot.stats.daemon_errors == 0 and time.monotonic() < deadline:
+                train_step(optimizer)
+                pilot.step(loss=1.0)
+                time.sleep(0.005)
+            assert pilot.stats.daemon_errors == 1
+            assert any("cannot connect" in str(w.message) for w in caught)
+            train_step(optimizer)
+            pilot.step(loss=1.0)  # still stepping, on its first link
+        finally:
+            pilot.close()
+            sock.close(linger=0)
+            ctx.term()

@@ -517,6 +517,13 @@ class FrontCollector(Collector):
             "the front answers every hello so, a shard those of other shards' runs",
             value=front.counts["moved"],
         )
+        yield by_reason(
+            "lrpilot_auth_refused",
+            "clients refused for their key (with --keys): no_key and unknown_key at the "
+            "handshake, forbidden (a hello outside the key's runs)",
+            AUTH_REASONS,
+            front.auth_refused,
+        )
         yield CounterMetricFamily(
             "lrpilot_control_forwarded",
             "operator requests the front forwarded to shards",

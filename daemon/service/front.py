@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,15 @@ from ..observability.shard_exposition import merge
 from .auth import Gatekeeper, KeyRing, KeysError, key_name
 from .config import DaemonConfig
 from .dataplane import error
-from .server import HANDSHAKE_REFUSED, HARD_LIMIT_FACTOR, LOOP_STALL_S, DaemonError, bind_router
+from .server import (
+    HARD_LIMIT_FACTOR,
+    DaemonError,
+    bind_router,
+    close_planes,
+    count_refused,
+    loop_stalled,
+    run_until_signalled,
+)
 from .sharding import (
     ShardPlan,
     check_manifest,
@@ -176,7 +185,10 @@ class ShardFront:
         self.metrics: MetricsServer | None = None
         self._loop_at = time.monotonic()
         self.bound_address = self.bound_control_address = ""
-        self.counts = {"moved": 0, "refused": 0, "forwarded": 0, "timed_out": 0}
+        self.counts = {"moved": 0, "forwarded": 0, "timed_out": 0}
+        # Clients refused for their key here (as DataPlane.auth_refused): the
+        # handshakes the gate refused, and hellos outside the key's runs.
+        self.auth_refused: Counter[str] = Counter()
         self._spawn = multiprocessing.get_context("spawn")
 
     # --- start and stop ---------------------------------------------------
@@ -196,6 +208,7 @@ class ShardFront:
                 self.close()
                 raise DaemonError(str(exc)) from None
             self.gate = Gatekeeper(self._context, self.keys)
+            self.auth_refused = self.gate.denied
         try:
             self._data = bind_router(
                 self._context,
@@ -341,14 +354,7 @@ class ShardFront:
             if shard.dealer is not None:
                 shard.dealer.close(linger=0)
                 shard.dealer = None
-        for sock in (self._data, self._control):
-            if sock is not None:
-                if self._monitors:
-                    sock.disable_monitor()
-                sock.close()
-        for monitor in self._monitors:
-            monitor.close()
-        self._monitors = []
+        close_planes([self._data, self._control], self._monitors)
         self._data = self._control = None
         if self.gate is not None:
             self.gate.stop()
@@ -362,27 +368,12 @@ class ShardFront:
 
     def run(self) -> None:
         """start, serve until SIGINT/SIGTERM, close: `lrpilot daemon --shards N`."""
-        self.start()
-        previous = {
-            sig: signal.signal(sig, lambda *_: self.stop())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.reload_keys())
-        try:
-            self.serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.close()
-            log.info("lrpilot daemon stopped")
+        run_until_signalled(self)
 
     # --- health -------------------------------------------------------------
 
     def liveness(self) -> str | None:
-        silent = time.monotonic() - self._loop_at
-        if silent > LOOP_STALL_S:
-            return f"the front's loop has not turned for {silent:.0f} s"
-        return None
+        return loop_stalled(self._loop_at, "front's")
 
     def health(self) -> str | None:
         """None when the front and every shard serve (and their stores take
@@ -415,7 +406,7 @@ class ShardFront:
                     self._drain_answers(shard)
             for monitor in self._monitors:
                 if monitor in ready:
-                    self._count_refused(monitor)
+                    count_refused(monitor, self.gate)
             if self._reload_keys.is_set() and self.keys is not None:
                 self._reload_keys.clear()
                 self.keys.reload()
@@ -469,7 +460,7 @@ class ShardFront:
             if isinstance(message, Hello):
                 key = keys.key(public) if keys is not None and public else None
                 if keys is not None and (key is None or not key.may_train(message.run)):
-                    self.counts["refused"] += 1
+                    self.auth_refused["forbidden"] += 1
                     why = (
                         "this connection's key is no longer allowed"
                         if key is None
@@ -497,7 +488,7 @@ class ShardFront:
                 answer = refusal("forbidden: this client's key is no longer allowed")
                 self._reply(sock, [identity, *envelope, encode_answer(answer)])
                 continue
-            op, targets = self._targets(raw)
+            op, targets = request_targets(raw, len(self.shards))
             down = [k for k in targets if not self.shards[k].up]
             if down:
                 answer = refusal(
@@ -522,24 +513,6 @@ class ShardFront:
             self._pending[request_id] = Pending(
                 identity, envelope, op, time.monotonic() + FORWARD_TIMEOUT_S, set(targets)
             )
-
-    def _targets(self, raw: bytes) -> tuple[str, list[int]]:
-        """The request's op and the shards that answer it: its run's, every
-        shard for ``runs``; shard 0 for one it cannot read (to be refused
-        there, in the words a single daemon uses)."""
-        try:
-            request = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return "", [0]
-        if not isinstance(request, dict):
-            return "", [0]
-        op, run = request.get("op"), request.get("run")
-        op = op if isinstance(op, str) else ""
-        if op == "runs" or (op == "store" and run is None):
-            return op, list(range(len(self.shards)))
-        if isinstance(run, str):
-            return op, [shard_of(run, len(self.shards))]
-        return op, [0]
 
     def _drain_answers(self, shard: Shard) -> None:
         assert shard.dealer is not None
@@ -609,16 +582,25 @@ class ShardFront:
                 changed = True
         return changed
 
-    def _count_refused(self, monitor: zmq.Socket) -> None:
-        from zmq.utils.monitor import recv_monitor_message
 
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self.gate is not None and event["event"] & HANDSHAKE_REFUSED:
-                self.gate.refused_handshake(event["endpoint"])
+def request_targets(raw: bytes, count: int) -> tuple[str, list[int]]:
+    """A control request's op and the shards that answer it: its run's,
+    every shard for ``runs`` (and ``store`` without a run, refused); shard 0
+    for one the front cannot read, to be refused there in the words one
+    daemon uses. Any bytes: they come from the network."""
+    try:
+        request = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return "", [0]
+    if not isinstance(request, dict):
+        return "", [0]
+    op, run = request.get("op"), request.get("run")
+    op = op if isinstance(op, str) else ""
+    if op == "runs" or (op == "store" and run is None):
+        return op, list(range(count))
+    if isinstance(run, str):
+        return op, [shard_of(run, count)]
+    return op, [0]
 
 
 def merged(pending: Pending) -> bytes:

@@ -90,6 +90,56 @@ def bind_router(
     return sock
 
 
+def count_refused(monitor: zmq.Socket, gate: Gatekeeper | None) -> None:
+    """A handshake a plane refused before ZAP: a client with no key (or keys
+    of another daemon). Unknown keys are counted by the gate."""
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if gate is not None and event["event"] & HANDSHAKE_REFUSED:
+            gate.refused_handshake(event["endpoint"])
+
+
+def close_planes(socks: list[zmq.Socket | None], monitors: list[zmq.Socket]) -> None:
+    """Close the planes' sockets and their monitors (emptying ``monitors``)."""
+    for sock in socks:
+        if sock is not None:
+            if monitors:
+                sock.disable_monitor()
+            sock.close()
+    for monitor in monitors:
+        monitor.close()
+    monitors.clear()
+
+
+def loop_stalled(loop_at: float, what: str) -> str | None:
+    """Why a loop that last turned at ``loop_at`` is wedged (/livez), or None."""
+    silent = time.monotonic() - loop_at
+    if silent > LOOP_STALL_S:
+        return f"the {what} loop has not turned for {silent:.0f} s"
+    return None
+
+
+def run_until_signalled(service: Any) -> None:
+    """start, serve until SIGINT/SIGTERM (SIGHUP: read the keys again),
+    close: what `lrpilot daemon` does, with one process or several."""
+    service.start()
+    previous = {
+        sig: signal.signal(sig, lambda *_: service.stop())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: service.reload_keys())
+    try:
+        service.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.close()
+        log.info("lrpilot daemon stopped")
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig | None = None, shard: ShardPlan | None = None) -> None:
         self.config = config or DaemonConfig()
@@ -272,7 +322,7 @@ class Daemon:
                 self._drain_control()
             for monitor in self._monitors:
                 if monitor in ready:
-                    self._count_refused(monitor)
+                    count_refused(monitor, self.gate)
             if self._reload_keys.is_set() and self.keys is not None:
                 self._reload_keys.clear()
                 self.keys.reload()
@@ -386,17 +436,6 @@ class Daemon:
         key = keys.key(name) if name else None
         return identity.bytes, [part.bytes for part in parts], key
 
-    def _count_refused(self, monitor: zmq.Socket) -> None:
-        """A handshake a plane refused before ZAP: a client with no key (or
-        keys of another daemon). Unknown keys are counted by the gate."""
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self.gate is not None and event["event"] & HANDSHAKE_REFUSED:
-                self.gate.refused_handshake(event["endpoint"])
-
     def _send_acks(self, replies: list) -> None:
         """The persisted acks of a commit, one per rank that sent records
         (1,000 at 1,000 ranks, ~10 ms of sends): the control plane is
@@ -429,10 +468,7 @@ class Daemon:
         """None while the loop goes round (it does at least every POLL_MS),
         else why not: what /livez answers, for liveness probes (a restart
         mends a wedged loop)."""
-        silent = time.monotonic() - self._loop_at
-        if silent > LOOP_STALL_S:
-            return f"the daemon loop has not turned for {silent:.0f} s"
-        return None
+        return loop_stalled(self._loop_at, "daemon")
 
     def health(self) -> str | None:
         """None when the daemon serves and its store takes writes, else why
@@ -455,14 +491,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        for sock in (self._sock, self._control_sock):
-            if sock is not None:
-                if self._monitors:
-                    sock.disable_monitor()
-                sock.close()
-        for monitor in self._monitors:
-            monitor.close()
-        self._monitors = []
+        close_planes([self._sock, self._control_sock], self._monitors)
         if self.gate is not None:
             self.gate.stop()
             self.gate = None
@@ -479,19 +508,7 @@ class Daemon:
 
     def run(self) -> None:
         """start, serve until SIGINT/SIGTERM, close: what `lrpilot daemon` does."""
-        self.start()
-        previous = {
-            sig: signal.signal(sig, lambda *_: self.stop())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self.reload_keys())
-        try:
-            self.serve()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.close()
-            log.info("lrpilot daemon stopped")
+        run_until_signalled(self)
 
     def serve_in_thread(self) -> threading.Thread:
         """Start and serve in a daemon thread (the store's connection belongs
