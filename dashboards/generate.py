@@ -352,6 +352,7 @@ def overview() -> dict[str, Any]:
         *runs_panels(),
         *overview_rank_panels(),
         *daemon_panels(),
+        *shard_panels(),
         *store_panels(),
     ]
     job = query_variable(
@@ -599,7 +600,10 @@ def daemon_panels() -> list[Panel]:
         timeseries(
             "Daemon CPU",
             "CPU time the daemon process uses (1 = one core).",
-            target(f"rate(process_cpu_seconds_total{{{JOB}}}[$__rate_interval])", "{{instance}}"),
+            target(
+                f"rate(process_cpu_seconds_total{{{JOB}}}[$__rate_interval])",
+                "{{instance}} {{shard}}",
+            ),
             size=(8, 8),
             unit="percentunit",
         ),
@@ -618,6 +622,55 @@ def daemon_panels() -> list[Panel]:
             target(f"process_max_fds{{{JOB}}}", "limit {{instance}}"),
             size=(8, 8),
             log=True,
+        ),
+    ]
+
+
+def shard_panels() -> list[Panel]:
+    """A daemon of several shards (lrpilot daemon --shards N): its processes,
+    and what its front does. Empty for a daemon of one process."""
+    return [
+        row("Shards (lrpilot daemon --shards N)"),
+        timeseries(
+            "Shards serving",
+            "With --shards: 1 while a shard serves, 0 while the front starts it again after "
+            "it died (its runs' ranks reconnect and say hello again), and the shard count.",
+            target(f"lrpilot_shard_up{{{JOB}}}", "shard {{index}} {{instance}}"),
+            target(f"lrpilot_shards{{{JOB}}}", "shards {{instance}}"),
+            size=(8, 8),
+            steps=True,
+        ),
+        timeseries(
+            "Shard restarts",
+            "With --shards: times the front started a shard again after it died, over the "
+            "interval. The daemon log says why it stopped.",
+            target(
+                f"sum by (index) (increase(lrpilot_shard_restarts_total{{{JOB}}}"
+                "[$__rate_interval]))",
+                "shard {{index}}",
+            ),
+            size=(8, 8),
+            bars=True,
+        ),
+        timeseries(
+            "Hellos moved, requests forwarded",
+            "With --shards: hellos answered with the run's shard, per second (a rank that "
+            "starts or reconnects), and operator requests the front forwarded to shards and "
+            "those a shard did not answer within 10 s.",
+            target(
+                f"sum(rate(lrpilot_hellos_moved_total{{{JOB}}}[$__rate_interval]))",
+                "hellos moved",
+            ),
+            target(
+                f"sum(rate(lrpilot_control_forwarded_total{{{JOB}}}[$__rate_interval]))",
+                "requests forwarded",
+            ),
+            target(
+                f"sum(rate(lrpilot_control_timed_out_total{{{JOB}}}[$__rate_interval]))",
+                "requests timed out",
+            ),
+            size=(8, 8),
+            unit=PER_SECOND,
         ),
     ]
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from procs import DaemonProcess, lrpilot, ok, start_digits, wait_for
+from procs import DaemonProcess, free_ports, lrpilot, ok, start_digits, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusProcess, prometheus_process
 
@@ -327,7 +327,17 @@ def scalar(prom: PrometheusProcess, expr: str) -> float | None:
 def live(lrpilot_exe, digits, tmp_path_factory) -> Iterator[Live]:
     where = tmp_path_factory.mktemp("dashboards")
     with ExitStack() as stack:
-        daemon = DaemonProcess(lrpilot_exe, where / "state", where / "daemon.log")
+        # Two shards: the panels are proved on the daemon's whole surface,
+        # the front's families and every series with its shard label included.
+        daemon = DaemonProcess(
+            lrpilot_exe,
+            where / "state",
+            where / "daemon.log",
+            "--shards",
+            "2",
+            "--shard-base-port",
+            str(free_ports(2)),
+        )
         stack.callback(daemon.stop)
         prom = stack.enter_context(prometheus_process(where / "prometheus", [daemon.metrics]))
         start = time.time()
