@@ -57,6 +57,7 @@ SERVICE_LAYERS: dict[str, tuple[set[str], set[str] | None]] = {
     "auth": (set(), {"lrpilot.errors", "lrpilot.keys", "zmq", "zmq.auth", "zmq.auth.thread"}),
     "gc_pacing": (set(), set()),
     "sharding": ({"schema"}, {"lrpilot.errors"}),
+    "state_lock": (set(), {"lrpilot.errors"}),
 }
 
 

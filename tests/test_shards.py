@@ -549,3 +549,46 @@ def test_a_move_to_an_address_zeromq_refuses_is_ignored_with_a_warning():
             pilot.close()
             sock.close(linger=0)
             ctx.term()
+
+
+def test_one_daemon_per_state_directory(lrpilot_exe, tmp_path):
+    """A second daemon, plain or sharded, on a state dir in use is refused,
+    naming the first; a front killed with -9 and started again at once gets
+    its state dir and shard ports back (its old shards let go first)."""
+    first = DaemonProcess(lrpilot_exe, tmp_path / "plain", tmp_path / "plain.log").wait_ready()
+    try:
+        for flags in ([], ["--shards", "2", "--shard-base-port", str(free_ports(2))]):
+            done = lrpilot(
+                lrpilot_exe, "daemon", "--state-dir", str(tmp_path / "plain"),
+                "--address", free_address(), "--control-address", free_address(),
+                "--metrics-addr", "off", *flags,
+            )  # fmt: skip
+            one_line_error(done, "daemon", f"another lrpilot daemon (pid {first.proc.pid})")
+    finally:
+        first.stop()
+    base = free_ports(2)
+    flags = ("--shards", "2", "--shard-base-port", str(base))
+    front = DaemonProcess(lrpilot_exe, tmp_path / "state", tmp_path / "a.log", *flags)
+    front.wait_ready()
+    optimizer = two_groups()
+    pilot = lrpilot_hook.attach(optimizer, run="kept", daemon=front.address, sync=True)
+    try:
+        train_step(optimizer)
+        pilot.step(loss=1.0)
+        front.proc.kill()
+        front.proc.wait(10)
+        again = DaemonProcess(
+            lrpilot_exe, tmp_path / "state", tmp_path / "b.log", *flags,
+            address=front.address, control=front.control, metrics=front.metrics,
+        )  # fmt: skip
+        try:
+            again.wait_ready()
+            assert [r["run"] for r in again.cli("runs")] == ["kept"]
+            for _ in range(3):  # the pilot finds its shard again, on the same port
+                train_step(optimizer)
+                pilot.step(loss=1.0)
+            wait_for(lambda: again.cli("show", "kept")["step"] >= 4, 20, "the run to go on")
+        finally:
+            again.stop()
+    finally:
+        quietly_close(pilot)

@@ -79,6 +79,7 @@ from .sharding import (
     shard_of,
     shard_state_dir,
 )
+from .state_lock import StateLock, StateLocked
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -190,6 +191,7 @@ class ShardFront:
         # handshakes the gate refused, and hellos outside the key's runs.
         self.auth_refused: Counter[str] = Counter()
         self._spawn = multiprocessing.get_context("spawn")
+        self._state_lock: StateLock | None = None
 
     # --- start and stop ---------------------------------------------------
 
@@ -197,8 +199,10 @@ class ShardFront:
         c = self.config
         try:
             check_shard_ports(c.address, c.shards, c.shard_base_port)
+            self._state_lock = StateLock(c.state_dir)
             check_manifest(c.state_dir, c.shards)
-        except ValueError as exc:
+        except (ValueError, StateLocked) as exc:
+            self.close()
             raise DaemonError(str(exc)) from None
         self._context = zmq.Context()
         if c.keys is not None:
@@ -365,6 +369,9 @@ class ShardFront:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None
+        if self._state_lock is not None:  # last: the shards have let go of theirs
+            self._state_lock.release()
+            self._state_lock = None
 
     def run(self) -> None:
         """start, serve until SIGINT/SIGTERM, close: `lrpilot daemon --shards N`."""

@@ -32,6 +32,7 @@ from .dataplane import DataPlane
 from .gc_pacing import CollectorPacing
 from .schema import StoreError
 from .sharding import ShardPlan, check_manifest
+from .state_lock import StateLock, StateLocked
 
 log = logging.getLogger("lrpilot.daemon")
 
@@ -47,7 +48,10 @@ LOOP_STALL_S = 10.0
 DRAIN_MAX = 200
 CONTROL_EVERY = 25  # data messages between two looks at the control plane in a drain
 SWITCH_INTERVAL = 0.0005  # seconds: see serve()
-ACKS_PER_LOOK = 100  # persisted acks sent between two looks at the control plane
+ACKS_PER_LOOK = 100
+# A shard's front started it again after the front itself was: the shard it
+# replaces stops within a second of seeing its front gone, flushing its store.
+SHARD_LOCK_WAIT_S = 15.0  # persisted acks sent between two looks at the control plane
 # Handshake failures the sockets' monitors report: the peer spoke another
 # mechanism (no key, on a daemon with keys) or broke the protocol. A key the
 # daemon does not allow fails in ZAP (counted by the Gatekeeper) and shows
@@ -167,14 +171,19 @@ class Daemon:
         self._monitors: list[zmq.Socket] = []
         # Full garbage collections once per FULL_EVERY_S, not every few seconds.
         self.collector = CollectorPacing()
+        self._state_lock: StateLock | None = None  # this process serves the state dir
 
     def start(self) -> None:
         """Open the store (restoring its runs) and bind both sockets."""
         try:
+            # A shard started again may wait for the one it replaces to let go.
+            wait = SHARD_LOCK_WAIT_S if self.shard is not None else 0.0
+            self._state_lock = StateLock(self.config.state_dir, wait)
             if self.shard is None:  # a state dir of several shards needs them all
                 check_manifest(self.config.state_dir, 1)
             self.plane = DataPlane(self.config)
-        except (StoreError, UsageError) as exc:
+        except (StoreError, UsageError, StateLocked) as exc:
+            self._release_state()
             raise DaemonError(str(exc)) from None
         self.control = ControlPlane(self.plane)
         self.plane.send_now = self._send
@@ -502,9 +511,15 @@ class Daemon:
         if self.plane is not None:
             self.plane.close()
             self.plane = None
+        self._release_state()
         if self._context is not None:
             self._context.term()
             self._context = None
+
+    def _release_state(self) -> None:
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
 
     def run(self) -> None:
         """start, serve until SIGINT/SIGTERM, close: what `lrpilot daemon` does."""
