@@ -143,8 +143,10 @@ def _lists(value: Any) -> Any:
     return value
 
 
-def describe(exc: ValidationError) -> str:
-    """One line for a pydantic error: ``field: rule (got value)`` joined by ``; ``."""
+def describe(exc: ValidationError, whole: str = "policy") -> str:
+    """One line for a pydantic error: ``field: rule (got value)`` joined by
+    ``; ``. ``whole`` names what a rule of the whole model is about (empty:
+    the rule's text alone, which names its flags itself)."""
     parts = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
@@ -168,7 +170,7 @@ def describe(exc: ValidationError) -> str:
             parts.append(f"{where}: {rule} (expected one of {', '.join(KINDS)})")
             continue
         # loc starts with the union tag (the kind); keep it, it reads as kind.field.
-        where = ".".join(loc) or "policy"
+        where = ".".join(loc) or whole
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -176,5 +178,5 @@ def describe(exc: ValidationError) -> str:
             msg = "required field is missing"
         elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
-        parts.append(f"{where}: {msg}")
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)

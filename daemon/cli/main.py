@@ -218,7 +218,7 @@ def cmd_daemon(args: argparse.Namespace) -> None:
     try:
         config = DaemonConfig(**given)
     except ValidationError as exc:
-        raise CommandError(describe(exc)) from None
+        raise CommandError(describe(exc, whole="")) from None
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
