@@ -89,7 +89,7 @@ def redirected(given: str, moved: str) -> str | None:
     if scheme == "ipc" or not given.startswith("tcp://"):
         return moved
     port = rest.rpartition(":")[2]
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return None
     host = given[len("tcp://") :].rpartition(":")[0]
     return f"tcp://{host}:{port}"

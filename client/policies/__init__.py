@@ -177,6 +177,7 @@ def describe(exc: ValidationError, whole: str = "policy") -> str:
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+            got = repr(err["input"])
+            msg = msg if got in msg else f"{msg} (got {got})"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)

@@ -186,14 +186,15 @@ class DaemonConfig(BaseModel):
         default=1000,
         ge=1,
         le=1_000_000,
-        description="active runs (with a connected rank); a hello for more is refused",
+        description="active runs (with a connected rank); a hello for more is refused (each "
+        "shard's, with --shards)",
     )
     max_ended_runs: int = Field(
         default=10_000,
         ge=0,
         le=10_000_000,
         description="ended runs kept in memory (lrpilot runs, show); older ones are let go of "
-        "and read back from the store if their training returns",
+        "and read back from the store if their training returns (each shard's, with --shards)",
     )
     max_metric_names: int = Field(
         default=256,
@@ -282,7 +283,7 @@ class DaemonConfig(BaseModel):
         if value == "off":
             return value
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ValueError(f"expected HOST:PORT like 127.0.0.1:9317 (or 'off'), got {value!r}")
         return value
 

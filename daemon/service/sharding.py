@@ -57,7 +57,7 @@ def shard_data_address(public: str, index: int, base_port: int | None) -> str:
         raise UsageError(f"--shards needs a tcp:// or ipc:// --address, not {public!r}")
     host, _, port = rest.rpartition(":")
     if base_port is None:
-        if not port.isdigit() or int(port) == 0:
+        if not (port.isascii() and port.isdigit()) or int(port) == 0:
             raise UsageError(
                 f"--shards with --address {public!r}: give --shard-base-port (the shards' data "
                 "ports are the address's port + 1000 by default)"
