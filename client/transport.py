@@ -85,11 +85,14 @@ def redirected(given: str, moved: str) -> str | None:
     or a published port is reached the way the daemon was, never at a host
     the daemon chose; an ipc path as it is (the same machine). None for a
     port that is not one."""
-    scheme, _, rest = moved.partition("://")
-    if scheme == "ipc" or not given.startswith("tcp://"):
+    if moved.startswith("ipc://"):
         return moved
-    port = rest.rpartition(":")[2]
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not moved.startswith("tcp://"):
+        return None
+    if not given.startswith("tcp://"):
+        return moved
+    port = moved.rpartition(":")[2]
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         return None
     host = given[len("tcp://") :].rpartition(":")[0]
     return f"tcp://{host}:{port}"
