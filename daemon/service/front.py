@@ -70,6 +70,7 @@ from .server import (
     count_refused,
     loop_stalled,
     run_until_signalled,
+    warn_if_insecure,
 )
 from .sharding import (
     ShardPlan,
@@ -213,6 +214,8 @@ class ShardFront:
                 raise DaemonError(str(exc)) from None
             self.gate = Gatekeeper(self._context, self.keys)
             self.auth_refused = self.gate.denied
+        else:
+            warn_if_insecure(c)  # the shards say it of their data planes
         try:
             self._data = bind_router(
                 self._context,

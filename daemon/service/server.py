@@ -94,6 +94,18 @@ def bind_router(
     return sock
 
 
+def warn_if_insecure(config: DaemonConfig) -> None:
+    """A plane off loopback without keys (--insecure): said at every start."""
+    for plane, address in (("data", config.address), ("control", config.control_address)):
+        if not is_loopback(address):
+            log.warning(
+                "the %s plane is bound to %s with --insecure and no keys: anyone who can "
+                "connect can report for any run, steer its decisions and set its LRs",
+                plane,
+                address,
+            )
+
+
 def count_refused(monitor: zmq.Socket, gate: Gatekeeper | None) -> None:
     """A handshake a plane refused before ZAP: a client with no key (or keys
     of another daemon). Unknown keys are counted by the gate."""
@@ -200,18 +212,7 @@ class Daemon:
             self.gate = Gatekeeper(self._context, self.keys)
             self.plane.auth_refused = self.gate.denied
         else:
-            for plane, address in (
-                ("data", self.config.address),
-                ("control", self.config.control_address),
-            ):
-                if not is_loopback(address) and not (plane == "control" and self.shard):
-                    log.warning(
-                        "the %s plane is bound to %s with --insecure and no keys: anyone who "
-                        "can connect can report for any run, steer its decisions and set its "
-                        "LRs",
-                        plane,
-                        address,
-                    )
+            warn_if_insecure(self.config)
         try:
             hard_limit = self.config.max_message_bytes * HARD_LIMIT_FACTOR
             self._sock = self._bind(self.config.address, hard_limit)
