@@ -757,3 +757,34 @@ def stored_val_losses(daemon: DaemonProcess, run: str, count: int) -> list[tuple
         return found if len(found) >= count else None
 
     return wait_for(there, 20, f"{count} val_loss reports of {run} in the store")
+
+
+# --- clients with keys (tests/test_security.py, test_shards.py) ----------------------
+
+
+def as_key(daemon: DaemonProcess, keys: Path, who: str, *args: str) -> subprocess.CompletedProcess:
+    return lrpilot(
+        daemon.exe, *args, "--control", daemon.control, "--keys", str(keys / "clients" / who)
+    )
+
+
+def trained(daemon: DaemonProcess, keys: Path, who: str, run: str) -> Any:
+    """A lock-step pilot with ``who``'s key that has taken one step."""
+    import warnings
+
+    import lrpilot
+
+    optimizer = two_groups()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pilot = lrpilot.attach(
+            optimizer,
+            run=run,
+            daemon=daemon.address,
+            sync=True,
+            sync_timeout=2.0,
+            keys=keys / "clients" / who,
+        )
+        train_step(optimizer)
+        pilot.step(loss=1.0)
+    return pilot

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +15,15 @@ from pathlib import Path
 import pytest
 from procs import (
     DaemonProcess,
+    as_key,
     lrpilot,
     metric_value,
     ok,
     ok_json,
     one_line_error,
-    train_step,
-    two_groups,
+    trained,
     wait_for,
 )
-
-import lrpilot as lrpilot_hook
 
 
 @pytest.fixture
@@ -51,30 +48,6 @@ def keyed(lrpilot_exe, tmp_path, monkeypatch) -> Iterator[tuple[DaemonProcess, P
         yield daemon.wait_ready(), keys
     finally:
         daemon.stop()
-
-
-def as_key(daemon: DaemonProcess, keys: Path, who: str, *args: str) -> subprocess.CompletedProcess:
-    return lrpilot(
-        daemon.exe, *args, "--control", daemon.control, "--keys", str(keys / "clients" / who)
-    )
-
-
-def trained(daemon: DaemonProcess, keys: Path, who: str, run: str) -> lrpilot_hook.Pilot:
-    """A lock-step pilot with ``who``'s key that has taken one step."""
-    optimizer = two_groups()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pilot = lrpilot_hook.attach(
-            optimizer,
-            run=run,
-            daemon=daemon.address,
-            sync=True,
-            sync_timeout=2.0,
-            keys=keys / "clients" / who,
-        )
-        train_step(optimizer)
-        pilot.step(loss=1.0)
-    return pilot
 
 
 def refused(daemon: DaemonProcess, reason: str) -> float:

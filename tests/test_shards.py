@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from procs import (
     DIGITS_PLATEAU,
     DaemonProcess,
+    as_key,
     first_difference,
     free_address,
     free_ports,
@@ -38,6 +39,7 @@ from procs import (
     store_row,
     stored_records,
     train_step,
+    trained,
     two_groups,
     wait_for,
 )
@@ -259,21 +261,7 @@ def test_the_front_checks_keys_and_the_shard_the_key_s_role(lrpilot_exe, tmp_pat
     pilots = []
     try:
         daemon.wait_ready()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for run in ("mine", "yours"):
-                optimizer = two_groups()
-                pilot = lrpilot_hook.attach(
-                    optimizer,
-                    run=run,
-                    daemon=daemon.address,
-                    sync=True,
-                    sync_timeout=2.0,
-                    keys=keys / "clients" / "mine",
-                )
-                train_step(optimizer)
-                pilot.step(loss=1.0)
-                pilots.append(pilot)
+        pilots += [trained(daemon, keys, "mine", run) for run in ("mine", "yours")]
         mine, yours = pilots
         assert (mine.stats.sync_timeouts, mine.stats.daemon_errors) == (0, 0)
         assert yours.stats.daemon_errors >= 1  # refused at the front: never moved
@@ -281,22 +269,11 @@ def test_the_front_checks_keys_and_the_shard_the_key_s_role(lrpilot_exe, tmp_pat
             daemon.scrape(), "lrpilot_auth_refused_total", shard="front", reason="forbidden"
         )
         assert refused is not None and refused >= 1
-
-        def as_key(who: str, *args: str) -> subprocess.CompletedProcess:
-            return lrpilot(
-                lrpilot_exe,
-                *args,
-                "--control",
-                daemon.control,
-                "--keys",
-                str(keys / "clients" / who),
-            )
-
-        listed = ok(as_key("viewer", "runs"))
+        listed = ok(as_key(daemon, keys, "viewer", "runs"))
         assert "mine" in listed and "yours" not in listed
-        done = as_key("viewer", "set-lr", "mine", "0.05")
+        done = as_key(daemon, keys, "viewer", "set-lr", "mine", "0.05")
         one_line_error(done, "set-lr", "forbidden", "'viewer'", "may not set_lr")
-        ok(as_key("operator", "set-lr", "mine", "0.05"))
+        ok(as_key(daemon, keys, "operator", "set-lr", "mine", "0.05"))
         no_key = lrpilot(lrpilot_exe, "runs", "--control", daemon.control, "--timeout", "1")
         assert no_key.returncode != 0
     finally:
