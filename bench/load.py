@@ -195,12 +195,12 @@ def load_process(config: dict) -> dict:
     now = time.monotonic()
     ranks = [Rank(ctx, config["address"], run, r, now) for run, r in config["ranks"]]
     # epoll over the sockets' ZMQ_FDs, not zmq.Poller: a zmq_poll of 125
-    # sockets costs ~55 µs whatever is ready, and a process wakes ~1,000 times
-    # a second: that was half of the load processes' CPU, taken from the
-    # daemon on a small machine. A ZMQ_FD signals that a socket's events may
-    # have changed; Rank.read() reads ZMQ_EVENTS until nothing is waiting,
-    # which re-arms it, and is called after every send (a send can take the
-    # signal of a message that arrived meanwhile).
+    # sockets costs ~55 µs whatever is ready, and a process wakes up to 1,000
+    # times a second: CPU taken from the daemon on a small machine. A ZMQ_FD
+    # signals that a socket's events may have changed; Rank.read() reads
+    # ZMQ_EVENTS until nothing is waiting, which re-arms it, and is called
+    # after every send (a send can take the signal of a message that arrived
+    # meanwhile).
     poller = select.epoll()
     by_fd: dict[int, Rank] = {}
 
@@ -447,7 +447,16 @@ def operated(runs: list[dict], probe_runs: list[dict]) -> list[str]:
 
 def logged(name: str, target: Any, args: tuple, stop: Any, logs: Any) -> None:
     """Run ``target(*args, stop, log)`` in a process of its own; put
-    ``(name, log)`` on ``logs`` when ``stop`` is set."""
+    ``(name, log)`` on ``logs`` when ``stop`` is set, or when the bench is
+    gone (killed, it cannot set it: the helper would go on for ever)."""
+    bench = os.getppid()
+
+    def watch_bench() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != bench:
+                stop.set()
+
+    threading.Thread(target=watch_bench, daemon=True).start()
     log: list = []
     target(*args, stop, log)
     logs.put((name, log))

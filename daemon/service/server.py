@@ -48,10 +48,10 @@ LOOP_STALL_S = 10.0
 DRAIN_MAX = 200
 CONTROL_EVERY = 25  # data messages between two looks at the control plane in a drain
 SWITCH_INTERVAL = 0.0005  # seconds: see serve()
-ACKS_PER_LOOK = 100
+ACKS_PER_LOOK = 100  # persisted acks sent between two looks at the control plane
 # A shard's front started it again after the front itself was: the shard it
 # replaces stops within a second of seeing its front gone, flushing its store.
-SHARD_LOCK_WAIT_S = 15.0  # persisted acks sent between two looks at the control plane
+SHARD_LOCK_WAIT_S = 15.0
 # Handshake failures the sockets' monitors report: the peer spoke another
 # mechanism (no key, on a daemon with keys) or broke the protocol. A key the
 # daemon does not allow fails in ZAP (counted by the Gatekeeper) and shows
@@ -385,7 +385,6 @@ class Daemon:
         sock = self._control_sock
         assert sock is not None and self.control is not None, "start() first"
         keys = self.keys
-        answer: Answer | Refusal
         while True:
             try:
                 if keys is None:
@@ -395,10 +394,6 @@ class Daemon:
                     identity, frames, key = self._receive_keyed(sock, keys)
             except zmq.Again:
                 return
-            if keys is not None and key is None:
-                answer = refusal("forbidden: this client's key is no longer allowed")
-                sock.send_multipart([identity, *frames[:-1], encode_answer(answer)])
-                continue
             # A REQ client puts an empty delimiter frame before its request.
             envelope, raw = frames[:-1], frames[-1] if frames else b""
             answer, outgoing = self._answer(raw, key)
@@ -410,7 +405,6 @@ class Daemon:
         id, the client's public key (empty without keys), request]."""
         sock, keys = self._control_sock, self.keys
         assert sock is not None, "start() first"
-        answer: Answer | Refusal
         while True:
             try:
                 identity, *frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -420,16 +414,16 @@ class Daemon:
                 continue  # not the front's: nothing else can reach this socket
             request_id, public, raw = frames
             key = keys.key(public.decode()) if keys is not None and public else None
-            if keys is not None and key is None:
-                answer = refusal("forbidden: this client's key is no longer allowed")
-                sock.send_multipart([identity, request_id, encode_answer(answer)])
-                continue
             answer, outgoing = self._answer(raw, key)
             sock.send_multipart([identity, request_id, encode_answer(answer)])
             self._send(outgoing)
 
     def _answer(self, raw: bytes, key: Any) -> tuple[Answer | Refusal, list]:
+        """The answer to one request; with keys, ``key`` None is a key taken
+        out of allowed/ since the client connected (then SIGHUP)."""
         assert self.control is not None, "start() first"
+        if self.keys is not None and key is None:
+            return refusal("forbidden: this client's key is no longer allowed"), []
         try:
             return self.control.answer(raw, key=key)
         except Exception:
