@@ -5,15 +5,16 @@ process serves their merge, so Prometheus has one scrape target for the whole
 daemon whatever N is. Every sample gets ``shard="<k>"`` as its first label:
 series that each shard has (``lrpilot_daemon_up``, ``process_cpu_seconds_total``)
 stay distinct rather than one series given twice in a scrape, whose second
-sample Prometheus drops as a duplicate. The text format wants a family's lines together, HELP and
-TYPE once, so the samples are regrouped by family.
+sample Prometheus drops as a duplicate. The text format wants a family's
+lines together, HELP and TYPE once, so the samples are regrouped by family.
 
 The merge splices text: a sample's label set is opened where its name ends
 and never read further, since label values may hold ``}``, ``"``, ``#`` and
 spaces. A family's run of samples is spliced in one ``str.replace`` when all
 of its lines start alike (the per-run families, thousands of lines each); the
 rest line by line. Merging 2 x 1.2 MB (1,000 runs' families split over two
-shards, and prometheus-client's own) takes ~7 ms here; line by line, 13 ms.
+shards, and prometheus-client's own) takes ~7 ms here; line by line, 13 ms
+(8 against 35 ms, alternated, on a busy machine).
 """
 
 from __future__ import annotations
