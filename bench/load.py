@@ -64,10 +64,43 @@ POLICIES = (
 )
 
 
+def _port_range() -> range:
+    """Ports below the kernel's ephemeral range: a port picked here for a
+    daemon that has not bound it yet cannot meanwhile be handed out by the
+    kernel (a shard's HTTP side binds port 0)."""
+    try:
+        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low = 32_768
+    return range(10_000, max(low, 12_000))
+
+
+_PORTS = _port_range()
+_given: set[int] = set()  # never the same port twice in one bench
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of ``count`` consecutive loopback ports free now and not
+    returned before."""
+    rng = random.Random()
+    for _ in range(1000):
+        first = rng.randrange(_PORTS.start, _PORTS.stop - count)
+        span = range(first, first + count)
+        if _given.intersection(span):
+            continue
+        try:
+            for port in span:
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        _given.update(span)
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports in {_PORTS}")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)
 
 
 def layout(ranks: int, prefix: str) -> list[dict[str, Any]]:
@@ -286,21 +319,6 @@ def load_process(config: dict) -> dict:
 
 
 # --- the test ----------------------------------------------------------------------
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports free now."""
-    rng = random.Random()
-    for _ in range(100):
-        first = rng.randrange(20_000, 60_000)
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 class Daemon:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import sqlite3
@@ -52,27 +53,46 @@ STREAM_PLATEAU = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _port_range() -> range:
+    """Where the tests take their ports: below the kernel's ephemeral range,
+    so that no port the kernel hands out on its own (a bind to port 0, as a
+    shard's HTTP side does, or the local end of a connection) can be one a
+    test has picked for a daemon that has not bound it yet."""
+    try:
+        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low = 32_768
+    return range(10_000, max(low, 12_000))
 
 
-def free_ports(count: int) -> int:
+_PORTS = _port_range()
+_given: set[int] = set()  # never twice in one test session: a port picked for
+# one daemon is free until that daemon binds it, and must not be picked again
+_pick = random.Random()  # not the global one, which hypothesis seeds
+
+
+def free_ports(count: int = 1) -> int:
     """The first of ``count`` consecutive loopback ports nobody listens on
-    (right now): a daemon's --shard-base-port."""
-    import random
-
-    for _ in range(200):
-        first = random.randrange(20_000, 60_000)
+    now and no earlier call returned: a daemon's --shard-base-port."""
+    for _ in range(1000):
+        first = _pick.randrange(_PORTS.start, _PORTS.stop - count)
+        span = range(first, first + count)
+        if _given.intersection(span):
+            continue
         try:
-            for port in range(first, first + count):
+            for port in span:
                 with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
+                    sock.bind(("", port))
         except OSError:
             continue
+        _given.update(span)
         return first
-    raise AssertionError(f"no {count} consecutive free loopback ports")
+    raise AssertionError(f"no {count} consecutive free ports in {_PORTS}")
+
+
+def free_port() -> int:
+    """A port nobody listens on now and no earlier call returned."""
+    return free_ports(1)
 
 
 def free_address() -> str:

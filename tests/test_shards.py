@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import warnings
@@ -328,6 +329,22 @@ def test_the_shard_count_is_fixed_for_a_state_directory(lrpilot_exe, tmp_path):
 def test_a_shard_layout_the_shards_cannot_bind_is_refused(lrpilot_exe, tmp_path, flags, says):
     done = lrpilot(lrpilot_exe, "daemon", "--state-dir", str(tmp_path), *flags)
     one_line_error(done, "daemon", says)
+
+
+def test_a_metrics_port_in_use_is_refused_before_any_shard_starts(lrpilot_exe, tmp_path):
+    """The front binds all three of its addresses before it starts a shard:
+    one line naming the port, and no shard ever ran (no shard store)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = lrpilot(
+            lrpilot_exe, "daemon", "--state-dir", str(tmp_path / "state"),
+            "--address", free_address(), "--control-address", free_address(),
+            "--metrics-addr", metrics, "--shards", "2", "--shard-base-port", str(free_ports(2)),
+        )  # fmt: skip
+    one_line_error(done, "daemon", f"cannot serve metrics on {metrics}")
+    assert not list((tmp_path / "state").glob("shard-*"))
 
 
 def test_shards_stop_when_their_front_is_killed(lrpilot_exe, tmp_path):

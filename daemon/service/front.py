@@ -193,6 +193,7 @@ class ShardFront:
         self.auth_refused: Counter[str] = Counter()
         self._spawn = multiprocessing.get_context("spawn")
         self._state_lock: StateLock | None = None
+        self._started = False  # every shard came up once
 
     # --- start and stop ---------------------------------------------------
 
@@ -253,6 +254,9 @@ class ShardFront:
                 }
             )
             self.shards.append(Shard(plan, config, self._private / f"shard-{k}.json"))
+        # Bound before the shards start: a port in use is refused before any
+        # shard runs, and a shard's HTTP side (port 0) cannot take it meanwhile.
+        self._serve_metrics()
         for shard in self.shards:
             self._launch(shard)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -266,7 +270,8 @@ class ShardFront:
                         + (f" (exit code {code}; its log is above)" if code is not None else "")
                     )
                 time.sleep(0.02)
-        self._serve_metrics()
+                self._loop_at = time.monotonic()  # alive while it waits (/livez)
+        self._started = True
         log.info(
             "lrpilot daemon listening on %s (control %s, metrics %s) with %d shards: data at %s, "
             "stores in %s",
@@ -393,7 +398,8 @@ class ShardFront:
             if problem is not None:
                 break
             if not shard.up:
-                problem = f"shard {shard.plan.index} is restarting"
+                state = "restarting" if self._started else "starting"
+                problem = f"shard {shard.plan.index} is {state}"
             elif shard.metrics_url is not None:
                 problem = shard_health(shard)
         return problem
