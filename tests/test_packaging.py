@@ -65,6 +65,18 @@ def test_console_script_answers_version_and_help(lrpilot_exe):
         assert command in helped.stdout
 
 
+def test_daemon_help_gives_each_flag_one_default_in_words(lrpilot_exe):
+    """Not Python's "None", and not twice where the text says it itself."""
+    helped = subprocess.run([lrpilot_exe, "daemon", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert "(default: None)" not in " ".join(helped.stdout.split())
+    flags = [" ".join(f.split()) for f in helped.stdout.split("\n  --")]
+    [shard_base] = [f for f in flags if f.startswith("shard-base-port SHARD_BASE_PORT ")]
+    assert shard_base.count("(default:") == 1, shard_base
+    [keys] = [f for f in flags if f.startswith("keys KEYS ")]
+    assert keys.endswith("(default: none)"), keys
+
+
 def test_no_command_is_a_one_line_usage_error(lrpilot_exe):
     done = subprocess.run([lrpilot_exe], capture_output=True, text=True)
     assert done.returncode == 2

@@ -244,6 +244,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         secret = isinstance(extra, dict) and extra.get("secret", False)
         # A secret's default (from the environment) is never printed.
         default = "hidden" if secret else field.get_default(call_default_factory=True)
+        if default is None:
+            default = "none"
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(
@@ -257,7 +259,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=kind,
             default=None,
-            help=f"{field.description} (default: {default})",
+            # A description that says its default itself (one computed from
+            # another flag) is not followed by "(default: None)".
+            help=field.description
+            if "(default:" in (field.description or "")
+            else f"{field.description} (default: {default})",
         )
 
 
