@@ -118,8 +118,8 @@ class DaemonConfig(BaseModel):
         ge=1,
         le=64,
         description="processes that serve the runs, each a whole daemon (loop, store, core) "
-        "for the runs that hash to it, behind these same addresses: more than 1 for a few "
-        "hundred ranks or more at 100 steps/s (docs/scaling.md); fixed for a --state-dir",
+        "for the runs that hash to it, behind these same addresses: more than 1 for ~800 "
+        "ranks or more at 100 steps/s (docs/scaling.md); fixed for a --state-dir",
     )
     shard_base_port: int | None = Field(
         default=None,
