@@ -37,7 +37,6 @@ import os
 import random
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from ports import free_port, free_ports
 
 HERE = Path(__file__).resolve().parent
 TARGET_P99_MS = 10.0
@@ -62,45 +62,6 @@ POLICIES = (
     {"kind": "cosine", "T_max": 1_000_000},
     {"kind": "step", "step_size": 500, "gamma": 0.9},
 )
-
-
-def _port_range() -> range:
-    """Ports below the kernel's ephemeral range: a port picked here for a
-    daemon that has not bound it yet cannot meanwhile be handed out by the
-    kernel (a shard's HTTP side binds port 0)."""
-    try:
-        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low = 32_768
-    return range(10_000, max(low, 12_000))
-
-
-_PORTS = _port_range()
-_given: set[int] = set()  # never the same port twice in one bench
-
-
-def free_ports(count: int = 1) -> int:
-    """The first of ``count`` consecutive loopback ports free now and not
-    returned before."""
-    rng = random.Random()
-    for _ in range(1000):
-        first = rng.randrange(_PORTS.start, _PORTS.stop - count)
-        span = range(first, first + count)
-        if _given.intersection(span):
-            continue
-        try:
-            for port in span:
-                with socket.socket() as s:
-                    s.bind(("", port))
-        except OSError:
-            continue
-        _given.update(span)
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports in {_PORTS}")
-
-
-def free_port() -> int:
-    return free_ports(1)
 
 
 def layout(ranks: int, prefix: str) -> list[dict[str, Any]]:

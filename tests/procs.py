@@ -12,12 +12,11 @@ say. The log is for failure messages, and for tests of what it tells a user."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
-import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -53,46 +52,20 @@ STREAM_PLATEAU = {
 }
 
 
-def _port_range() -> range:
-    """Where the tests take their ports: below the kernel's ephemeral range,
-    so that no port the kernel hands out on its own (a bind to port 0, as a
-    shard's HTTP side does, or the local end of a connection) can be one a
-    test has picked for a daemon that has not bound it yet."""
-    try:
-        low, _ = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low = 32_768
-    return range(10_000, max(low, 12_000))
+def _bench_ports() -> Any:
+    """bench/ports.py, the allocator the load bench uses too, loaded by path:
+    bench/ is not a package, and its module names are generic."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "ports.py"
+    spec = importlib.util.spec_from_file_location("lrpilot_bench_ports", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-_PORTS = _port_range()
-_given: set[int] = set()  # never twice in one test session: a port picked for
-# one daemon is free until that daemon binds it, and must not be picked again
-_pick = random.Random()  # not the global one, which hypothesis seeds
-
-
-def free_ports(count: int = 1) -> int:
-    """The first of ``count`` consecutive loopback ports nobody listens on
-    now and no earlier call returned: a daemon's --shard-base-port."""
-    for _ in range(1000):
-        first = _pick.randrange(_PORTS.start, _PORTS.stop - count)
-        span = range(first, first + count)
-        if _given.intersection(span):
-            continue
-        try:
-            for port in span:
-                with socket.socket() as sock:
-                    sock.bind(("", port))
-        except OSError:
-            continue
-        _given.update(span)
-        return first
-    raise AssertionError(f"no {count} consecutive free ports in {_PORTS}")
-
-
-def free_port() -> int:
-    """A port nobody listens on now and no earlier call returned."""
-    return free_ports(1)
+_ports = _bench_ports()
+free_ports: Callable[..., int] = _ports.free_ports  # (count=1): the first of count free ports
+free_port: Callable[[], int] = _ports.free_port
 
 
 def free_address() -> str:
