@@ -549,6 +549,42 @@ def delete_at(root: Any, path: Path_) -> Any:
     return root
 
 
+# json.dumps writes a value once for every reference to it: a list of 2,000
+# references to a 2,000 x 2,000 nest (mutate_json's list multiplied, twice),
+# or to a fragment of 5,000 characters, is GBs of text. A mutation past
+# MAX_JSON_BYTES is sent as a message of OVERSIZED_BYTES instead: the
+# refusal it would meet. (A test process was once killed for memory here.)
+MAX_JSON_BYTES = 16 * 2**20
+MAX_LIST_ITEMS = 100_000
+OVERSIZED_BYTES = MAX_MESSAGE_BYTES + 2**20  # over the daemon's limit
+
+
+def json_bytes_within(value: Any, budget: int, fragments: dict[str, str]) -> bool:
+    """Whether ``value`` written as JSON, its fragment markers replaced, is
+    at most about ``budget`` bytes (a circular value is more than any)."""
+
+    def text_bytes(text: str) -> int:
+        text = fragments.get(text, text)
+        return 2 + (len(text) if text.isascii() else 6 * len(text))  # \uXXXX
+
+    stack, size = [value], 0
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            size += 2 + sum(2 + text_bytes(str(key)) for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            size += 2 + 2 * len(item)
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += text_bytes(item)
+        else:
+            size += 24
+        if size > budget:
+            return False
+    return True
+
+
 def mutate_json(rng: random.Random, obj: Any, donors: list[Any]) -> str:
     """1 to 3 structure-aware changes to a JSON value; its text."""
     obj = copy.deepcopy(obj)
@@ -577,7 +613,10 @@ def mutate_json(rng: random.Random, obj: Any, donors: list[Any]) -> str:
             if lists:
                 target = rng.choice(lists)
                 items = get_at(obj, target)
-                set_at(obj, target, items * rng.choice([0, 2, 300, 2000]))
+                times = rng.choice([0, 2, 300, 2000])
+                # Twice on one list would be millions of items: capped here,
+                # and what the items hold by json_bytes_within below.
+                set_at(obj, target, items * min(times, max(1, MAX_LIST_ITEMS // len(items))))
         elif how == 6:
             value = get_at(obj, path)
             if isinstance(value, bool):
@@ -597,6 +636,8 @@ def mutate_json(rng: random.Random, obj: Any, donors: list[Any]) -> str:
             for stale in ("policy_state", "policy_base_lrs", "base_lrs"):
                 if stale in obj and rng.random() < 0.7:
                     obj[stale] = None
+    if not json_bytes_within(obj, MAX_JSON_BYTES, fragments):
+        return json.dumps({"v": 1, "t": "hello", "pad": "x" * OVERSIZED_BYTES})
     try:
         text = json.dumps(obj)
     except (ValueError, RecursionError):  # a circular donor, a nest too deep for json
@@ -1029,6 +1070,29 @@ def plane_ops(corpus: Corpus) -> st.SearchStrategy:
         min_size=20,
         max_size=80,
     )
+
+
+@pytest.mark.parametrize("seed", [9363, 10448, 13557, 19959])
+def test_a_mutation_stays_small_enough_to_send(seed):
+    """Seeds whose mutation of a hello was, before the caps, 150-200 MB of
+    JSON or more than 6 GB of lists (a test process was killed for memory):
+    now a message a little over the daemon's limit, made in little memory."""
+    import tracemalloc
+
+    hello = {
+        "v": 1, "t": "hello", "run": "r", "rank": 0, "world_size": 2,
+        "groups": [{"name": "g0", "lr": 0.1}, {"name": "g1", "lr": 0.02}],
+        "policy": {"kind": "plateau", "metric": "loss"}, "policy_base_lrs": [0.1, 0.02],
+        "stats": {"a": 1},
+    }  # fmt: skip
+    tracemalloc.start()
+    try:
+        text = mutate_json(random.Random(seed), hello, [hello])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(text) <= OVERSIZED_BYTES + 100
+    assert peak < 512 * 2**20, f"{peak / 2**20:.0f} MiB to make one message"
 
 
 @FUZZ_SETTINGS
