@@ -107,7 +107,9 @@ def watch_a_rank_die(
     sessions = {s["rank"]: s for s in shown["sessions"]}
     assert sessions[KILLED]["left_out"] and sessions[KILLED]["silent_s"] > 1.0, sessions
     assert not sessions[0]["left_out"] and sessions[0]["silent_s"] < 1.0, sessions
-    assert sessions[KILLED]["step"] <= killed_at
+    # The training writes a step's line after pilot.step() (and report) sent
+    # it: killed in between, the daemon has one step more than the file.
+    assert sessions[KILLED]["step"] <= killed_at + 1, (killed_at, sessions)
     text = ok(lrpilot(lrpilot_exe, "show", RUN, "--control", daemon.control))
     assert f"silent ranks [{KILLED}]" in text and "LEFT OUT" in text, text
 
