@@ -335,15 +335,13 @@ class Daemon:
         cpu, rss = 0.0, 0
         for pid in self.pids():
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/status") as f:
                     rss += next(
                         int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")
                     )
             except (OSError, StopIteration):
                 continue  # a shard between two lives
-            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            cpu += cpu_seconds(pid)
         return cpu, rss
 
     def pids(self) -> list[int]:

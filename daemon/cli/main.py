@@ -240,11 +240,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from ..service.config import DaemonConfig
 
     for name, field in DaemonConfig.model_fields.items():
-        extra = field.json_schema_extra  # a dict here (config.SECRET), never a callable
-        secret = isinstance(extra, dict) and extra.get("secret", False)
-        # A secret's default (from the environment) is never printed.
-        default = "hidden" if secret else field.get_default(call_default_factory=True)
-        if default is None:
+        # A dict here (config.SECRET, a shown_default), never a callable.
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = extra.get("shown_default", field.get_default(call_default_factory=True))
+        if extra.get("secret", False):
+            default = "hidden"  # a secret's default (from the environment) is never printed
+        elif default is None:
             default = "none"
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
@@ -259,11 +260,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=kind,
             default=None,
-            # A description that says its default itself (one computed from
-            # another flag) is not followed by "(default: None)".
-            help=field.description
-            if "(default:" in (field.description or "")
-            else f"{field.description} (default: {default})",
+            help=f"{field.description} (default: {default})",
         )
 
 

@@ -154,12 +154,7 @@ class DaemonCollector:
             "metric records taken in (steps and reports)",
             value=plane.records_ingested,
         )
-        yield CounterMetricFamily(
-            "lrpilot_hellos_moved",
-            "hellos answered with the address of the shard that serves the run (--shards): "
-            "the front answers every hello so, a shard those of other shards' runs",
-            value=plane.hellos_moved,
-        )
+        yield hellos_moved(plane.hellos_moved)
         yield CounterMetricFamily(
             "lrpilot_commands_sent",
             "LR command messages sent (one per rank a command is addressed to)",
@@ -482,6 +477,16 @@ def by_reason(
     return family
 
 
+def hellos_moved(count: int) -> CounterMetricFamily:
+    """One family for the front and its shards, merged into one /metrics."""
+    return CounterMetricFamily(
+        "lrpilot_hellos_moved",
+        "hellos answered with the address of the shard that serves the run (--shards): "
+        "the front answers every hello so, a shard those of other shards' runs",
+        value=count,
+    )
+
+
 # --- the front of a daemon of several shards (daemon/service/front.py) ---
 
 
@@ -511,12 +516,7 @@ class FrontCollector(Collector):
             restarts.add_metric([str(shard.plan.index)], shard.restarts)
         yield up
         yield restarts
-        yield CounterMetricFamily(
-            "lrpilot_hellos_moved",
-            "hellos answered with the address of the shard that serves the run (--shards): "
-            "the front answers every hello so, a shard those of other shards' runs",
-            value=front.counts["moved"],
-        )
+        yield hellos_moved(front.counts["moved"])
         yield by_reason(
             "lrpilot_auth_refused",
             "clients refused for their key (with --keys): no_key and unknown_key at the "

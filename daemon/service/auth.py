@@ -87,6 +87,17 @@ class Key:
         return op in READS or (op in CHANGES and self.role == "operator")
 
 
+def data_refusal(key: Key | None, run: str | None) -> str | None:
+    """Why a data-plane connection with ``key`` (None: taken out of allowed/
+    since it connected) may not speak for ``run``, in one line; None when it
+    may. One daemon and a sharded daemon's front say it in the same words."""
+    if key is None:
+        return "this connection's key is no longer allowed"
+    if run is not None and not key.may_train(run):
+        return f"key {key.name!r} ({key.role}, runs {key.runs!r}) may not speak for run {run!r}"
+    return None
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``metadata`` section of a ZeroMQ certificate file (name = value
     lines, values optionally quoted), which load_certificate leaves out."""

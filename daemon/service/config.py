@@ -126,7 +126,8 @@ class DaemonConfig(BaseModel):
         ge=1,
         le=65535,
         description="with --shards: shard k's data plane listens on this port + k, on the host "
-        "of --address (default: --address's port + 1000); ranks connect there once told to",
+        "of --address; ranks connect there once told to",
+        json_schema_extra={"shown_default": "--address's port + 1000"},
     )
     state_dir: Path = Field(
         default_factory=default_state_dir,

@@ -41,7 +41,7 @@ from lrpilot.protocol import (
     record_layouts,
 )
 
-from .auth import Key
+from .auth import Key, data_refusal
 from .config import DaemonConfig
 from .engine import Change, StepGapTooLarge
 from .ledger import Ledger, RunLedger
@@ -189,13 +189,12 @@ class DataPlane:
         keeps the key it said hello with."""
         known = None if isinstance(message, Hello) else self.registry.session(identity)
         run = known[0].run_id if known is not None else getattr(message, "run", None)
-        if key is None:
-            why = "this connection's key is no longer allowed"
-        elif known is not None and getattr(known[1].key, "public", None) != key.public:
-            why = f"key {key.name!r} is not the key this session said hello with"
-        elif isinstance(run, str) and not key.may_train(run):
-            why = f"key {key.name!r} ({key.role}, runs {key.runs!r}) may not speak for run {run!r}"
+        said_hello_with = getattr(known[1].key, "public", None) if known is not None else None
+        if key is not None and known is not None and said_hello_with != key.public:
+            why: str | None = f"key {key.name!r} is not the key this session said hello with"
         else:
+            why = data_refusal(key, run if isinstance(run, str) else None)
+        if why is None:
             return None
         self.auth_refused["forbidden"] += 1
         if isinstance(message, (Ack, Bye)):

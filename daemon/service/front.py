@@ -59,7 +59,7 @@ from ..control_protocol import MAX_CONTROL_BYTES, encode_answer, refusal
 from ..observability.exporter import FrontExposition
 from ..observability.metrics_server import MetricsServer
 from ..observability.shard_exposition import merge
-from .auth import Gatekeeper, KeyRing, KeysError, key_name
+from .auth import Gatekeeper, KeyRing, KeysError, data_refusal, key_name
 from .config import DaemonConfig
 from .dataplane import error
 from .server import (
@@ -474,16 +474,12 @@ class ShardFront:
                 self._reply(sock, [identity, *error("malformed", str(exc))])
                 continue
             if isinstance(message, Hello):
-                key = keys.key(public) if keys is not None and public else None
-                if keys is not None and (key is None or not key.may_train(message.run)):
-                    self.auth_refused["forbidden"] += 1
-                    why = (
-                        "this connection's key is no longer allowed"
-                        if key is None
-                        else f"key {key.name!r} ({key.role}) may not speak for run {message.run!r}"
-                    )
-                    self._reply(sock, [identity, *error("forbidden", why)])
-                    continue
+                if keys is not None:
+                    why = data_refusal(keys.key(public) if public else None, message.run)
+                    if why is not None:
+                        self.auth_refused["forbidden"] += 1
+                        self._reply(sock, [identity, *error("forbidden", why)])
+                        continue
                 home = self.shards[shard_of(message.run, len(self.shards))]
                 self.counts["moved"] += 1
                 moved = Moved(run=message.run, address=home.plan.data_addresses[home.plan.index])
@@ -572,8 +568,8 @@ class ShardFront:
                 lived = now - shard.started_at
                 shard.fast_failures = shard.fast_failures + 1 if lived < FAST_FAILURE_S else 0
                 # At once after a long life; 1, 2, 4 ... s while it keeps dying young.
-                pause = min(RESTART_MAX_S, 2.0 ** (shard.fast_failures - 1))
-                pause = pause if shard.fast_failures else 0.0
+                failures = shard.fast_failures
+                pause = min(RESTART_MAX_S, 2.0 ** (failures - 1)) if failures else 0.0
                 log.error(
                     "shard %d stopped (exit code %s) after %.0f s; starting it again in %.0f s",
                     shard.plan.index,
